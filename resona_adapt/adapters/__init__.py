@@ -1,0 +1,8 @@
+"""Resona branch modules: the branch itself, its mixing, the in-place mixer wrapper, the shared context."""
+
+from .branch import ResonaBranch
+from .context import ResonaContext, install_hooks
+from .layer import ResonaLayer
+from .mixing import Mix
+
+__all__ = ["Mix", "ResonaBranch", "ResonaContext", "ResonaLayer", "install_hooks"]

@@ -1,0 +1,135 @@
+"""The Resona branch: chunk-and-search over the input embeddings, then cross-attention over the
+selected chunks, mixed into the wrapped layer's output.
+
+Design (see docs/method.md for why):
+- Search and read are separate. The search scores chunks by cosine similarity between a query
+  encoder applied to the layer input ``h`` and a context encoder applied to the mean of each chunk
+  of the embeddings ``x``; the two encoders start identical (orthogonal rows), so at injection a
+  query prefers chunks of similar tokens.
+- The read attention has its own projections. ``q_proj`` starts at zero, so at injection each
+  query spreads its attention evenly over the selected chunks' tokens (and the sink).
+- The search score, times ``score_scale``, is added to the read logits of the selected chunk's
+  tokens; with a sink slot whose value is zero, absolute logits matter, so the read loss trains the
+  search encoders even with ``top_k = 1`` (hard top-k alone passes them no gradient).
+- ``pos_bias`` (H, U) lets each head prefer a position within a chunk (the value next to a key).
+- In the function-preserving mixes the output projection (``residual``) or the gate (``gated``)
+  starts at zero, so the retrofitted model's outputs equal the base model's at injection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ResonaConfig
+from ..kernels import chunk_means, retrieve
+from .mixing import Mix
+from .norm import RMSNorm
+
+
+class ResonaBranch(nn.Module):
+    """One Resona branch for a model of width ``d_model``.
+
+    ``forward(h, x, y_m)`` with h: (B, T, D) the wrapped layer's input, x: (B, T, D) the embedding
+    output of the same positions, y_m: (B, T, D) the wrapped layer's output; returns (B, T, D).
+    """
+
+    def __init__(self, d_model: int, config: ResonaConfig, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        config = config.resolved(d_model)
+        self.config = config
+        self.d_model = d_model
+        H, dh, E, U = config.num_heads, config.head_dim, config.search_dim, config.chunk_size
+        kw = {"dtype": dtype, "device": device}
+        self.norm_h = RMSNorm(d_model, config.norm_eps, **kw)
+        self.norm_x = RMSNorm(d_model, config.norm_eps, **kw)
+        self.query_encoder = nn.Linear(d_model, E, bias=False, **kw)
+        self.context_encoder = nn.Linear(d_model, E, bias=False, **kw)
+        self.q_proj = nn.Linear(d_model, H * dh, bias=False, **kw)
+        self.k_proj = nn.Linear(d_model, H * dh, bias=False, **kw)
+        self.v_proj = nn.Linear(d_model, H * dh, bias=False, **kw)
+        self.o_proj = nn.Linear(H * dh, d_model, bias=False, **kw)
+        self.sink_logit = nn.Parameter(torch.zeros(H, **kw)) if config.sink else None
+        self.pos_bias = nn.Parameter(torch.zeros(H, U, **kw))
+        self.mix = Mix(d_model, config, **kw)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The injection-time initialisation described in the module docstring."""
+        w = torch.empty(self.query_encoder.weight.shape, dtype=torch.float32)
+        nn.init.orthogonal_(w)
+        self.query_encoder.weight.copy_(w)
+        self.context_encoder.weight.copy_(w)
+        nn.init.zeros_(self.q_proj.weight)
+        nn.init.normal_(self.k_proj.weight, std=self.d_model**-0.5)
+        nn.init.normal_(self.v_proj.weight, std=self.d_model**-0.5)
+        if self.config.mix == "residual":
+            nn.init.zeros_(self.o_proj.weight)
+        else:
+            nn.init.normal_(self.o_proj.weight, std=(self.config.num_heads * self.config.head_dim) ** -0.5)
+        if self.sink_logit is not None:
+            nn.init.zeros_(self.sink_logit)
+        nn.init.zeros_(self.pos_bias)
+
+    # -- pieces, also used by incremental decoding -------------------------------------------
+    def search_queries(self, h_hat: Tensor) -> Tensor:
+        """h_hat: (B, T, D) normalised layer input -> (B, T, E) unit search queries."""
+        return F.normalize(self.query_encoder(h_hat).float(), dim=-1)
+
+    def chunk_embeddings(self, x_hat: Tensor) -> Tensor:
+        """x_hat: (B, T, D) normalised embeddings -> (B, N, E) unit embeddings of complete chunks."""
+        means = chunk_means(x_hat, self.config.chunk_size)  # (B, N, D)
+        return F.normalize(self.context_encoder(means).float(), dim=-1)
+
+    def heads(self, t: Tensor) -> Tensor:
+        """(B, T, H*d) -> (B, T, H, d)."""
+        return t.view(*t.shape[:-1], self.config.num_heads, self.config.head_dim)
+
+    # -- full-sequence path ----------------------------------------------------------------------
+    def retrieve(self, h: Tensor, x: Tensor, return_indices: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The retrieval output Yr (B, T, D) for a whole sequence (and the chosen chunks (B, T, K))."""
+        cfg = self.config
+        h_hat, x_hat = self.norm_h(h), self.norm_x(x)  # (B, T, D) x2
+        qs = self.search_queries(h_hat)  # (B, T, E)
+        cs = self.chunk_embeddings(x_hat)  # (B, N, E)
+        q = self.heads(self.q_proj(h_hat))  # (B, T, H, d)
+        k = self.heads(self.k_proj(x_hat))  # (B, T, H, d)
+        v = self.heads(self.v_proj(x_hat))  # (B, T, H, d)
+        out = retrieve(
+            qs, cs, q, k, v,
+            top_k=cfg.k_for(self.training), chunk_size=cfg.chunk_size, score_scale=cfg.score_scale,
+            sink_logit=self.sink_logit, pos_bias=self.pos_bias, query_tile=cfg.query_tile,
+            return_indices=return_indices,
+        )
+        attn, idx = out if return_indices else (out, None)
+        y_r = self.o_proj(attn.reshape(*attn.shape[:2], -1).to(self.o_proj.weight.dtype))  # (B, T, D)
+        return (y_r, idx) if return_indices else y_r
+
+    def forward(self, h: Tensor, x: Tensor, y_m: Tensor, pad: Tensor | None = None) -> Tensor:
+        """Mix the retrieval output into ``y_m``. ``pad`` (B,) counts left-padding tokens per row:
+        each row is then treated as if its first real token were position 0."""
+        if pad is not None and bool(pad.any()):
+            h_al, x_al = left_align(h, pad), left_align(x, pad)
+            y_r = right_align(self.retrieve(h_al, x_al), pad)  # (B, T, D)
+        else:
+            y_r = self.retrieve(h, x)  # (B, T, D)
+        return self.mix(y_m, y_r, self.norm_h(h))
+
+
+def left_align(t: Tensor, pad: Tensor) -> Tensor:
+    """Shift row b of t (B, T, ...) left by pad[b]; the vacated tail repeats the last position."""
+    B, T = t.shape[:2]
+    src = (torch.arange(T, device=t.device).unsqueeze(0) + pad.unsqueeze(1)).clamp(max=T - 1)  # (B, T)
+    return t.gather(1, src.view(B, T, *([1] * (t.dim() - 2))).expand_as(t))
+
+
+def right_align(t: Tensor, pad: Tensor) -> Tensor:
+    """Inverse of `left_align` on the real positions; the pad positions get zeros."""
+    B, T = t.shape[:2]
+    pos = torch.arange(T, device=t.device).unsqueeze(0) - pad.unsqueeze(1)  # (B, T)
+    out = t.gather(1, pos.clamp(min=0).view(B, T, *([1] * (t.dim() - 2))).expand_as(t))
+    keep = (pos >= 0).view(B, T, *([1] * (t.dim() - 2)))
+    return out * keep.to(out.dtype)

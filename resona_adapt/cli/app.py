@@ -1,0 +1,21 @@
+"""The application object every command gets through ``ctx.obj``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .terminal import Terminal
+
+
+@dataclass
+class App:
+    terminal: Terminal
+    verbosity: int = 0
+
+    def quiet_libraries(self) -> None:
+        """Silence transformers' progress bars and info logs unless -v was given."""
+        import transformers
+
+        if self.verbosity <= 0:
+            transformers.utils.logging.set_verbosity_error()
+            transformers.utils.logging.disable_progress_bar()

@@ -1,0 +1,49 @@
+"""Options shared by several commands."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+from ..config import MIX_MODES, ResonaConfig
+
+
+def model_options(f: Callable) -> Callable:
+    """--model, --trust-remote-code, --block-path, --mixer-attr."""
+    f = click.option("--mixer-attr", default=None,
+                     help="Attribute of each block that holds the token mixer (for unknown architectures).")(f)
+    f = click.option("--block-path", default=None,
+                     help="Dotted path of the decoder-layer list, e.g. backbone.layers (for unknown architectures).")(f)
+    f = click.option("--trust-remote-code", is_flag=True, default=False,
+                     help="Allow the checkpoint's own Python code to run (only for checkpoints you trust).")(f)
+    f = click.option("--model", "model_name", required=True,
+                     help="Local checkpoint directory, a hub id already in the HF cache, or a built-in "
+                          "model (tiny-mamba, tiny-mamba2, tiny-falcon-mamba).")(f)
+    return f
+
+
+CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "mix", "alpha")
+
+
+def resona_config_options(f: Callable) -> Callable:
+    """--config FILE plus one option per main `ResonaConfig` field (overriding the file)."""
+    defaults = ResonaConfig()
+    for name in reversed(CONFIG_FIELDS):
+        flag = "--" + name.replace("_", "-")
+        if name == "mix":
+            f = click.option(flag, type=click.Choice(MIX_MODES), default=None,
+                             help=f"Mixing mode (default {defaults.mix}).")(f)
+        else:
+            kind = float if name in ("score_scale", "alpha") else int
+            f = click.option(flag, type=kind, default=None,
+                             help=f"ResonaConfig.{name} (default {getattr(defaults, name)}).")(f)
+    f = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="ResonaConfig JSON file; the options above override its fields.")(f)
+    return f
+
+
+def build_config(config_file: str | None, values: dict[str, Any]) -> ResonaConfig:
+    base = ResonaConfig.load(config_file).to_dict() if config_file else {}
+    base.update({k: v for k, v in values.items() if k in CONFIG_FIELDS and v is not None})
+    return ResonaConfig.from_dict(base)

@@ -1,0 +1,147 @@
+"""`ResonaConfig`: every knob of a Resona branch, validated, and round-tripped through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ResonaConfigError
+
+MIX_MODES = ("residual", "gated", "paper", "paper-dynamic")
+"""How the retrieval output `Yr` is combined with the mixer output `Ym`.
+
+- ``residual`` (default): ``Y = Ym + W_out(attn)``, ``W_out`` zero-initialised. Function-preserving.
+- ``gated``: ``Y = Ym + tanh(g(H)) * W_out(attn)``, an input-dependent per-channel gate whose
+  projection is zero-initialised. Function-preserving.
+- ``paper``: the paper's ``Y = a * Ym + (1 - a) * Yr`` with a fixed ``alpha``. Not function-preserving.
+- ``paper-dynamic``: the paper's mix with an input-dependent ``a = sigmoid(w . X + b)``, ``b`` set
+  so that ``a`` starts at ``alpha``. Not function-preserving.
+"""
+
+FUNCTION_PRESERVING_MIXES = ("residual", "gated")
+
+
+@dataclass
+class ResonaConfig:
+    """Configuration of the Resona branches inserted by `retrofit`.
+
+    One configuration applies to every Resona layer of a model. All fields have defaults; the
+    constructor normalises and validates them and raises `ResonaConfigError` naming the field.
+    """
+
+    chunk_size: int = field(default=64, metadata={"help": "Tokens per context chunk (U)."})
+    top_k: int = field(default=2, metadata={"help": "Chunks retrieved per query at inference (k)."})
+    train_top_k: int | None = field(
+        default=None,
+        metadata={"help": "Chunks retrieved per query in training mode; None = top_k. A larger k in "
+                  "training shows the read path more candidates while the search is still poor."},
+    )
+    num_heads: int | None = field(
+        default=None,
+        metadata={"help": "Heads of the knowledge-integration attention; None = max(1, width // 256)."},
+    )
+    head_dim: int | None = field(default=None, metadata={"help": "Dimension of each head; None = 64."})
+    search_dim: int | None = field(
+        default=None, metadata={"help": "Dimension E of query and chunk embeddings; None = min(64, width)."}
+    )
+    score_scale: float = field(
+        default=8.0,
+        metadata={"help": "Multiplier of the search score (cosine) added to the read logits of the "
+                  "selected chunk's tokens; this is the path that trains the search encoders."},
+    )
+    sink: bool = field(
+        default=True,
+        metadata={"help": "Add a learnable attention-sink logit (value 0) per head, so absolute logits "
+                  "matter and top_k=1 still passes gradient to the search."},
+    )
+    mix: str = field(default="residual", metadata={"help": f"Mixing mode, one of {MIX_MODES}."})
+    alpha: float = field(default=0.5, metadata={"help": "Weight a of Ym in the paper mixes (0 < a < 1)."})
+    lr_multiplier: float = field(
+        default=20.0, metadata={"help": "Resona learning rate = base learning rate x this factor."}
+    )
+    norm_eps: float = field(default=1e-5, metadata={"help": "Epsilon of the branch's RMS norms."})
+    query_tile: int | None = field(
+        default=None,
+        metadata={"help": "Queries per tile in the full-sequence path; None = sized automatically so "
+                  "that one tile's gathered keys/values stay within about 64 MiB."},
+    )
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ResonaConfigError(f"ResonaConfig.{name} must be a positive integer, got {value!r}")
+
+        positive_int("chunk_size")
+        positive_int("top_k")
+        for name in ("train_top_k", "query_tile", "num_heads", "head_dim", "search_dim"):
+            if getattr(self, name) is not None:
+                positive_int(name)
+        if self.mix not in MIX_MODES:
+            raise ResonaConfigError(f"ResonaConfig.mix must be one of {', '.join(MIX_MODES)}; got {self.mix!r}")
+        if self.mix.startswith("paper") and not 0.0 < float(self.alpha) < 1.0:
+            raise ResonaConfigError(f"ResonaConfig.alpha must lie strictly between 0 and 1, got {self.alpha!r}")
+        for name in ("score_scale", "lr_multiplier", "norm_eps", "alpha"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                raise ResonaConfigError(f"ResonaConfig.{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
+        if self.score_scale < 0 or self.lr_multiplier <= 0 or self.norm_eps <= 0:
+            raise ResonaConfigError(
+                "ResonaConfig.score_scale must be >= 0, lr_multiplier and norm_eps > 0; got "
+                f"{self.score_scale}, {self.lr_multiplier}, {self.norm_eps}"
+            )
+
+    def resolved(self, width: int) -> "ResonaConfig":
+        """A copy with the automatic sizes (None) fixed for a model of this width."""
+        return dataclasses.replace(
+            self,
+            num_heads=self.num_heads or max(1, width // 256),
+            head_dim=self.head_dim or 64,
+            search_dim=self.search_dim or min(64, width),
+        )
+
+    @property
+    def function_preserving(self) -> bool:
+        """True when a freshly injected branch leaves the model's outputs unchanged."""
+        return self.mix in FUNCTION_PRESERVING_MIXES
+
+    def k_for(self, training: bool) -> int:
+        """The number of chunks retrieved per query in training or inference mode."""
+        return self.train_top_k if (training and self.train_top_k is not None) else self.top_k
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ResonaConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ResonaConfigError(
+                f"unknown ResonaConfig field(s) {unknown}; known fields: {sorted(known)}"
+            )
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ResonaConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ResonaConfigError(f"ResonaConfig JSON is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ResonaConfigError("ResonaConfig JSON must be an object of field: value")
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ResonaConfig":
+        return cls.from_json(Path(path).read_text())

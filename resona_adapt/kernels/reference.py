@@ -1,0 +1,105 @@
+"""Pure-PyTorch reference of Resona's retrieval: the CPU path and the oracle for every fast kernel.
+
+Shape key:
+    B batch, T context length, Tq queries in a tile, N = T // U complete chunks, U chunk size,
+    K chunks kept per query, H heads, d head dim, E search dim.
+
+Causal rule: chunk ``c`` (positions ``[c*U, (c+1)*U)``) is eligible for the query at absolute
+position ``t`` only if ``(c+1)*U <= t``, i.e. ``c < t // U``. Nothing at a position ``>= t`` reaches ``t``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def chunk_means(x: Tensor, chunk_size: int) -> Tensor:
+    """Mean of every complete chunk.
+
+    x: (B, T, D) -> (B, N, D) with N = T // chunk_size; a trailing partial chunk is dropped.
+    """
+    B, T, D = x.shape
+    N = T // chunk_size
+    return x[:, : N * chunk_size].reshape(B, N, chunk_size, D).mean(dim=2)  # (B, N, D)
+
+
+def select_chunks_ref(
+    q: Tensor, c: Tensor, top_k: int, chunk_size: int, q_pos: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Causal cosine top-k over chunk embeddings.
+
+    q: (B, Tq, E) unit-norm query embeddings; c: (B, N, E) unit-norm chunk embeddings;
+    q_pos: (Tq,) or (B, Tq) long, the absolute position of each query.
+    Returns ``idx`` (B, Tq, K) long with -1 in empty slots and ``score`` (B, Tq, K), the cosine of
+    each kept chunk (0 in empty slots), differentiable with respect to ``q`` and ``c``.
+    K = min(top_k, N); a query with fewer eligible chunks than K keeps all of them.
+    """
+    B, Tq, _ = q.shape
+    N = c.shape[1]
+    K = min(top_k, N)
+    if K == 0:
+        empty = q.new_zeros(B, Tq, 0)
+        return empty.long(), empty
+    s = torch.matmul(q, c.transpose(1, 2))  # (B, Tq, N)
+    n_eligible = torch.div(q_pos, chunk_size, rounding_mode="floor")  # (Tq,) or (B, Tq)
+    chunk_ids = torch.arange(N, device=q.device)  # (N,)
+    eligible = chunk_ids < n_eligible.unsqueeze(-1)  # (Tq, N) or (B, Tq, N)
+    s = s.masked_fill(~eligible, float("-inf"))  # (B, Tq, N)
+    top_s, idx = s.topk(K, dim=-1)  # (B, Tq, K)
+    valid = torch.isfinite(top_s)  # (B, Tq, K)
+    idx = idx.masked_fill(~valid, -1)
+    score = top_s.masked_fill(~valid, 0.0)
+    return idx, score
+
+
+def _safe_softmax(logits: Tensor) -> Tensor:
+    """Softmax over the last dim that returns zeros (not NaN) for rows that are all -inf."""
+    m = logits.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(logits - m)
+    return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+
+
+def chunk_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    idx: Tensor,
+    bias: Tensor,
+    chunk_size: int,
+    sink_logit: Tensor | None = None,
+    pos_bias: Tensor | None = None,
+) -> Tensor:
+    """Attention of each query over the tokens of its selected chunks (plus an optional sink).
+
+    q: (B, Tq, H, d); k, v: (B, T, H, d); idx: (B, Tq, K) chunk indices, -1 = empty slot;
+    bias: (B, Tq, K) logit added to every token of the slot's chunk; sink_logit: (H,) logit of a
+    slot whose value is zero; pos_bias: (H, U) logit added by position within the chunk.
+    Returns (B, Tq, H, d). A query with no valid slot (and no sink) gets zeros.
+    """
+    B, Tq, H, d = q.shape
+    T = k.shape[1]
+    K = idx.shape[-1]
+    U = chunk_size
+    valid = idx >= 0  # (B, Tq, K)
+    offsets = torch.arange(U, device=idx.device)  # (U,)
+    pos = idx.clamp(min=0).unsqueeze(-1) * U + offsets  # (B, Tq, K, U)
+    flat = pos + (torch.arange(B, device=idx.device) * T).view(B, 1, 1, 1)  # (B, Tq, K, U)
+    flat = flat.reshape(-1)  # (B*Tq*K*U,)
+    kg = k.reshape(B * T, H, d).index_select(0, flat).view(B, Tq, K * U, H, d)  # (B, Tq, KU, H, d)
+    vg = v.reshape(B * T, H, d).index_select(0, flat).view(B, Tq, K * U, H, d)  # (B, Tq, KU, H, d)
+
+    logits = torch.einsum("bqhd,bqjhd->bhqj", q, kg).float() * (d**-0.5)  # (B, H, Tq, KU)
+    logits = logits.view(B, H, Tq, K, U) + bias.float().view(B, 1, Tq, K, 1)  # (B, H, Tq, K, U)
+    if pos_bias is not None:
+        logits = logits + pos_bias.float().view(1, H, 1, 1, U)
+    logits = logits.masked_fill(~valid.view(B, 1, Tq, K, 1), float("-inf"))
+    logits = logits.view(B, H, Tq, K * U)  # (B, H, Tq, KU)
+    if sink_logit is not None:
+        sink = sink_logit.float().view(1, H, 1, 1).expand(B, H, Tq, 1)  # (B, H, Tq, 1)
+        logits = torch.cat([sink, logits], dim=-1)  # (B, H, Tq, 1+KU)
+    p = _safe_softmax(logits)
+    if sink_logit is not None:
+        p = p[..., 1:]  # the sink's value is zero  # (B, H, Tq, KU)
+    return torch.einsum("bhqj,bqjhd->bqhd", p.to(vg.dtype), vg)  # (B, Tq, H, d)

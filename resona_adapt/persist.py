@@ -1,0 +1,136 @@
+"""Merged checkpoints: save a retrofitted model to one directory and load it back with the same logits.
+
+Layout of a merged checkpoint directory:
+- the base model exactly as transformers' ``save_pretrained`` writes it (``config.json``,
+  ``model.safetensors`` or shards), so plain transformers still loads it as the base model;
+- a ``resona`` section in ``config.json`` (format version, layers, `ResonaConfig`, overrides);
+- ``resona.safetensors``: the branch weights, keyed ``layers.<i>.<parameter>``;
+- the tokenizer files of the source checkpoint, when it had them.
+Everything is written to a temporary sibling directory and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import (
+    RESONA_WEIGHTS, atomic_directory, copy_tokenizer_files, load_tensors, read_json, save_tensors,
+)
+from .config import ResonaConfig
+from .errors import CheckpointError, SurgeryError
+from .retrofit import resona_layers, resona_parameters, retrofit, retrofit_state
+
+
+def resona_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Branch weights keyed ``layers.<i>.<parameter>`` (independent of the model's module tree)."""
+    return {name: p.detach() for name, p in resona_parameters(model)}
+
+
+def load_resona_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "<tensors>") -> None:
+    """Copy branch weights into ``model``; any missing, unexpected or mis-shaped tensor is an error
+    that names ``source`` and the tensor, and nothing is copied unless everything matches."""
+    params = dict(resona_parameters(model))
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match this model's Resona layers {sorted(resona_layers(model))}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, the model expects "
+                f"{tuple(p.shape)}; the checkpoint was made for another base or Resona config"
+            )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(dtype=p.dtype, device=p.device))
+
+
+@contextmanager
+def base_view(model: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily put the original mixers back, so the model *is* its base (for saving)."""
+    state = retrofit_state(model)
+    if state is None:
+        raise SurgeryError(f"{type(model).__name__} is not retrofitted")
+    wrappers = {i: getattr(state.discovery.blocks[i].block, state.discovery.blocks[i].mixer_attr) for i in state.layers}
+    try:
+        for i, original in state.originals.items():
+            setattr(state.discovery.blocks[i].block, state.discovery.blocks[i].mixer_attr, original)
+        yield model
+    finally:
+        for i, wrapper in wrappers.items():
+            setattr(state.discovery.blocks[i].block, state.discovery.blocks[i].mixer_attr, wrapper)
+
+
+def save_retrofitted(model: nn.Module, save_directory: str | Path, *args: Any, overwrite: bool = True,
+                     tokenizer_source: str | Path | None = None, **kwargs: Any) -> Path:
+    """Write the merged checkpoint of a retrofitted model to ``save_directory`` (atomically).
+
+    Extra arguments go to transformers' ``save_pretrained`` for the base weights (e.g.
+    ``max_shard_size``). Tokenizer files are copied from ``tokenizer_source`` or, by default, from
+    the directory the base model was loaded from.
+    """
+    state = retrofit_state(model)
+    if state is None:
+        raise SurgeryError(f"{type(model).__name__} is not retrofitted; use its own save_pretrained")
+    model.config.resona = state.describe()
+    source = tokenizer_source or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    final = Path(save_directory)
+    with atomic_directory(final, overwrite=overwrite) as tmp:
+        with base_view(model):
+            type(model).save_pretrained(model, tmp, *args, **kwargs)
+        save_tensors(resona_state_dict(model), tmp / RESONA_WEIGHTS,
+                     {"layers": ",".join(map(str, state.layers))})
+        copy_tokenizer_files(source, tmp)
+    return final
+
+
+def read_resona_section(path: Path) -> dict[str, Any]:
+    """The ``resona`` section of ``path/config.json``; a clear error when it is absent."""
+    cfg = read_json(path / "config.json")
+    section = cfg.get("resona")
+    if not isinstance(section, dict):
+        raise CheckpointError(
+            f"{path / 'config.json'} has no 'resona' section: {path} is not a retrofitted checkpoint. "
+            "Retrofit it first: resona-adapt inject --model PATH --output OUT"
+        )
+    if section.get("format_version") != 1:
+        raise CheckpointError(f"{path / 'config.json'}: unsupported resona format_version {section.get('format_version')!r}")
+    return section
+
+
+def retrofit_from_section(model: nn.Module, section: dict[str, Any]) -> nn.Module:
+    """Retrofit ``model`` exactly as a saved ``resona`` section describes."""
+    return retrofit(
+        model, layers=list(section["layers"]), config=ResonaConfig.from_dict(section["config"]),
+        block_path=section.get("block_path"), mixer_attr=section.get("mixer_attr"),
+        allow_kinds=tuple(section.get("allow_kinds", ("recurrent",))),
+    )
+
+
+def load_retrofitted(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                     trust_remote_code: bool = False) -> nn.Module:
+    """Load a merged checkpoint written by `save_retrofitted` / ``inject --output``.
+
+    Returns the retrofitted model in eval mode, base parameters frozen, with the same logits as the
+    model that was saved.
+    """
+    from .loading import load_base_model, resolve_model_path
+
+    root = resolve_model_path(str(path))
+    section = read_resona_section(root)
+    model = load_base_model(root, dtype=dtype, trust_remote_code=trust_remote_code)
+    retrofit_from_section(model, section)
+    load_resona_state_dict(model, load_tensors(root / RESONA_WEIGHTS), source=str(root / RESONA_WEIGHTS))
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,177 @@
+"""`retrofit`: insert Resona branches into a pretrained model in place, freeze the base, and undo it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from . import __version__
+from .adapters import ResonaBranch, ResonaContext, ResonaLayer, install_hooks
+from .config import ResonaConfig
+from .errors import SurgeryError
+from .surgery import Discovery, discover, replace_mixer, resolve_layers, restore_mixer
+
+STATE_ATTR = "_resona_state"
+
+
+@dataclass
+class RetrofitState:
+    """Everything `retrofit` changed on a model, so it can be saved, inspected and undone."""
+
+    config: ResonaConfig
+    layers: list[int]
+    discovery: Discovery
+    context: ResonaContext
+    hooks: list[RemovableHandle]
+    originals: dict[int, nn.Module]
+    block_path: str | None = None
+    mixer_attr: str | None = None
+    allow_kinds: tuple[str, ...] = ("recurrent",)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """The ``resona`` section written into config.json."""
+        return {
+            "format_version": 1,
+            "resona_adapt_version": __version__,
+            "arch": self.discovery.arch,
+            "layers": list(self.layers),
+            "config": self.config.to_dict(),
+            "block_path": self.block_path,
+            "mixer_attr": self.mixer_attr,
+            "allow_kinds": list(self.allow_kinds),
+            **self.extra,
+        }
+
+
+def retrofit_state(model: nn.Module) -> RetrofitState | None:
+    """The `RetrofitState` of a retrofitted model, or None."""
+    return model.__dict__.get(STATE_ATTR)
+
+
+def is_retrofitted(model: nn.Module) -> bool:
+    return retrofit_state(model) is not None or any(isinstance(m, ResonaLayer) for m in model.modules())
+
+
+def resona_layers(model: nn.Module) -> dict[int, ResonaLayer]:
+    """The Resona layers of ``model`` by decoder-layer index."""
+    return {m.layer_index: m for m in model.modules() if isinstance(m, ResonaLayer)}
+
+
+def resona_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every Resona branch, found by walking the Resona layers."""
+    return [
+        (f"layers.{i}.{name}", p)
+        for i, layer in sorted(resona_layers(model).items())
+        for name, p in layer.resona.named_parameters()
+    ]
+
+
+def _model_width(disc: Discovery) -> int:
+    emb = disc.embedding
+    width = getattr(emb, "embedding_dim", None) or getattr(getattr(emb, "weight", None), "shape", [None, None])[1]
+    if width is None:
+        raise SurgeryError(f"cannot tell the width of the embedding module {type(emb).__name__}")
+    return int(width)
+
+
+def _param_like(module: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return None, None
+
+
+def retrofit(
+    model: nn.Module,
+    layers: Sequence[int] | str | None = None,
+    config: ResonaConfig | None = None,
+    *,
+    block_path: str | None = None,
+    mixer_attr: str | None = None,
+    allow_kinds: Sequence[str] = ("recurrent",),
+    freeze_base: bool = True,
+) -> nn.Module:
+    """Insert Resona branches into ``model`` in place and return it.
+
+    layers: decoder-layer indices (negative from the end) or ``"0,12,-1"``; None = shallowest,
+        middle and deepest recurrent layers (the paper's default).
+    config: the `ResonaConfig` of every branch (default ``ResonaConfig()``).
+    block_path / mixer_attr: override where the decoder-layer list and the mixers are, for
+        architectures the registry does not know (e.g. ``"model.layers"``, ``"mixer"``).
+    allow_kinds: block kinds that may be wrapped; add ``"attention"`` to wrap attention layers.
+    freeze_base: freeze every base parameter (only Resona parameters train).
+
+    With a function-preserving ``config.mix`` (the default) the model's outputs are unchanged
+    until the branches are trained. ``model.save_pretrained(dir)`` then writes a merged
+    checkpoint that `load_retrofitted` reads back.
+    """
+    if is_retrofitted(model):
+        existing = sorted(resona_layers(model))
+        raise SurgeryError(
+            f"{type(model).__name__} is already retrofitted (Resona layers {existing}); retrofit the base "
+            "model instead, or call unretrofit(model) first"
+        )
+    config = config or ResonaConfig()
+    disc = discover(model, block_path=block_path, mixer_attr=mixer_attr)
+    chosen = resolve_layers(layers, disc, allow_kinds=tuple(allow_kinds))
+    width = _model_width(disc)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", width)
+    if hidden != width:
+        raise SurgeryError(f"embedding width {width} differs from hidden size {hidden}; Resona needs them equal")
+
+    config = config.resolved(width)
+    if freeze_base:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    context = ResonaContext()
+    originals: dict[int, nn.Module] = {}
+    for i in chosen:
+        info = disc.blocks[i]
+        dtype, device = _param_like(info.mixer)
+
+        def make(mixer: nn.Module, i: int = i, dtype=dtype, device=device) -> nn.Module:
+            return ResonaLayer(mixer, ResonaBranch(width, config, dtype=dtype, device=device), i, context)
+
+        originals[i] = info.mixer
+        replace_mixer(info, make)
+    hooks = install_hooks(context, disc.backbone, disc.embedding)
+    state = RetrofitState(config, chosen, disc, context, hooks, originals, block_path, mixer_attr, tuple(allow_kinds))
+    model.__dict__[STATE_ATTR] = state
+    if getattr(model, "config", None) is not None:
+        model.config.resona = state.describe()
+    _bind_save(model)
+    return model
+
+
+def unretrofit(model: nn.Module) -> nn.Module:
+    """Remove every Resona branch and hook: the model is its base again (weights untouched)."""
+    state = retrofit_state(model)
+    if state is None:
+        raise SurgeryError(f"{type(model).__name__} is not retrofitted")
+    for i, original in state.originals.items():
+        restore_mixer(state.discovery.blocks[i], original)
+    for h in state.hooks:
+        h.remove()
+    state.context.clear()
+    del model.__dict__[STATE_ATTR]
+    model.__dict__.pop("save_pretrained", None)
+    if getattr(model, "config", None) is not None and hasattr(model.config, "resona"):
+        del model.config.resona
+    return model
+
+
+def _bind_save(model: nn.Module) -> None:
+    """Make ``model.save_pretrained(dir)`` write the merged checkpoint (base + Resona)."""
+    from .persist import save_retrofitted
+
+    def save_pretrained(save_directory: Any, *args: Any, **kwargs: Any) -> None:
+        save_retrofitted(model, save_directory, *args, **kwargs)
+
+    save_pretrained.__doc__ = save_retrofitted.__doc__
+    model.__dict__["save_pretrained"] = save_pretrained

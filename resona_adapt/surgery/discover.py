@@ -1,0 +1,192 @@
+"""Find a model's decoder-layer list, its blocks, their token mixers and what kind each block is.
+
+Three ways, in this order: an explicit override (``block_path``/``mixer_attr``), the registry of
+known families, and a generic structural search (the largest list of blocks; mixers recognised by
+attribute and class name). `Discovery.method` records which one answered, and every `BlockInfo`
+carries the reason for its kind, so ``inspect`` can show what was found and why.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..errors import SurgeryError
+from .registry import ArchSpec, BlockKind, spec_for, supported_architectures
+
+MIXER_ATTRS = (
+    "mixer", "mamba", "ssm", "linear_attn", "attn", "self_attn", "attention", "time_mixer",
+    "token_mixer", "temporal_block", "mlstm_layer", "feed_forward", "mlp",
+)
+_RECURRENT = re.compile(
+    r"mamba|ssm|mixer|rwkv|gla|delta|retention|retnet|hgrn|lightning|linear.?att|recurrent|rglru|"
+    r"lstm|hyena|gated.?conv|shortconv|s4|s5|kda",
+    re.IGNORECASE,
+)
+_ATTENTION = re.compile(r"attention|attn", re.IGNORECASE)
+_MLP = re.compile(r"mlp|ffn|feed.?forward|moe|expert", re.IGNORECASE)
+
+
+def classify_module(module: nn.Module) -> tuple[BlockKind, str]:
+    """Kind of a token mixer by its class name: linear-attention names count as recurrent."""
+    name = type(module).__name__
+    if _RECURRENT.search(name):
+        return "recurrent", f"class {name} looks recurrent"
+    if _ATTENTION.search(name):
+        return "attention", f"class {name} looks like softmax attention"
+    if _MLP.search(name):
+        return "mlp", f"class {name} looks like an MLP"
+    return "other", f"class {name} is not recognised"
+
+
+@dataclass
+class BlockInfo:
+    """One entry of the decoder-layer list."""
+
+    index: int
+    block: nn.Module
+    mixer_attr: str | None
+    kind: BlockKind
+    reason: str
+
+    @property
+    def mixer(self) -> nn.Module | None:
+        return getattr(self.block, self.mixer_attr) if self.mixer_attr else None
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.block.parameters())
+
+
+@dataclass
+class Discovery:
+    """What the surgery found in a model."""
+
+    arch: str
+    method: str  # "registry" | "generic" | "override"
+    root: nn.Module
+    backbone: nn.Module
+    layers_path: str
+    layers: nn.ModuleList
+    embedding: nn.Module
+    blocks: list[BlockInfo] = field(default_factory=list)
+
+    def indices_of(self, kind: BlockKind) -> list[int]:
+        return [b.index for b in self.blocks if b.kind == kind]
+
+
+def _parent_path(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _module_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    return [(n, m) for n, m in root.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+
+
+def _find_layers(root: nn.Module, attr: str) -> tuple[str, nn.ModuleList]:
+    """The shortest-path ModuleList named ``attr`` under ``root``."""
+    found = [(n, m) for n, m in _module_lists(root) if n.split(".")[-1] == attr]
+    if not found:
+        raise SurgeryError(f"no layer list named {attr!r} in {type(root).__name__}")
+    return min(found, key=lambda nm: nm[0].count("."))
+
+
+def _resolve_path(root: nn.Module, path: str) -> tuple[str, nn.ModuleList]:
+    candidates = [path]
+    base = getattr(root, "base_model_prefix", "")
+    if base and not path.startswith(base + "."):
+        candidates.append(f"{base}.{path}")
+    for cand in candidates:
+        try:
+            mod = root.get_submodule(cand)
+        except AttributeError:
+            continue
+        if isinstance(mod, (nn.ModuleList, nn.Sequential)):
+            return cand, mod
+        raise SurgeryError(f"--block-path {cand!r} is a {type(mod).__name__}, not a list of blocks")
+    lists = ", ".join(n for n, _ in _module_lists(root)[:12]) or "none"
+    raise SurgeryError(f"--block-path {path!r} does not exist in {type(root).__name__}; layer lists found: {lists}")
+
+
+def _embedding(root: nn.Module, backbone: nn.Module) -> nn.Module:
+    get = getattr(root, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if isinstance(emb, nn.Module):
+            return emb
+    for module in backbone.modules():
+        if isinstance(module, nn.Embedding):
+            return module
+    raise SurgeryError(f"could not find the input embedding module of {type(root).__name__}")
+
+
+def _generic_locate(block: nn.Module) -> tuple[str | None, BlockKind, str]:
+    """Find a block's token mixer by attribute name; prefer a recurrent one in hybrid blocks."""
+    present = [(a, getattr(block, a)) for a in MIXER_ATTRS if isinstance(getattr(block, a, None), nn.Module)]
+    for attr, mod in present:
+        kind, reason = classify_module(mod)
+        if kind == "recurrent":
+            return attr, kind, f".{attr}: {reason}"
+    for attr, mod in present:
+        kind, reason = classify_module(mod)
+        if kind != "other":
+            return attr, kind, f".{attr}: {reason}"
+    kind, reason = classify_module(block)
+    return None, kind if kind != "recurrent" else "other", f"no known mixer attribute; {reason}"
+
+
+def _generic_layers(root: nn.Module) -> tuple[str, nn.ModuleList]:
+    lists = _module_lists(root)
+    if not lists:
+        raise SurgeryError(f"{type(root).__name__} has no list of blocks")
+    # The decoder-layer list is the one holding the most parameters (ties: the shallowest path).
+    return max(lists, key=lambda nm: (sum(p.numel() for p in nm[1].parameters()), -nm[0].count(".")))
+
+
+def discover(model: nn.Module, block_path: str | None = None, mixer_attr: str | None = None) -> Discovery:
+    """Find the blocks of ``model``. ``block_path`` (dotted, e.g. ``backbone.layers``) and
+    ``mixer_attr`` (e.g. ``mixer``) override what the registry or the generic search would choose."""
+    spec: ArchSpec | None = spec_for(model)
+    config: Any = getattr(model, "config", None)
+    if block_path:
+        layers_path, layers = _resolve_path(model, block_path)
+        method = "override"
+    elif spec is not None:
+        layers_path, layers = _find_layers(model, spec.layers_attr)
+        method = "registry"
+    else:
+        layers_path, layers = _generic_layers(model)
+        method = "generic"
+    backbone = model.get_submodule(_parent_path(layers_path))
+    arch = spec.name if spec is not None else (getattr(config, "model_type", None) or type(model).__name__)
+    blocks: list[BlockInfo] = []
+    for i, block in enumerate(layers):
+        if mixer_attr is not None:
+            if mixer_attr and not isinstance(getattr(block, mixer_attr, None), nn.Module):
+                attrs = ", ".join(n for n, _ in block.named_children())
+                raise SurgeryError(f"block {i} ({type(block).__name__}) has no module .{mixer_attr}; its children: {attrs}")
+            mod = getattr(block, mixer_attr) if mixer_attr else block
+            kind, reason = classify_module(mod)
+            blocks.append(BlockInfo(i, block, mixer_attr, "recurrent" if kind == "other" else kind,
+                                    f"--mixer-attr {mixer_attr}: {reason}"))
+        elif spec is not None and method == "registry":
+            attr, kind, reason = spec.locate(block, i, config, spec)
+            blocks.append(BlockInfo(i, block, attr, kind, reason))
+        else:
+            attr, kind, reason = _generic_locate(block)
+            blocks.append(BlockInfo(i, block, attr, kind, reason))
+    disc = Discovery(arch, method, model, backbone, layers_path, layers, _embedding(model, backbone), blocks)
+    if not disc.indices_of("recurrent") and mixer_attr is None:
+        raise SurgeryError(
+            f"no linear-recurrent block recognised in {type(model).__name__} ({method} discovery of "
+            f"{layers_path!r}, {len(blocks)} blocks). Supported architectures: "
+            f"{', '.join(supported_architectures())}. For another model name the list and the mixer "
+            "explicitly: --block-path model.layers --mixer-attr mixer"
+        )
+    return disc

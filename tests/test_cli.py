@@ -1,0 +1,99 @@
+"""The CLI through click's CliRunner: inspect, inject, and the errors users hit first."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import build_tiny
+from resona_adapt import load_retrofitted, resona_layers
+from resona_adapt.cli.main import cli
+
+
+@pytest.fixture()
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture()
+def base_dir(tmp_path):
+    build_tiny("mamba2", layers=6).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def test_inspect_table_and_json(runner, base_dir):
+    res = runner.invoke(cli, ["inspect", "--model", str(base_dir)])
+    assert res.exit_code == 0, res.output
+    assert "Mamba2Block" in res.output and "Mamba2Mixer" in res.output and "recurrent" in res.output
+    assert "inject would pick layers 0,3,5" in res.output
+    res = runner.invoke(cli, ["inspect", "--model", str(base_dir), "--json"])
+    data = json.loads(res.stdout)
+    assert data["default_layers"] == [0, 3, 5] and data["num_layers"] == 6
+    assert data["blocks"][0]["mixer"] == "Mamba2Mixer" and data["blocks"][0]["kind"] == "recurrent"
+
+
+def test_inject_writes_a_loadable_checkpoint(runner, base_dir, tmp_path):
+    out = tmp_path / "out"
+    res = runner.invoke(cli, ["inject", "--model", str(base_dir), "--layers", "0,-1", "--output", str(out),
+                              "--chunk-size", "8", "--top-k", "3"])
+    assert res.exit_code == 0, res.output
+    assert "wrote a retrofitted checkpoint" in res.output
+    model = load_retrofitted(out)
+    assert sorted(resona_layers(model)) == [0, 5]
+    assert model.config.resona["config"]["chunk_size"] == 8 and model.config.resona["config"]["top_k"] == 3
+    res = runner.invoke(cli, ["inspect", "--model", str(out), "--json"])
+    assert json.loads(res.stdout)["resona_layers"] == [0, 5]
+
+
+def test_inject_builtin_default_model(runner, tmp_path):
+    res = runner.invoke(cli, ["inject", "--model", "tiny-mamba", "--output", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    model = load_retrofitted(tmp_path / "o")
+    assert sorted(resona_layers(model)) == [0, 6, 11]
+    with torch.no_grad():
+        assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 512)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--layers", "0,9"], "layer 9 does not exist: the model has 6 layers"),
+        (["--layers", "1,1"], "listed twice"),
+        (["--chunk-size", "0"], "chunk_size must be a positive integer"),
+        (["--block-path", "backbone.nope"], "does not exist"),
+    ],
+)
+def test_inject_bad_input_is_a_clear_error(runner, base_dir, tmp_path, args, needle):
+    out = tmp_path / "bad"
+    res = runner.invoke(cli, ["inject", "--model", str(base_dir), "--output", str(out), *args])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output
+    assert not out.exists() and not list(tmp_path.glob(".bad*"))  # nothing half-written
+
+
+def test_unknown_model_says_where_it_looked(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    res = runner.invoke(cli, ["inspect", "--model", "state-spaces/mamba-130m"])
+    assert res.exit_code == 2
+    assert "not found" in res.output and str(tmp_path / "hf" / "hub") in res.output
+    assert "tiny-mamba" in res.output
+
+
+def test_existing_output_is_refused(runner, base_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "precious").write_text("x")
+    res = runner.invoke(cli, ["inject", "--model", str(base_dir), "--output", str(out)])
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    assert (out / "precious").read_text() == "x"
+    res = runner.invoke(cli, ["inject", "--model", str(base_dir), "--output", str(out), "--overwrite"])
+    assert res.exit_code == 0 and not (out / "precious").exists()
+
+
+def test_inject_refuses_an_already_retrofitted_checkpoint(runner, base_dir, tmp_path):
+    runner.invoke(cli, ["inject", "--model", str(base_dir), "--output", str(tmp_path / "a")])
+    res = runner.invoke(cli, ["inject", "--model", str(tmp_path / "a"), "--output", str(tmp_path / "b")])
+    assert res.exit_code == 2 and "already retrofitted" in res.output
