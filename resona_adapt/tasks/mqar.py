@@ -1,0 +1,93 @@
+"""Multi-query associative recall (MQAR), generated as the Zoology benchmark does.
+
+Each example: ``num_kv_pairs`` (key, value) pairs interleaved at the start (keys from the lower
+half of the vocabulary excluding 0, values from the upper half, drawn without replacement within
+the example); then every key is asked once, at query slots placed after the context with
+power-law gaps (``power_a`` = 0.01 favours short gaps); every other position holds a random token.
+Labels follow next-token convention: ``labels[t]`` is the value to predict after the query key at
+``t``, and -100 elsewhere. Seeded: the same arguments give the same tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+IGNORE = -100
+
+
+@dataclass
+class MQARData:
+    """inputs (N, T) long, labels (N, T) long with -100 outside query positions."""
+
+    inputs: Tensor
+    labels: Tensor
+    seq_len: int
+    num_kv_pairs: int
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+
+def mqar(
+    num_examples: int,
+    seq_len: int,
+    num_kv_pairs: int,
+    vocab_size: int,
+    seed: int = 0,
+    power_a: float = 0.01,
+    random_non_queries: bool = True,
+) -> MQARData:
+    """Generate MQAR examples (see the module docstring)."""
+    if seq_len % 2:
+        raise ValueError(f"MQAR seq_len must be even, got {seq_len}")
+    if vocab_size <= seq_len:
+        raise ValueError(f"MQAR needs vocab_size > seq_len, got vocab {vocab_size} and seq_len {seq_len}")
+    if 4 * num_kv_pairs > seq_len:
+        raise ValueError(f"MQAR needs 4 * num_kv_pairs <= seq_len, got {num_kv_pairs} pairs for {seq_len} tokens")
+    half = vocab_size // 2
+    if num_kv_pairs > half - 1:
+        raise ValueError(f"vocabulary {vocab_size} has only {half - 1} keys for {num_kv_pairs} pairs")
+    g = torch.Generator().manual_seed(seed)
+    N, P = num_examples, num_kv_pairs
+    keys = torch.rand(N, half - 1, generator=g).argsort(dim=1)[:, :P] + 1  # (N, P) in [1, half)
+    values = torch.rand(N, vocab_size - half, generator=g).argsort(dim=1)[:, :P] + half  # (N, P) in [half, V)
+
+    context = 2 * P
+    kv = torch.empty(N, context, dtype=torch.long)  # (N, 2P) key, value, key, value, ...
+    kv[:, 0::2], kv[:, 1::2] = keys, values
+
+    space = (seq_len - context) // 2  # query slots: even offsets after the context
+    p = power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)  # (space,)
+    gaps = torch.multinomial((p / p.sum()).expand(N, space), P, replacement=False, generator=g)  # (N, P)
+
+    tail = torch.zeros(N, seq_len - context + 1, dtype=torch.long)  # one extra slot, dropped below
+    tail.scatter_(1, 2 * gaps, keys)
+    sequence = torch.cat([kv, tail], dim=1)  # (N, T + 1)
+    targets = torch.full((N, seq_len + 1), IGNORE, dtype=torch.long)
+    targets.scatter_(1, 2 * gaps + context + 1, values)
+
+    inputs, labels = sequence[:, :-1].clone(), targets[:, 1:].clone()  # (N, T) each
+    if random_non_queries:
+        noise = torch.randint(vocab_size, inputs.shape, generator=g)
+        inputs = torch.where(inputs == 0, noise, inputs)
+    return MQARData(inputs, labels, seq_len, num_kv_pairs)
+
+
+def mqar_accuracy(predictions: Tensor, labels: Tensor) -> dict[str, float]:
+    """Zoology's accuracy and the paper's strict rate.
+
+    predictions, labels: (N, T); positions with label -100 are ignored.
+    ``accuracy``: per example, the fraction of queried values predicted right, averaged over
+    examples. ``strict``: the fraction of examples whose every queried value is right.
+    """
+    mask = labels != IGNORE  # (N, T)
+    correct = (predictions == labels) & mask  # (N, T)
+    asked = mask.sum(dim=1).clamp_min(1)  # (N,)
+    per_example = correct.sum(dim=1).float() / asked.float()  # (N,)
+    return {
+        "accuracy": per_example.mean().item(),
+        "strict": (correct.sum(dim=1) == mask.sum(dim=1)).float().mean().item(),
+    }

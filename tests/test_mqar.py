@@ -1,0 +1,48 @@
+"""The MQAR generator follows Zoology's layout, and its accuracy is Zoology's."""
+
+import pytest
+import torch
+
+from resona_adapt.tasks import IGNORE, mqar, mqar_accuracy
+
+
+def test_layout_ranges_and_labels():
+    V, T, P = 128, 64, 8
+    data = mqar(50, T, P, V, seed=3)
+    assert data.inputs.shape == data.labels.shape == (50, T)
+    for x, y in zip(data.inputs, data.labels):
+        keys, values = x[0:2 * P:2], x[1:2 * P:2]
+        assert ((keys >= 1) & (keys < V // 2)).all() and ((values >= V // 2) & (values < V)).all()
+        assert len(set(keys.tolist())) == P and len(set(values.tolist())) == P  # no duplicates
+        asked = (y != IGNORE).nonzero().flatten()
+        assert len(asked) == P and (asked >= 2 * P).all()  # one query per key, after the context
+        kv = dict(zip(keys.tolist(), values.tolist()))
+        for t in asked.tolist():
+            assert y[t].item() == kv[x[t].item()]  # the label at a query is the value of its key
+
+
+def test_seeded_and_reproducible():
+    a, b, c = mqar(8, 64, 4, 100, seed=1), mqar(8, 64, 4, 100, seed=1), mqar(8, 64, 4, 100, seed=2)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.inputs, c.inputs)
+
+
+def test_power_law_favours_short_gaps():
+    data = mqar(400, 256, 8, 512, seed=0)
+    first = (data.labels != IGNORE).float().argmax(dim=1)  # first query position per example
+    assert (first < 2 * 8 + 40).float().mean() > 0.6
+
+
+def test_accuracy_on_a_hand_made_example():
+    labels = torch.tensor([[IGNORE, 5, IGNORE, 6], [7, IGNORE, 8, IGNORE]])
+    preds = torch.tensor([[0, 5, 0, 1], [7, 3, 8, 3]])
+    acc = mqar_accuracy(preds, labels)
+    assert acc["accuracy"] == pytest.approx((0.5 + 1.0) / 2)
+    assert acc["strict"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(seq_len=63), dict(num_kv_pairs=20), dict(vocab_size=32)])
+def test_bad_arguments(kwargs):
+    args = dict(num_examples=2, seq_len=64, num_kv_pairs=8, vocab_size=128) | kwargs
+    with pytest.raises(ValueError):
+        mqar(**args)
