@@ -12,7 +12,7 @@ Everything is written to a temporary sibling directory and renamed into place at
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from .checkpoint import (
 from .config import ResonaConfig
 from .errors import CheckpointError, SurgeryError
 from .retrofit import resona_layers, resona_parameters, retrofit, retrofit_state
+from .surgery import get_path, set_path
 
 
 def resona_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -61,14 +62,15 @@ def base_view(model: nn.Module) -> Iterator[nn.Module]:
     state = retrofit_state(model)
     if state is None:
         raise SurgeryError(f"{type(model).__name__} is not retrofitted")
-    wrappers = {i: getattr(state.discovery.blocks[i].block, state.discovery.blocks[i].mixer_attr) for i in state.layers}
+    blocks = state.discovery.blocks
+    wrappers = {i: get_path(blocks[i].block, state.attr_of(i)) for i in state.layers}
     try:
         for i, original in state.originals.items():
-            setattr(state.discovery.blocks[i].block, state.discovery.blocks[i].mixer_attr, original)
+            set_path(blocks[i].block, state.attr_of(i), original)
         yield model
     finally:
         for i, wrapper in wrappers.items():
-            setattr(state.discovery.blocks[i].block, state.discovery.blocks[i].mixer_attr, wrapper)
+            set_path(blocks[i].block, state.attr_of(i), wrapper)
 
 
 def save_retrofitted(model: nn.Module, save_directory: str | Path, *args: Any, overwrite: bool = True,
@@ -86,7 +88,9 @@ def save_retrofitted(model: nn.Module, save_directory: str | Path, *args: Any, o
     source = tokenizer_source or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
     final = Path(save_directory)
     with atomic_directory(final, overwrite=overwrite) as tmp:
-        with base_view(model):
+        spec = state.discovery.spec
+        family_context = spec.save_context(model) if spec is not None and spec.save_context else nullcontext()
+        with base_view(model), family_context:
             type(model).save_pretrained(model, tmp, *args, **kwargs)
         save_tensors(resona_state_dict(model), tmp / RESONA_WEIGHTS,
                      {"layers": ",".join(map(str, state.layers))})

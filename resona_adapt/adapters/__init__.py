@@ -4,5 +4,6 @@ from .branch import ResonaBranch
 from .context import ResonaContext, install_hooks
 from .layer import ResonaLayer
 from .mixing import Mix
+from .swap import AttentionSwap
 
-__all__ = ["Mix", "ResonaBranch", "ResonaContext", "ResonaLayer", "install_hooks"]
+__all__ = ["AttentionSwap", "Mix", "ResonaBranch", "ResonaContext", "ResonaLayer", "install_hooks"]

@@ -1,0 +1,88 @@
+"""The family matrix for transformers' recurrent and hybrid families (tiny random configs).
+
+Per family: retrofit at the default layers -> function-preserving at injection -> a live branch
+changes the logits only after the first chunk and stays causal -> save/load round trip. The
+``generate()`` column of the README's support table is "phase 2": generation with the Resona
+cache is built on branch ``gen`` (issue 3) and is not tested here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from matrix import CFG, check_family, logits, randomize_resona
+from resona_adapt import ResonaConfig, ResonaConfigError, resona_layers, retrofit
+from resona_adapt.retrofit import retrofit_state
+from resona_adapt.surgery import discover
+from tiny_families import CONFIGS, build_family
+
+FAMILIES = sorted(CONFIGS)
+# hybrid family -> (an attention layer, an MLP layer or None) of its tiny config
+HYBRID_OTHER_LAYERS = {
+    "jamba": (2, None), "bamba": (2, None), "lfm2": (2, None), "qwen3_next": (3, None),
+    "granitemoehybrid": (2, None), "nemotron_h": (2, 1), "recurrent_gemma": (2, None), "kimi_linear": (2, None),
+    "olmo_hybrid": (3, None), "minimax": (0, None), "bailing_hybrid": (1, None),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matrix(family, tmp_path):
+    check_family(build_family(family), tmp_path)
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "falcon_mamba"])
+def test_mamba_families_matrix(family, tmp_path):
+    from conftest import build_tiny
+
+    check_family(build_tiny(family), tmp_path)
+
+
+@pytest.mark.parametrize("family", sorted(HYBRID_OTHER_LAYERS))
+def test_hybrids_pick_only_recurrent_layers_unless_allowed(family):
+    attn, mlp = HYBRID_OTHER_LAYERS[family]
+    model = build_family(family)
+    disc = discover(model)
+    assert disc.blocks[attn].kind == "attention" and "layer_types" in disc.blocks[attn].reason
+    with pytest.raises(ResonaConfigError, match=f"layer {attn} is a attention layer"):
+        retrofit(model, layers=[attn], config=ResonaConfig(**CFG))
+    if mlp is not None:
+        with pytest.raises(ResonaConfigError, match=f"layer {mlp} is a mlp layer"):
+            retrofit(model, layers=[mlp], config=ResonaConfig(**CFG))
+    # allowed explicitly: the attention module is wrapped, still function-preserving
+    ids = torch.randint(3, 64, (1, 12))
+    model.requires_grad_(False)
+    base = logits(model, ids)
+    retrofit(model, layers=[attn], config=ResonaConfig(**CFG), allow_kinds=("recurrent", "attention"))
+    assert sorted(resona_layers(model)) == [attn]
+    assert torch.equal(logits(model, ids), base)
+
+
+def test_default_layers_count_decoder_layers_and_skip_attention():
+    model = build_family("jamba")  # layer 2 is attention
+    retrofit(model, config=ResonaConfig(**CFG))
+    assert retrofit_state(model).layers == [0, 1, 3]
+
+
+@pytest.mark.parametrize("family, path", [("zamba", "mamba_decoder.mamba"), ("zamba2", "mamba_decoder.mamba")])
+def test_zamba_hybrid_layers_wrap_their_mamba(family, path):
+    model = build_family(family)
+    hybrid = next(i for i, t in enumerate(model.config.layers_block_type) if t == "hybrid")
+    retrofit(model, layers=[hybrid], config=ResonaConfig(**CFG))
+    block = model.model.layers[hybrid]
+    assert type(block.mamba_decoder.mamba).__name__ == "ResonaLayer"
+    assert type(block.shared_transf if family == "zamba" else block.shared_transformer).__name__.endswith("DecoderLayer")
+
+
+def test_rwkv_branch_follows_the_eval_rescaling():
+    """RWKV divides its output weights by 2**(i // rescale_every) in eval mode only; the branch output
+    is scaled alike, so a live branch gives the same logits in train and eval mode (to RWKV's own
+    train/eval round-off, ~1e-4 on this model; an unscaled branch is off by ~4e-2)."""
+    model = build_family("rwkv")  # rescale_every=2: layers 2 and 3 are rescaled by 1/2 in eval mode
+    retrofit(model, layers=[1, 3], config=ResonaConfig(**CFG))
+    randomize_resona(model)
+    ids = torch.randint(3, 64, (1, 16))
+    evaluated = logits(model.eval(), ids)
+    trained = logits(model.train(), ids)
+    model.eval()
+    torch.testing.assert_close(evaluated, trained, rtol=0, atol=1e-3)
