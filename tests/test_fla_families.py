@@ -1,0 +1,34 @@
+"""The family matrix for flash-linear-attention models, on CPU through Triton's interpreter.
+
+Skipped only when fla is not installed (CI installs the ``fla`` extra). See tests/fla_support.py
+for how the interpreter is set up. Generation is phase 2 (issue 3), not tested here.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fla_support import FLA_CONFIGS, FLA_INSTALLED, SKIP_REASON, VOCAB, build_fla
+from matrix import check_family
+from resona_adapt.surgery import discover
+
+pytestmark = pytest.mark.skipif(not FLA_INSTALLED, reason=SKIP_REASON)
+
+
+@pytest.mark.parametrize("family", sorted(FLA_CONFIGS))
+def test_fla_family_matrix(family, tmp_path):
+    model = build_fla(family)
+    disc = discover(model)
+    assert disc.arch == f"fla_{family}" and type(model).__module__.startswith("fla.")
+    check_family(model, tmp_path, vocab=VOCAB, seq=16, batch=1, causal_at=(9,))
+
+
+def test_fla_hybrid_attention_layers_are_recognised():
+    """fla hybrids put softmax attention in the layers ``config.attn["layers"]`` lists. fla's Attention
+    needs flash-attn to be built, so the config is edited after building a plain GLA: the kinds come
+    from the config, as discovery reads them."""
+    model = build_fla("gla", layers=3)
+    model.config.attn = {"layers": [1], "num_heads": 2, "num_kv_heads": 2}
+    disc = discover(model)
+    assert [b.kind for b in disc.blocks] == ["recurrent", "attention", "recurrent"]
+    assert "config.attn['layers'] lists layer 1" in disc.blocks[1].reason
