@@ -11,6 +11,8 @@ Everything is written to a temporary sibling directory and renamed into place at
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -26,6 +28,10 @@ from .config import ResonaConfig
 from .errors import CheckpointError, SurgeryError
 from .retrofit import resona_layers, resona_parameters, retrofit, retrofit_state
 from .surgery import get_path, set_path
+
+
+PLAIN_BASE_WEIGHTS = "model.safetensors"
+PLAIN_BASE_CLASS_KEY = "resona_base_class"  # in config.json of a base that is not a transformers model
 
 
 def resona_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -91,11 +97,71 @@ def save_retrofitted(model: nn.Module, save_directory: str | Path, *args: Any, o
         spec = state.discovery.spec
         family_context = spec.save_context(model) if spec is not None and spec.save_context else nullcontext()
         with base_view(model), family_context:
-            type(model).save_pretrained(model, tmp, *args, **kwargs)
+            if _is_transformers_model(model):
+                type(model).save_pretrained(model, tmp, *args, **kwargs)
+            else:
+                _save_plain_base(model, state.describe(), tmp)
         save_tensors(resona_state_dict(model), tmp / RESONA_WEIGHTS,
                      {"layers": ",".join(map(str, state.layers))})
         copy_tokenizer_files(source, tmp)
     return final
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def _save_plain_base(model: nn.Module, section: dict[str, Any], dest: Path) -> None:
+    """The base of a model that is not a transformers model (mamba-ssm's MambaLMHeadModel): its state
+    dict as ``model.safetensors`` (shared tensors such as tied embeddings stored once) and its config
+    (a dataclass or a plain object) as ``config.json``, with the class name and the resona section."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(dest / PLAIN_BASE_WEIGHTS))
+    config = getattr(model, "config", None)
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        data = dataclasses.asdict(config)
+    else:
+        data = {k: v for k, v in vars(config).items() if not k.startswith("_")} if config is not None else {}
+    data.pop("resona", None)
+    data = {k: v for k, v in data.items() if _jsonable(v)}
+    data.update({PLAIN_BASE_CLASS_KEY: f"{type(model).__module__}.{type(model).__qualname__}", "resona": section})
+    (dest / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def attach_retrofitted(model: nn.Module, path: str | Path, *, load_base_weights: bool = True) -> nn.Module:
+    """Retrofit an already built ``model`` as the merged checkpoint at ``path`` describes and load its
+    Resona weights (and, with ``load_base_weights``, its ``model.safetensors`` base weights).
+
+    This is how models that are not transformers models come back: mamba-ssm's MambaLMHeadModel
+    cannot be built by resona-adapt (mamba-ssm needs CUDA), so build it from ``config.json`` with
+    mamba-ssm, then ``attach_retrofitted(model, path)``. Returns the model in eval mode.
+    """
+    from safetensors.torch import load_model
+
+    root = Path(path)
+    section = read_resona_section(root)
+    if load_base_weights:
+        weights = root / PLAIN_BASE_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"{weights} is missing; pass load_base_weights=False if the model already has its weights")
+        try:
+            load_model(model, str(weights), strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{weights} does not fit {type(model).__name__}: {exc}") from exc
+    retrofit_from_section(model, section)
+    load_resona_state_dict(model, load_tensors(root / RESONA_WEIGHTS), source=str(root / RESONA_WEIGHTS))
+    return model.eval()
 
 
 def read_resona_section(path: Path) -> dict[str, Any]:
@@ -132,6 +198,12 @@ def load_retrofitted(path: str | Path, *, dtype: torch.dtype | None = None, devi
 
     root = resolve_model_path(str(path))
     section = read_resona_section(root)
+    base_class = read_json(root / "config.json").get(PLAIN_BASE_CLASS_KEY)
+    if base_class:
+        raise CheckpointError(
+            f"{root} holds a {base_class} base, which is not a transformers model: build that model from "
+            f"{root / 'config.json'} with its own library, then call resona_adapt.attach_retrofitted(model, {str(root)!r})"
+        )
     model = load_base_model(root, dtype=dtype, trust_remote_code=trust_remote_code)
     retrofit_from_section(model, section)
     load_resona_state_dict(model, load_tensors(root / RESONA_WEIGHTS), source=str(root / RESONA_WEIGHTS))
