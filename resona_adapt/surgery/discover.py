@@ -25,7 +25,7 @@ MIXER_ATTRS = (
     "token_mixer", "temporal_block", "mlstm_layer", "conv", "mamba_decoder.mamba", "feed_forward", "mlp",
 )
 _RECURRENT = re.compile(
-    r"mamba|ssm|mixer|rwkv|gla|delta|retention|retnet|hgrn|lightning|linear.?att|recurrent|rglru|"
+    r"mamba|ssm|mixer|rwkv|gla|delta|retention|retnet|hgrn|lightning|linear.?att|recurren|rglru|"
     r"lstm|hyena|gated.?conv|shortconv|s4|s5|kda",
     re.IGNORECASE,
 )
@@ -77,6 +77,7 @@ class Discovery:
     embedding: nn.Module
     blocks: list[BlockInfo] = field(default_factory=list)
     spec: ArchSpec | None = None
+    note: str = ""  # how the layer list was chosen
 
     def indices_of(self, kind: BlockKind) -> list[int]:
         return [b.index for b in self.blocks if b.kind == kind]
@@ -151,8 +152,16 @@ def _generic_locate(block: nn.Module, index: int = 0, config: Any = None) -> tup
         kind, reason = classify_module(mod)
         if kind != "other":
             return attr, kind, f".{attr}: {reason}"
+    # No known attribute name: any direct child whose class name looks recurrent.
+    for attr, mod in block.named_children():
+        kind, reason = classify_module(mod)
+        if kind == "recurrent":
+            return attr, kind, f"child .{attr}: {reason} (no known mixer attribute name)"
     kind, reason = classify_module(block)
-    return None, kind if kind != "recurrent" else "other", f"no known mixer attribute; {reason}"
+    children = ", ".join(f".{n} ({type(m).__name__})" for n, m in block.named_children()) or "none"
+    return None, kind if kind != "recurrent" else "other", (
+        f"no child looks like a recurrent mixer ({reason}; children: {children}); name it with --mixer-attr"
+    )
 
 
 def _generic_layers(root: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -171,12 +180,17 @@ def discover(model: nn.Module, block_path: str | None = None, mixer_attr: str | 
     if block_path:
         layers_path, layers = _resolve_path(model, block_path)
         method = "override"
+        note = f"--block-path {block_path}"
     elif spec is not None:
         layers_path, layers = _find_layers(model, spec.layers_attr)
         method = "registry"
+        note = f"family {spec.name}: {spec.description}" if spec.description else f"family {spec.name}"
     else:
         layers_path, layers = _generic_layers(model)
         method = "generic"
+        n_params = sum(p.numel() for p in layers.parameters())
+        note = (f"not a registered family: the layer list holding the most parameters ({n_params:,}); mixers by "
+                "attribute name and class name" + ("; kinds from config.layer_types" if config_layer_types(config) else ""))
     backbone = model.get_submodule(_parent_path(layers_path))
     arch = spec.name if spec is not None else (getattr(config, "model_type", None) or type(model).__name__)
     blocks: list[BlockInfo] = []
@@ -195,12 +209,12 @@ def discover(model: nn.Module, block_path: str | None = None, mixer_attr: str | 
         else:
             attr, kind, reason = _generic_locate(block, i, config)
             blocks.append(BlockInfo(i, block, attr, kind, reason))
-    disc = Discovery(arch, method, model, backbone, layers_path, layers, _embedding(model, backbone), blocks, spec)
+    disc = Discovery(arch, method, model, backbone, layers_path, layers, _embedding(model, backbone), blocks, spec, note)
     if not disc.indices_of("recurrent") and mixer_attr is None:
         raise SurgeryError(
             f"no linear-recurrent block recognised in {type(model).__name__} ({method} discovery of "
             f"{layers_path!r}, {len(blocks)} blocks). Supported architectures: "
-            f"{', '.join(supported_architectures())}. For another model name the list and the mixer "
-            "explicitly: --block-path model.layers --mixer-attr mixer"
+            f"{', '.join(supported_architectures())}. Block 0: {blocks[0].reason if blocks else 'none'}. "
+            "For another model name the list and the mixer explicitly: --block-path model.layers --mixer-attr mixer"
         )
     return disc
