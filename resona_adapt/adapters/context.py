@@ -47,6 +47,12 @@ class ResonaContext:
         """How many leading positions of the layer input ``hidden`` (B, L, D) come before X: the
         backbone's prefix (meta tokens) when L exceeds X's length by exactly that much, else 0."""
         if self.prefix_tokens and self.x is not None and hidden.shape[1] == self.x.shape[1] + self.prefix_tokens:
+            mask = self.attention_mask
+            if mask is not None and bool(((mask.cumsum(dim=1) > 0) & (mask == 0)).any()):
+                raise SurgeryError(
+                    "this model moves padding in front of its meta tokens, so only left padding keeps the input "
+                    "tokens aligned with X: pad on the left (tokenizer.padding_side = 'left')"
+                )
             return self.prefix_tokens
         return 0
 
