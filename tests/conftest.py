@@ -26,6 +26,15 @@ transformers.utils.logging.disable_progress_bar()
 VOCAB = 64
 
 
+@pytest.fixture(autouse=True)
+def _transformers_keeps_its_model_types():
+    """After each test, undo fla's re-registration of "mamba"/"mamba2" (see fla_support)."""
+    yield
+    from fla_support import restore_transformers_model_types
+
+    restore_transformers_model_types()
+
+
 def build_tiny(family: str, layers: int = 4, seed: int = 0) -> torch.nn.Module:
     """A tiny random causal LM of the family ("mamba", "mamba2", "falcon_mamba"), in eval mode."""
     from transformers import (

@@ -66,3 +66,26 @@ def build_fla(family: str, layers: int = 2, seed: int = 0) -> torch.nn.Module:
     )
     torch.manual_seed(seed)
     return getattr(fla_models, model_name)(config).eval()
+
+
+def restore_transformers_model_types() -> list[str]:
+    """Undo fla's takeover of transformers' own model types in the Auto mappings.
+
+    Importing ``fla.models`` registers its Mamba/Mamba2 configs under the model types "mamba" and
+    "mamba2" (``AutoConfig.register(..., exist_ok=True)``), so afterwards plain
+    ``AutoModelForCausalLM.from_pretrained`` loads a transformers Mamba checkpoint as fla's model.
+    resona-adapt's loader resolves classes explicitly and is not affected; this restores the
+    mapping for the other tests (transformers itself imports fla as soon as a Qwen3-Next, Qwen3.5,
+    OLMo-hybrid, Kimi-Linear or Bailing modeling module loads). Returns the model types restored.
+    """
+    import sys
+
+    if "fla.models" not in sys.modules:
+        return []
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    extra = CONFIG_MAPPING._extra_content
+    taken = [k for k, cls in extra.items() if k in CONFIG_MAPPING._mapping and cls.__module__.startswith("fla.")]
+    for key in taken:
+        del extra[key]
+    return taken

@@ -32,3 +32,20 @@ def test_fla_hybrid_attention_layers_are_recognised():
     disc = discover(model)
     assert [b.kind for b in disc.blocks] == ["recurrent", "attention", "recurrent"]
     assert "config.attn['layers'] lists layer 1" in disc.blocks[1].reason
+
+
+def test_loader_is_immune_to_fla_taking_over_transformers_model_types(tmp_path):
+    """Importing fla registers its own Mamba under transformers' model type "mamba"; resona-adapt's
+    loader still loads a transformers Mamba checkpoint as transformers' class, and an fla one as fla's."""
+    import fla.models
+    from transformers import AutoConfig
+
+    from conftest import build_tiny
+    from resona_adapt import load_model
+
+    build_tiny("mamba").save_pretrained(tmp_path / "hf")
+    build_fla("mamba").save_pretrained(tmp_path / "fla")
+    AutoConfig.register("mamba", fla.models.MambaConfig, exist_ok=True)  # what `import fla` does
+    assert type(AutoConfig.from_pretrained(tmp_path / "hf")).__module__.startswith("fla.")
+    assert type(load_model(str(tmp_path / "hf"))).__module__.startswith("transformers.models.mamba")
+    assert type(load_model(str(tmp_path / "fla"))).__module__.startswith("fla.models.mamba")
