@@ -163,6 +163,8 @@ def retrofit(
         originals[i] = target
         attrs[i] = attr
         wrapper = replace_mixer(info, make, attr)
+        if spec is not None and not isinstance(wrapper, AttentionSwap):
+            wrapper.cache_kwarg, wrapper.cache_arg_index = spec.cache_kwarg, spec.cache_arg_index
         if isinstance(wrapper, AttentionSwap):
             owner = get_path(info.block, attr.rpartition(".")[0]) if "." in attr else info.block
             hooks.append(owner.register_forward_pre_hook(wrapper.capture_input, with_kwargs=True))

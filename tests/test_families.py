@@ -86,3 +86,32 @@ def test_rwkv_branch_follows_the_eval_rescaling():
     trained = logits(model.train(), ids)
     model.eval()
     torch.testing.assert_close(evaluated, trained, rtol=0, atol=1e-3)
+
+
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_recorded_cache_keyword_carries_the_models_cache(family):
+    """For phase 2 (generation): the keyword each family's spec records is where the wrapped mixer
+    receives the very cache object the model returns (xLSTM: its layer's state tuple, positionally)."""
+    model = build_family(family)
+    retrofit(model, config=ResonaConfig(**CFG))
+    spec = retrofit_state(model).discovery.spec
+    seen = {}
+    for i, layer in resona_layers(model).items():
+        layer.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: seen.__setitem__(i, m.cache_in_call(args, kwargs)), with_kwargs=True)
+    ids = torch.randint(3, 64, (1, 8))
+    with torch.no_grad():
+        cache = getattr(model(ids, use_cache=True), spec.model_cache_kwarg, None)
+        if cache is None:  # RecurrentGemma does not return its cache: give it one, as generate() does
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+            model(ids, use_cache=True, **{spec.model_cache_kwarg: cache})
+    assert cache is not None and seen
+    for i, received in seen.items():
+        if family == "xlstm":
+            assert spec.cache_arg_index == 1 and received is cache.rnn_state[i]
+        else:
+            assert received is cache, (i, type(received).__name__, type(cache).__name__)

@@ -49,3 +49,22 @@ def test_loader_is_immune_to_fla_taking_over_transformers_model_types(tmp_path):
     assert type(AutoConfig.from_pretrained(tmp_path / "hf")).__module__.startswith("fla.")
     assert type(load_model(str(tmp_path / "hf"))).__module__.startswith("transformers.models.mamba")
     assert type(load_model(str(tmp_path / "fla"))).__module__.startswith("fla.models.mamba")
+
+
+@pytest.mark.parametrize("family", ["gla", "rwkv7", "mamba2"])
+def test_fla_cache_keyword_carries_the_models_cache(family):
+    """For phase 2: fla mixers receive the model's fla Cache as ``past_key_values``."""
+    import torch
+
+    from matrix import CFG
+    from resona_adapt import ResonaConfig, resona_layers, retrofit
+
+    model = build_fla(family)
+    retrofit(model, config=ResonaConfig(**CFG))
+    seen = {}
+    for i, layer in resona_layers(model).items():
+        layer.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: seen.__setitem__(i, m.cache_in_call(args, kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        out = model(torch.randint(3, VOCAB, (1, 8)), use_cache=True)
+    assert seen and all(received is out.past_key_values for received in seen.values())

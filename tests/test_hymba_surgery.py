@@ -149,3 +149,16 @@ def test_cli_inject_replace_attention(tmp_path):
     model = load_retrofitted(tmp_path / "o")
     assert model.config.resona["config"]["replace_attention"] is True
     assert all(isinstance(model.model.layers[i].mamba.self_attn, AttentionSwap) for i in (1, 2, 3))
+
+
+def test_cache_keyword_carries_the_hymba_cache():
+    """For phase 2: the hybrid-head block receives the model's HymbaCache as ``past_key_value``."""
+    model = build_hymba()
+    retrofit(model, config=ResonaConfig(**CFG))
+    seen = {}
+    for i, layer in resona_layers(model).items():
+        layer.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: seen.__setitem__(i, m.cache_in_call(args, kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        out = model(torch.randint(3, VOCAB, (1, 8)), use_cache=True)
+    assert sorted(seen) == [0, 3, 5] and all(c is out.past_key_values for c in seen.values())

@@ -62,6 +62,16 @@ class ResonaLayer(nn.Module):
         self.layer_index = layer_index
         object.__setattr__(self, "_context", context)  # shared by all layers; not a submodule
         object.__setattr__(self, "output_scale", output_scale)  # a closure over the model; not a submodule
+        # Where the wrapped mixer receives the model's generation cache (set by retrofit from the
+        # family's ArchSpec): a keyword, or a positional index when the family passes it positionally.
+        self.cache_kwarg: str | None = None
+        self.cache_arg_index: int | None = None
+
+    def cache_in_call(self, args: tuple, kwargs: dict) -> Any:
+        """The generation cache object this call of the mixer received (None when there is none)."""
+        if self.cache_arg_index is not None and len(args) > self.cache_arg_index:
+            return args[self.cache_arg_index]
+        return kwargs.get(self.cache_kwarg) if self.cache_kwarg else None
 
     @property
     def context(self) -> ResonaContext:
