@@ -112,6 +112,10 @@ def retrofit(
     allow_kinds: block kinds that may be wrapped; add ``"attention"`` to wrap attention layers.
     freeze_base: freeze every base parameter (only Resona parameters train).
 
+    The family (surgery/registry.py) decides where the branch goes: the recurrent mixer of each
+    chosen decoder layer, wrapped in place. Hybrid-head families (Hymba) take
+    ``config.replace_attention`` to swap their attention heads for the branch instead.
+
     With a function-preserving ``config.mix`` (the default) the model's outputs are unchanged
     until the branches are trained. ``model.save_pretrained(dir)`` then writes a merged
     checkpoint that `load_retrofitted` reads back.
