@@ -94,11 +94,12 @@ def test_greedy_generate_equals_argmax_of_full_forwards(family, trained):
     model = make(family, trained=trained)
     ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=18, do_sample=False)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=18, do_sample=False)
     assert torch.equal(out, greedy_by_full_forwards(model, ids, 18))
 
 
 def generate_scores(model, ids, mask=None, n: int = 14, **kw):
+    mask = torch.ones_like(ids) if mask is None else mask  # never let generate() guess a mask from pad ids
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, output_scores=True,
                              return_dict_in_generate=True, **kw)
