@@ -2,11 +2,13 @@
 
 The model is Mamba-130M-shaped (d_model 768, 24 layers, vocabulary 50,280), randomly initialised
 here (nothing is downloaded), retrofitted at layers 0, 12 and 23 with chunk 64 and top-k 2. For
-each context length the script prefills the context once with the base model and once with the
-retrofitted one (separate generation caches), then times single-token decode steps (the model's
-forward with the cache, lm_head included), alternating blocks of base and retrofitted steps so
-that both see the same machine load, after a warm-up. It prints per-token times, their ratio
-(median over blocks), and the bytes per context token of the Resona cache.
+each context length the script prefills the context once with the retrofitted model, copies the
+generation cache for the base model (the recurrent state has the same size either way; the base
+ignores the Resona part), then times greedy single-token decode steps (the model's forward with
+the cache, lm_head included) in alternating blocks of base and retrofitted steps after a warm-up,
+so both see the same machine load. Times are CPU time of this process (robust on a shared
+machine; with one thread it equals the compute time) and wall-clock; ratios are the median over
+adjacent block pairs. It also prints the Resona cache's bytes per context token.
 
     python benchmarks/bench_decode.py            # full size: 1k and 8k tokens of context
     python benchmarks/bench_decode.py --quick    # small model and contexts, a few seconds
@@ -15,6 +17,7 @@ that both see the same machine load, after a warm-up. It prints per-token times,
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -46,12 +49,12 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor) -> tuple[object, torch.Te
     return out.cache_params, out.logits[:, -1:].argmax(-1)
 
 
-def steps(model: torch.nn.Module, cache: object, token: torch.Tensor, n: int) -> tuple[float, torch.Tensor]:
-    """Seconds per token over n greedy single-token steps."""
-    t0 = time.perf_counter()
+def steps(model: torch.nn.Module, cache: object, token: torch.Tensor, n: int) -> tuple[float, float, torch.Tensor]:
+    """CPU and wall-clock seconds per token over n greedy single-token steps."""
+    c0, w0 = time.process_time(), time.perf_counter()
     for _ in range(n):
         token = model(token, cache_params=cache, use_cache=True).logits[:, -1:].argmax(-1)  # (1, 1)
-    return (time.perf_counter() - t0) / n, token
+    return (time.process_time() - c0) / n, (time.perf_counter() - w0) / n, token
 
 
 def main() -> None:
@@ -65,13 +68,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from resona_adapt import ResonaConfig, retrofit
-    from resona_adapt.adapters.cache import resona_cache
+    from resona_adapt.adapters.cache import STATE_ATTR, resona_cache
     from resona_adapt.persist import base_view
 
     quick = args.quick
     contexts = [int(c) for c in (args.contexts or ("256,1024" if quick else "1024,8192")).split(",")]
-    n_steps = args.steps or (8 if quick else 24)
-    n_blocks = args.blocks or (3 if quick else 6)
+    n_steps = args.steps or (8 if quick else 16)
+    n_blocks = args.blocks or (5 if quick else 12)
     chunk, top_k = (16, 2) if quick else (64, 2)
 
     model = build(quick)
@@ -82,30 +85,34 @@ def main() -> None:
     print(f"# Mamba d_model {D}, {n_layers} layers, vocabulary {model.config.vocab_size}; Resona at layers "
           f"{model.config.resona['layers']}, chunk {cfg['chunk_size']}, top-k {cfg['top_k']}, "
           f"{cfg['num_heads']} heads x {cfg['head_dim']}, search dim {cfg['search_dim']}")
-    print("| context | base ms/token | retrofitted ms/token | ratio (median) | ratio range | Resona cache bytes/token |")
+    print("| context | base ms/token | retrofitted ms/token | ratio CPU time (median, range) | ratio wall-clock "
+          "(median) | Resona cache bytes/token |")
     print("|---|---|---|---|---|---|")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for T in contexts:
             ids = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
-            with base_view(model):
-                base_cache, base_tok = prefill(model, ids)
             res_cache, res_tok = prefill(model, ids)
+            base_cache, base_tok = copy.deepcopy(res_cache), res_tok.clone()
+            base_cache.__dict__.pop(STATE_ATTR, None)
             with base_view(model):  # warm-up
-                _, base_tok = steps(model, base_cache, base_tok, n_steps // 2 or 1)
-            _, res_tok = steps(model, res_cache, res_tok, n_steps // 2 or 1)
-            base_t, res_t = [], []
+                *_, base_tok = steps(model, base_cache, base_tok, max(1, n_steps // 2))
+            *_, res_tok = steps(model, res_cache, res_tok, max(1, n_steps // 2))
+            base_cpu, res_cpu, base_wall, res_wall = [], [], [], []
             for _ in range(n_blocks):
                 with base_view(model):
-                    t, base_tok = steps(model, base_cache, base_tok, n_steps)
-                base_t.append(t)
-                t, res_tok = steps(model, res_cache, res_tok, n_steps)
-                res_t.append(t)
-            ratios = [r / b for r, b in zip(res_t, base_t)]
+                    c, w, base_tok = steps(model, base_cache, base_tok, n_steps)
+                base_cpu.append(c)
+                base_wall.append(w)
+                c, w, res_tok = steps(model, res_cache, res_tok, n_steps)
+                res_cpu.append(c)
+                res_wall.append(w)
+            cpu_ratios = [r / b for r, b in zip(res_cpu, base_cpu)]
+            wall_ratios = [r / b for r, b in zip(res_wall, base_wall)]
             state = resona_cache(res_cache)
-            print(f"| {T} | {1e3 * statistics.median(base_t):.2f} | {1e3 * statistics.median(res_t):.2f} | "
-                  f"{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} | "
-                  f"{state.nbytes() / state.length:.2f} |", flush=True)
+            print(f"| {T} | {1e3 * statistics.median(base_cpu):.2f} | {1e3 * statistics.median(res_cpu):.2f} | "
+                  f"{statistics.median(cpu_ratios):.3f} ({min(cpu_ratios):.3f}-{max(cpu_ratios):.3f}) | "
+                  f"{statistics.median(wall_ratios):.3f} | {state.nbytes() / state.length:.2f} |", flush=True)
             del base_cache, res_cache
     n_res = len(model.config.resona["layers"])
     E, U = cfg["search_dim"], cfg["chunk_size"]

@@ -82,8 +82,9 @@ def _new_state(branch: ResonaBranch, context: ResonaContext, hidden: Tensor, pad
     ids = context.input_ids
     error = None
     if ids is None or tuple(ids.shape) != (B, T):
-        error = ("this generation cache was filled from inputs_embeds, which Resona cannot re-embed: "
-                 "continue it with use_cache=False (full forwards), or start from input_ids")
+        error = ("this generation cache was filled without token ids matching the layer input (e.g. from "
+                 "inputs_embeds), which Resona cannot re-embed: continue it with use_cache=False (full "
+                 "forwards), or start from input_ids")
         ids = torch.zeros(B, T, dtype=torch.long, device=hidden.device)
     pad = pad if pad is not None else torch.zeros(B, dtype=torch.long, device=hidden.device)
     return ResonaCacheState(
@@ -168,28 +169,28 @@ def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor
     U, H, dh = cfg.chunk_size, cfg.num_heads, cfg.head_dim
     B, Tq, K = idx.shape
     D = branch.d_model
+    Q = B * Tq
     valid = idx >= 0  # (B, Tq, K)
     pos = (state.pad.view(B, 1, 1, 1) + idx.clamp(min=0).unsqueeze(-1) * U
            + torch.arange(U, device=idx.device))  # (B, Tq, K, U)
     pos = pos.clamp(max=state.length - 1)  # empty slots (masked below) may point past a short row
     ids = state.ids.gather(1, pos.view(B, -1)).long()  # (B, Tq*K*U)
-    x_hat = branch.norm_x(embed(ids)).view(B, Tq, K * U, D)  # (B, Tq, KU, D)
+    x_hat = branch.norm_x(embed(ids)).view(Q, K * U, D)  # (Q, KU, D)
     w_k = branch.k_proj.weight.view(H, dh, D)  # (H, d, D)
     w_v = branch.v_proj.weight.view(H, dh, D)  # (H, d, D)
-    qk = torch.matmul(q.unsqueeze(-2), w_k).squeeze(-2)  # W_k,h^T q_h  (B, Tq, H, D)
-    logits = torch.matmul(qk, x_hat.transpose(-1, -2)).float() * dh**-0.5  # (B, Tq, H, KU)
-    logits = logits.view(B, Tq, H, K, U) + bias.float().view(B, Tq, 1, K, 1)
-    logits = logits + branch.pos_bias.float().view(1, 1, H, 1, U)  # (B, Tq, H, K, U)
-    logits = logits.masked_fill(~valid.view(B, Tq, 1, K, 1), float("-inf")).view(B, Tq, H, K * U)
-    if branch.sink_logit is not None:
-        sink = branch.sink_logit.float().view(1, 1, H, 1).expand(B, Tq, H, 1)
-        logits = torch.cat([sink, logits], dim=-1)  # (B, Tq, H, 1+KU)
-    p = _safe_softmax(logits)
-    if branch.sink_logit is not None:
-        p = p[..., 1:]  # the sink's value is zero  # (B, Tq, H, KU)
-    mixed = torch.matmul(p.to(x_hat.dtype), x_hat)  # (B, Tq, H, D)
-    out = torch.matmul(mixed.unsqueeze(-2), w_v.transpose(-1, -2)).squeeze(-2)  # W_v,h mixed_h  (B, Tq, H, d)
-    return out.reshape(B, Tq, H * dh)
+    qk = torch.bmm(q.reshape(Q, H, dh).transpose(0, 1), w_k)  # W_k,h^T q_h  (H, Q, D)
+    logits = torch.bmm(qk.transpose(0, 1), x_hat.transpose(1, 2)).float() * dh**-0.5  # (Q, H, KU)
+    logits = (logits.view(Q, H, K, U) + bias.float().view(Q, 1, K, 1)
+              + branch.pos_bias.float().view(1, H, 1, U))  # (Q, H, K, U)
+    logits = logits.masked_fill(~valid.view(Q, 1, K, 1), float("-inf")).view(Q, H, K * U)
+    if branch.sink_logit is not None:  # a finite logit in every row: the plain softmax is safe
+        sink = branch.sink_logit.float().view(1, H, 1).expand(Q, H, 1)
+        p = torch.softmax(torch.cat([sink, logits], dim=-1), dim=-1)[..., 1:]  # the sink's value is zero
+    else:
+        p = _safe_softmax(logits)  # (Q, H, KU)
+    mixed = torch.bmm(p.to(x_hat.dtype), x_hat)  # sum_j p_hj x̂_j  (Q, H, D)
+    out = torch.bmm(mixed.transpose(0, 1), w_v.transpose(1, 2))  # W_v,h mixed_h  (H, Q, d)
+    return out.transpose(0, 1).reshape(B, Tq, H * dh)
 
 
 def _safe_softmax(logits: Tensor) -> Tensor:
