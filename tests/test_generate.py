@@ -201,3 +201,33 @@ def test_continuing_a_cache_filled_from_embeddings_is_a_clear_error():
         cache = model(inputs_embeds=emb, use_cache=True).cache_params
         with pytest.raises(SurgeryError, match="inputs_embeds"):
             model(ids[:, :1], cache_params=cache, use_cache=True)
+
+
+def test_a_decode_step_never_projects_context_tokens():
+    """The absorbed form: k_proj / v_proj are applied to weights, never to the k*U retrieved tokens,
+    and each step re-embeds only the selected chunks (plus a chunk that just completed)."""
+    from resona_adapt import resona_layers
+
+    model = make("mamba", top_k=2)
+    layers = resona_layers(model)
+    calls = []
+    for layer in layers.values():
+        for proj in (layer.resona.k_proj, layer.resona.v_proj):
+            proj.register_forward_hook(lambda *a: calls.append(1))
+    context = next(iter(layers.values())).context
+    embedded = []
+    original = context.embed
+    context.embed = lambda ids: (embedded.append(ids.numel()), original(ids))[1]
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        cache = model(ids[:, :21], use_cache=True).cache_params  # prefill: the full path projects
+        assert calls
+        calls.clear()
+        model(ids[:, 21:22], cache_params=cache, use_cache=True)  # first step: summaries of the 5 prompt chunks
+        embedded.clear()
+        for t in range(22, 30):
+            model(ids[:, t:t + 1], cache_params=cache, use_cache=True)
+    assert not calls
+    per_layer_step = 2 * U  # top_k chunks of U tokens
+    completed = 2 * len(layers) * U  # chunks 5 and 6 complete at lengths 24 and 28, once per layer
+    assert sum(embedded) == 8 * len(layers) * per_layer_step + completed
