@@ -181,6 +181,30 @@ def test_cache_batch_operations_move_the_resona_state():
     assert resona_cache(cache) is None
 
 
+def test_cache_patches_follow_copies_and_plain_dynamic_caches():
+    import copy
+
+    from transformers import DynamicCache
+
+    from resona_adapt.adapters.cache import attach
+
+    def state(rows: int) -> ResonaCacheState:
+        ids = torch.arange(rows * 5, dtype=torch.int32).view(rows, 5)
+        return ResonaCacheState(ids=ids, pad=torch.zeros(rows, dtype=torch.long), chunk_size=U, prefill_forward=0,
+                                forward_id=0, new_tokens=5)
+
+    cache = DynamicCache()
+    attach(cache, state(3))
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    assert resona_cache(cache).ids[:, 0].tolist() == [10, 0]
+    cache.batch_repeat_interleave(2)
+    assert resona_cache(cache).ids[:, 0].tolist() == [10, 10, 0, 0]
+    twin = copy.deepcopy(cache)
+    twin.reorder_cache(torch.tensor([3, 2, 1, 0]))
+    assert resona_cache(twin).ids[:, 0].tolist() == [0, 0, 10, 10]
+    assert resona_cache(cache).ids[:, 0].tolist() == [10, 10, 0, 0]  # the original is untouched
+
+
 def test_cache_size_is_ids_plus_chunk_summaries():
     model = make("mamba")
     ids = torch.randint(0, VOCAB, (2, 27), generator=torch.Generator().manual_seed(9))

@@ -141,7 +141,8 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
     B, Tn, D = hidden.shape
     device = hidden.device
     start = state.length - Tn
-    q_pos = start - state.pad.view(B, 1) + torch.arange(Tn, device=device)  # (B, Tn) positions from the first real token
+    # real positions of the new queries, counted from each row's first real token
+    q_pos = start - state.pad.view(B, 1) + torch.arange(Tn, device=device)  # (B, Tn)
     h_hat = branch.norm_h(hidden)  # (B, Tn, D)
     summaries = state.summaries[layer_index]  # (B, N, E)
     K = min(cfg.k_for(branch.training), summaries.shape[1])
