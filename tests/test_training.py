@@ -145,3 +145,19 @@ def test_trainer_uses_param_groups_with_two_lines(mqar_data, tmp_path):
                       optimizers=(opt, None))
     trainer.train()
     assert {g["name"]: g["lr"] for g in trainer.optimizer.param_groups} == {"resona": 2e-2, "resona_no_decay": 2e-2}
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint(mqar_data, tmp_path):
+    from resona_adapt.checkpoint import load_tensors
+
+    model = mqar_model()
+    train(model, *mqar_data, fast(steps=4, run_dir=str(tmp_path / "run"), save_every=2, eval_every=2,
+                                  extra_args={"load_best_model_at_end": True, "metric_for_best_model": "loss",
+                                              "greater_is_better": True}))  # "best" = the earlier, worse step
+    history = [e for e in json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+               if "eval_loss" in e]
+    best = max(history, key=lambda e: e["eval_loss"])["step"]
+    assert best == 2
+    saved = load_tensors(tmp_path / "run" / f"checkpoint-{best}" / TRAINABLE_FILE)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in saved.items())

@@ -147,7 +147,7 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
     if config.checkpoint_format == "adapter" and base_trained:
         raise ResonaConfigError("checkpoint_format='adapter' keeps only the Resona weights, but this run also trains "
                                 "base weights (unfrozen layers or a LoRA); use checkpoint_format='merged'")
-    if len(train_dataset) == 0:
+    if hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
         raise ResonaConfigError("the training dataset is empty")
     unfreeze_base_layers(model, config.unfreeze_layers)
     if base_trained:

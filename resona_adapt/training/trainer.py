@@ -1,12 +1,13 @@
 """`ResonaTrainer`: transformers' ``Trainer`` with Resona's parameter groups and checkpoint files.
 
-Only three things differ from the stock Trainer, so DDP (``torchrun`` / ``accelerate launch``),
+Only these things differ from the stock Trainer, so DDP (``torchrun`` / ``accelerate launch``),
 gradient accumulation, schedules, logging and evaluation are the library's own:
 - `create_optimizer` builds the optimizer (``--optim``, AdamW by default) over `param_groups`:
   Resona parameters at ``lr * lr_multiplier``, everything else that trains at ``lr``;
 - `_save` writes `trainable.safetensors` plus a merged (or adapter) checkpoint instead of the
   model's raw state dict, whose keys would hold the wrapper names (``mixer.base_layer...``);
-- `_load_from_checkpoint` (``resume_from_checkpoint``) loads `trainable.safetensors` back.
+- `_load_from_checkpoint` (``resume_from_checkpoint``) and `_load_best_model`
+  (``load_best_model_at_end``) load `trainable.safetensors` back.
 The optimizer, scheduler, RNG and trainer-state files are the Trainer's, so a resumed run
 continues exactly where the interrupted one stopped.
 """
@@ -53,6 +54,12 @@ class ResonaTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
         load_trainable(target, resume_from_checkpoint)
+
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's trainable parameters, like a resume."""
+        target = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        load_trainable(target, self.state.best_model_checkpoint)
 
 
 class LogLastStep(TrainerCallback):
