@@ -54,7 +54,7 @@ def test_adapter_round_trip(tmp_path):
                               "--layers", "0", "--top-k", "3", "--output", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--adapter brings its own layers and configuration; drop --top-k, --layers" in res.output
     res = runner.invoke(cli, ["export", "--model", str(tmp_path / "merged"), "--output", str(tmp_path / "again")])
-    assert res.exit_code == 0 and "wrote a merged checkpoint" in res.output
+    assert res.exit_code == 0 and "wrote the merged checkpoint to" in res.output
     assert torch.equal(logits(load_retrofitted(tmp_path / "again"), ids), expected)
     res = runner.invoke(cli, ["inspect", "--model", str(tmp_path / "adapter")])
     assert res.exit_code == 2 and "is a Resona adapter" in res.output and "--adapter" in res.output

@@ -47,4 +47,4 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         export_model(model, output, fmt, weights=weights, overwrite=overwrite)
     layers = ",".join(map(str, state.layers)) if state is not None else "-"
     app.terminal.table(None, ["model", "format", "resona layers", "output"], [[model_name, fmt, layers, output]])
-    app.terminal.success(f"wrote a {fmt} checkpoint to {output}")
+    app.terminal.success(f"wrote the {fmt} checkpoint to {output}")
