@@ -15,10 +15,11 @@ from .errors import CheckpointError, ModelNotFoundError, ResonaConfigError, Reso
 from .loading import load_model  # noqa: E402
 from .persist import load_resona_state_dict, load_retrofitted, resona_state_dict, save_retrofitted  # noqa: E402
 from .retrofit import is_retrofitted, resona_layers, resona_parameters, retrofit, unretrofit  # noqa: E402
+from .training.groups import param_groups  # noqa: E402
 
 __all__ = [
     "MIX_MODES", "CheckpointError", "ModelNotFoundError", "ResonaConfig", "ResonaConfigError", "ResonaError",
     "SurgeryError", "__version__", "is_retrofitted", "load_model", "load_resona_state_dict", "load_retrofitted",
-    "resona_cache", "resona_layers", "resona_parameters", "resona_state_dict", "retrofit", "save_retrofitted",
-    "unretrofit",
+    "param_groups", "resona_cache", "resona_layers", "resona_parameters", "resona_state_dict", "retrofit",
+    "save_retrofitted", "unretrofit",
 ]

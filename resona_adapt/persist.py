@@ -94,6 +94,10 @@ def save_retrofitted(model: nn.Module, save_directory: str | Path, *args: Any, o
     return final
 
 
+SECTION_KEYS = frozenset({"format_version", "resona_adapt_version", "arch", "layers", "config", "block_path",
+                          "mixer_attr", "allow_kinds"})
+
+
 def read_resona_section(path: Path) -> dict[str, Any]:
     """The ``resona`` section of ``path/config.json``; a clear error when it is absent."""
     cfg = read_json(path / "config.json")
@@ -109,28 +113,54 @@ def read_resona_section(path: Path) -> dict[str, Any]:
 
 
 def retrofit_from_section(model: nn.Module, section: dict[str, Any]) -> nn.Module:
-    """Retrofit ``model`` exactly as a saved ``resona`` section describes."""
-    return retrofit(
+    """Retrofit ``model`` exactly as a saved ``resona`` section describes (extra keys, such as a
+    record of how the model was trained, are kept in the state and written out again)."""
+    retrofit(
         model, layers=list(section["layers"]), config=ResonaConfig.from_dict(section["config"]),
         block_path=section.get("block_path"), mixer_attr=section.get("mixer_attr"),
         allow_kinds=tuple(section.get("allow_kinds", ("recurrent",))),
     )
+    extra = {k: v for k, v in section.items() if k not in SECTION_KEYS}
+    state = retrofit_state(model)
+    if extra and state is not None:
+        state.extra.update(extra)
+        model.config.resona = state.describe()
+    return model
 
 
-def load_retrofitted(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+def load_retrofitted(path: str | Path | nn.Module, *, adapter: str | Path | None = None,
+                     dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                      trust_remote_code: bool = False) -> nn.Module:
-    """Load a merged checkpoint written by `save_retrofitted` / ``inject --output``.
+    """Load a retrofitted model.
+
+    ``load_retrofitted(dir)``: a merged checkpoint written by `save_retrofitted` / ``inject --output``.
+    ``load_retrofitted(base, adapter=dir)``: a base (a model object, a local directory, a hub id in
+    the HF cache or a built-in name) plus an adapter-only checkpoint; a model object is retrofitted
+    in place (and left as it was if the adapter does not fit it).
 
     Returns the retrofitted model in eval mode, base parameters frozen, with the same logits as the
     model that was saved.
     """
-    from .loading import load_base_model, resolve_model_path
+    from .loading import load_base_model, load_model, resolve_model_path
 
-    root = resolve_model_path(str(path))
-    section = read_resona_section(root)
-    model = load_base_model(root, dtype=dtype, trust_remote_code=trust_remote_code)
-    retrofit_from_section(model, section)
-    load_resona_state_dict(model, load_tensors(root / RESONA_WEIGHTS), source=str(root / RESONA_WEIGHTS))
+    if adapter is not None:
+        from .formats import apply_adapter
+
+        if isinstance(path, nn.Module):
+            model = path
+        else:
+            model = load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+            if retrofit_state(model) is not None:
+                raise CheckpointError(f"{path} is already retrofitted; apply the adapter {adapter} onto a plain base")
+        apply_adapter(model, adapter)
+    else:
+        if isinstance(path, nn.Module):
+            raise CheckpointError("load_retrofitted(model) needs adapter=DIR; pass a checkpoint path to load a merged checkpoint")
+        root = resolve_model_path(str(path))
+        section = read_resona_section(root)
+        model = load_base_model(root, dtype=dtype, trust_remote_code=trust_remote_code)
+        retrofit_from_section(model, section)
+        load_resona_state_dict(model, load_tensors(root / RESONA_WEIGHTS), source=str(root / RESONA_WEIGHTS))
     if device is not None:
         model.to(device)
     return model.eval()

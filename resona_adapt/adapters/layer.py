@@ -72,6 +72,13 @@ class ResonaLayer(nn.Module):
         pad = self._context.left_pad(hidden.shape[1])  # (B,) or None
         return rebuild(self.resona(hidden, x, y_m, pad=pad))
 
+    def unload_and_optionally_merge_module(self, merge: bool = True, safe_merge: bool = False,
+                                           adapter_names: Any = None) -> nn.Module:
+        """What peft's ``merge_and_unload()`` / ``unload()`` calls on modules with a ``base_layer``: a
+        Resona layer is not a peft layer, so it stays in place (LoRA layers inside its base layer
+        are merged on their own)."""
+        return self
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
