@@ -3,7 +3,9 @@
 The wrapper takes the mixer's place in its block (``block.mixer = ResonaLayer(block.mixer, ...)``),
 so the decoder-layer list, its indices and everything the model looks up by list position stay as
 they were. It calls the original mixer with exactly the arguments it was given, mixes the Resona
-branch into the first output, and returns the same type the mixer returned. Attributes it does not
+branch into the first output, and returns the same type the mixer returned. When the call carries
+a generation cache (``cache_params=`` / ``past_key_values=``), the branch runs incrementally with
+its state on that cache (`decode.py`). Attributes it does not
 have are looked up on the original mixer (``layer_idx`` and friends).
 """
 
@@ -15,7 +17,9 @@ from torch import Tensor, nn
 
 from ..errors import SurgeryError
 from .branch import ResonaBranch
+from .cache import generation_cache
 from .context import ResonaContext
+from .decode import cached_branch_forward
 
 
 def split_output(out: Any) -> tuple[Tensor, Callable[[Tensor], Any]]:
@@ -61,6 +65,9 @@ class ResonaLayer(nn.Module):
         hidden = hidden_from_call(args, kwargs)  # (B, T, D)
         out = self.base_layer(*args, **kwargs)
         y_m, rebuild = split_output(out)  # (B, T, D)
+        cache = generation_cache(kwargs)
+        if cache is not None:  # prefill or incremental decoding (adapters/decode.py)
+            return rebuild(cached_branch_forward(self.resona, self.layer_index, self._context, cache, hidden, y_m))
         x = self._context.embeddings_for(hidden)  # (B, T, D)
         pad = self._context.left_pad(hidden.shape[1])  # (B,) or None
         return rebuild(self.resona(hidden, x, y_m, pad=pad))
