@@ -132,22 +132,81 @@ def load_base_model(path: str | Path, *, dtype: torch.dtype | None = None, trust
         raise CheckpointError(f"cannot read {path / 'config.json'}: {exc}{hint}") from exc
     cls = cls or AutoModelForCausalLM
     kwargs = {"trust_remote_code": trust_remote_code} if cls is AutoModelForCausalLM else {}
+    check_weight_files(path)
     try:
-        model = cls.from_pretrained(path, config=config, dtype=dtype or "auto", local_files_only=True, **kwargs)
+        model, info = cls.from_pretrained(path, config=config, dtype=dtype or "auto", local_files_only=True,
+                                          output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the base weights in {path}: {exc}") from exc
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [f"{m[0]}: {tuple(m[1])} in the file, {tuple(m[2])} from config.json" if isinstance(m, (tuple, list)) and len(m) == 3
+                  else str(m) for m in info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        raise CheckpointError(
+            f"the weights in {path} do not match its config.json: "
+            + (f"missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "")
+            + ("; " if missing and mismatched else "")
+            + (f"tensors of another shape {sorted(mismatched)[:5]}" if mismatched else "")
+            + " (a checkpoint of another model, or an incomplete copy)"
+        )
     return model.eval()
+
+
+def check_weight_files(path: Path) -> None:
+    """Read the header of every safetensors file in ``path``: a truncated or corrupt one is an error
+    that names it (transformers' own message does not)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{file} is corrupt or truncated ({exc}); copy it again from its source") from exc
+
+
+def checkpoint_kind(path: Path) -> str:
+    """What a checkpoint directory holds: ``merged`` (retrofitted, transformers layout), ``mamba-ssm``
+    (the original state-spaces layout), ``adapter`` (Resona adapter files only) or ``transformers``."""
+    from .formats import is_adapter_dir, is_mamba_ssm_dir
+
+    if is_retrofitted_checkpoint(path):
+        return "merged"
+    if is_mamba_ssm_dir(path):
+        return "mamba-ssm"
+    if is_adapter_dir(path) and not (path / "config.json").is_file():
+        return "adapter"
+    return "transformers"
 
 
 def load_model(name: str, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
     """Any model name the CLI accepts: a built-in tiny model, a retrofitted checkpoint (loaded with
-    its Resona layers) or a base checkpoint, from a local path or the HF cache."""
+    its Resona layers), a mamba-ssm checkpoint (converted to transformers' Mamba / Mamba2) or a base
+    checkpoint, from a local path or the HF cache. A base directory that also holds Resona adapter
+    files (``resona_config.json``, as ``export --format mamba-ssm`` writes) comes back retrofitted."""
     if name in BUILTIN_MODELS:
         model = build_builtin(name)
         return model.to(dtype) if dtype is not None else model
     path = resolve_model_path(name)
-    if is_retrofitted_checkpoint(path):
+    kind = checkpoint_kind(path)
+    if kind == "merged":
         from .persist import load_retrofitted
 
         return load_retrofitted(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    return load_base_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    from .formats import apply_adapter, is_adapter_dir, load_mamba_ssm, read_adapter
+
+    if kind == "adapter":
+        base = (read_adapter(path)[0].get("base") or {}).get("name_or_path") or "BASE"
+        raise CheckpointError(
+            f"{path} is a Resona adapter (no base weights). Apply it onto the base it was made for ({base}): "
+            f"resona-adapt inject --model {base} --adapter {path} --output OUT, or in Python "
+            f"load_retrofitted({base!r}, adapter={str(path)!r})"
+        )
+    if kind == "mamba-ssm":
+        model = load_mamba_ssm(path, dtype=dtype)
+    else:
+        model = load_base_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    if is_adapter_dir(path):
+        apply_adapter(model, path)
+        model.eval()
+    return model

@@ -11,7 +11,6 @@ Everything is written to a temporary sibling directory and renamed into place at
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -28,10 +27,6 @@ from .config import ResonaConfig
 from .errors import CheckpointError, SurgeryError
 from .retrofit import resona_layers, resona_parameters, retrofit, retrofit_state
 from .surgery import get_path, set_path
-
-
-PLAIN_BASE_WEIGHTS = "model.safetensors"
-PLAIN_BASE_CLASS_KEY = "resona_base_class"  # in config.json of a base that is not a transformers model
 
 
 def resona_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -93,14 +88,15 @@ def save_retrofitted(model: nn.Module, save_directory: str | Path, *args: Any, o
     model.config.resona = state.describe()
     source = tokenizer_source or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
     final = Path(save_directory)
+    spec = state.discovery.spec
+    family_context = spec.save_context(model) if spec is not None and spec.save_context else nullcontext()
     with atomic_directory(final, overwrite=overwrite) as tmp:
-        spec = state.discovery.spec
-        family_context = spec.save_context(model) if spec is not None and spec.save_context else nullcontext()
+        if not _is_transformers_model(model):
+            _save_plain_model(model, tmp)
+            copy_tokenizer_files(source, tmp)
+            return final
         with base_view(model), family_context:
-            if _is_transformers_model(model):
-                type(model).save_pretrained(model, tmp, *args, **kwargs)
-            else:
-                _save_plain_base(model, state.describe(), tmp)
+            type(model).save_pretrained(model, tmp, *args, **kwargs)
         save_tensors(resona_state_dict(model), tmp / RESONA_WEIGHTS,
                      {"layers": ",".join(map(str, state.layers))})
         copy_tokenizer_files(source, tmp)
@@ -113,55 +109,55 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
-def _save_plain_base(model: nn.Module, section: dict[str, Any], dest: Path) -> None:
-    """The base of a model that is not a transformers model (mamba-ssm's MambaLMHeadModel): its state
-    dict as ``model.safetensors`` (shared tensors such as tied embeddings stored once) and its config
-    (a dataclass or a plain object) as ``config.json``, with the class name and the resona section."""
-    from safetensors.torch import save_model
+def _save_plain_model(model: nn.Module, dest: Path) -> None:
+    """A retrofitted model that is not a transformers model (mamba-ssm's MambaLMHeadModel): its base in
+    mamba-ssm's own layout (``config.json`` with the dataclass config's fields, ``model.safetensors``
+    with its state dict under its own names) and the Resona branches beside it as adapter files
+    (``resona_config.json`` + ``resona.safetensors``). `attach_retrofitted` reads it back onto a
+    model built with mamba-ssm; ``load_model`` reads a real mamba-ssm stack as transformers' Mamba."""
+    import dataclasses
 
-    save_model(model, str(dest / PLAIN_BASE_WEIGHTS))
+    from safetensors.torch import save_file
+
+    from .formats.adapter import write_adapter_files
+    from .formats.mamba_ssm import SAFE_WEIGHTS, TOP_LEVEL
+
     config = getattr(model, "config", None)
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        data = dataclasses.asdict(config)
-    else:
-        data = {k: v for k, v in vars(config).items() if not k.startswith("_")} if config is not None else {}
-    data.pop("resona", None)
-    data = {k: v for k, v in data.items() if _jsonable(v)}
-    data.update({PLAIN_BASE_CLASS_KEY: f"{type(model).__module__}.{type(model).__qualname__}", "resona": section})
-    (dest / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except (TypeError, ValueError):
-        return False
+    if not (dataclasses.is_dataclass(config) and not isinstance(config, type)):
+        raise CheckpointError(f"cannot save {type(model).__name__}: it is neither a transformers model nor a "
+                              "mamba-ssm model with a dataclass config; save its Resona adapter instead "
+                              "(resona_adapt.formats.save_adapter)")
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k in TOP_LEVEL}
+    with base_view(model):
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    (dest / "config.json").write_text(json.dumps(fields, indent=2) + "\n")
+    save_file(state, str(dest / SAFE_WEIGHTS), metadata={"format": "pt"})
+    write_adapter_files(model, dest)
 
 
 def attach_retrofitted(model: nn.Module, path: str | Path, *, load_base_weights: bool = True) -> nn.Module:
-    """Retrofit an already built ``model`` as the merged checkpoint at ``path`` describes and load its
-    Resona weights (and, with ``load_base_weights``, its ``model.safetensors`` base weights).
-
-    This is how models that are not transformers models come back: mamba-ssm's MambaLMHeadModel
-    cannot be built by resona-adapt (mamba-ssm needs CUDA), so build it from ``config.json`` with
-    mamba-ssm, then ``attach_retrofitted(model, path)``. Returns the model in eval mode.
-    """
-    from safetensors.torch import load_model
+    """Load a checkpoint saved from a model that is not a transformers model onto ``model``, built by
+    its own library (mamba-ssm's MambaLMHeadModel from the directory's ``config.json``): the base
+    weights (``model.safetensors``, with ``load_base_weights``), then the Resona adapter files.
+    Returns the retrofitted model in eval mode."""
+    from .formats import apply_adapter
+    from .formats.mamba_ssm import SAFE_WEIGHTS
 
     root = Path(path)
-    section = read_resona_section(root)
     if load_base_weights:
-        weights = root / PLAIN_BASE_WEIGHTS
+        weights = root / SAFE_WEIGHTS
         if not weights.is_file():
             raise CheckpointError(f"{weights} is missing; pass load_base_weights=False if the model already has its weights")
-        try:
-            load_model(model, str(weights), strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{weights} does not fit {type(model).__name__}: {exc}") from exc
-    retrofit_from_section(model, section)
-    load_resona_state_dict(model, load_tensors(root / RESONA_WEIGHTS), source=str(root / RESONA_WEIGHTS))
+        result = model.load_state_dict(load_tensors(weights), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f"{weights} does not fit {type(model).__name__}: missing {result.missing_keys[:5]}, "
+                                  f"unexpected {result.unexpected_keys[:5]}")
+    apply_adapter(model, root)
     return model.eval()
+
+
+SECTION_KEYS = frozenset({"format_version", "resona_adapt_version", "arch", "layers", "config", "block_path",
+                          "mixer_attr", "allow_kinds"})
 
 
 def read_resona_section(path: Path) -> dict[str, Any]:
@@ -179,34 +175,62 @@ def read_resona_section(path: Path) -> dict[str, Any]:
 
 
 def retrofit_from_section(model: nn.Module, section: dict[str, Any]) -> nn.Module:
-    """Retrofit ``model`` exactly as a saved ``resona`` section describes."""
-    return retrofit(
+    """Retrofit ``model`` exactly as a saved ``resona`` section describes (extra keys, such as a
+    record of how the model was trained, are kept in the state and written out again)."""
+    retrofit(
         model, layers=list(section["layers"]), config=ResonaConfig.from_dict(section["config"]),
         block_path=section.get("block_path"), mixer_attr=section.get("mixer_attr"),
         allow_kinds=tuple(section.get("allow_kinds", ("recurrent",))),
     )
+    extra = {k: v for k, v in section.items() if k not in SECTION_KEYS}
+    state = retrofit_state(model)
+    if extra and state is not None:
+        state.extra.update(extra)
+        model.config.resona = state.describe()
+    return model
 
 
-def load_retrofitted(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+def load_retrofitted(path: str | Path | nn.Module, *, adapter: str | Path | None = None,
+                     dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                      trust_remote_code: bool = False) -> nn.Module:
-    """Load a merged checkpoint written by `save_retrofitted` / ``inject --output``.
+    """Load a retrofitted model.
+
+    ``load_retrofitted(dir)``: a merged checkpoint written by `save_retrofitted` / ``inject --output``.
+    ``load_retrofitted(base, adapter=dir)``: a base (a model object, a local directory, a hub id in
+    the HF cache or a built-in name) plus an adapter-only checkpoint; a model object is retrofitted
+    in place (and left as it was if the adapter does not fit it).
 
     Returns the retrofitted model in eval mode, base parameters frozen, with the same logits as the
     model that was saved.
     """
-    from .loading import load_base_model, resolve_model_path
+    from .loading import load_base_model, load_model, resolve_model_path
 
-    root = resolve_model_path(str(path))
-    section = read_resona_section(root)
-    base_class = read_json(root / "config.json").get(PLAIN_BASE_CLASS_KEY)
-    if base_class:
-        raise CheckpointError(
-            f"{root} holds a {base_class} base, which is not a transformers model: build that model from "
-            f"{root / 'config.json'} with its own library, then call resona_adapt.attach_retrofitted(model, {str(root)!r})"
-        )
-    model = load_base_model(root, dtype=dtype, trust_remote_code=trust_remote_code)
-    retrofit_from_section(model, section)
-    load_resona_state_dict(model, load_tensors(root / RESONA_WEIGHTS), source=str(root / RESONA_WEIGHTS))
+    if adapter is not None:
+        from .formats import apply_adapter
+
+        if isinstance(path, nn.Module):
+            model = path
+        else:
+            model = load_model(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+            if retrofit_state(model) is not None:
+                raise CheckpointError(f"{path} is already retrofitted; apply the adapter {adapter} onto a plain base")
+        apply_adapter(model, adapter)
+    else:
+        if isinstance(path, nn.Module):
+            raise CheckpointError("load_retrofitted(model) needs adapter=DIR; pass a checkpoint path to load a merged checkpoint")
+        root = resolve_model_path(str(path))
+        from .formats import is_adapter_dir, is_mamba_ssm_dir
+
+        if is_mamba_ssm_dir(root) and is_adapter_dir(root):
+            raise CheckpointError(
+                f"{root} holds a mamba-ssm base with Resona adapter files: load_model({str(root)!r}) reads it as "
+                "transformers' Mamba with its branches; to put them on a mamba-ssm MambaLMHeadModel built from "
+                f"its config.json, call attach_retrofitted(model, {str(root)!r})"
+            )
+        section = read_resona_section(root)
+        model = load_base_model(root, dtype=dtype, trust_remote_code=trust_remote_code)
+        retrofit_from_section(model, section)
+        load_resona_state_dict(model, load_tensors(root / RESONA_WEIGHTS), source=str(root / RESONA_WEIGHTS))
     if device is not None:
         model.to(device)
     return model.eval()

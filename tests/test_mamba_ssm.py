@@ -17,16 +17,22 @@ from resona_adapt.surgery.families.mamba_ssm import is_mamba_ssm_model
 
 def _rebuild(path):
     """What a mamba-ssm user does: build the model from config.json with mamba-ssm, then attach."""
-    data = json.loads((path / "config.json").read_text())
-    fields = {k: v for k, v in data.items() if k in MambaConfig.__dataclass_fields__}
-    return attach_retrofitted(MambaLMHeadModel(MambaConfig(**fields)), path)
+    return attach_retrofitted(MambaLMHeadModel(MambaConfig(**json.loads((path / "config.json").read_text()))), path)
 
 
 def test_mamba_ssm_matrix(tmp_path):
     model = build_standin(attn_layer_idx=[2])
     check_family(model, tmp_path, load=_rebuild)
-    files = {p.name for p in (tmp_path / "out").iterdir()}
-    assert {"config.json", "model.safetensors", "resona.safetensors"} <= files and not any(f.endswith(".bin") for f in files)
+    out = tmp_path / "out"
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "resona.safetensors", "resona_config.json"} <= files
+    assert not any(f.endswith(".bin") for f in files)
+    # the base is in mamba-ssm's own layout (config.json holds only MambaConfig fields), so
+    # load_model reads a real mamba-ssm stack as transformers' Mamba with its Resona branches
+    from resona_adapt.formats import is_adapter_dir, is_mamba_ssm_dir
+
+    assert is_mamba_ssm_dir(out) and is_adapter_dir(out)
+    assert set(json.loads((out / "config.json").read_text())) <= set(MambaConfig.__dataclass_fields__)
 
 
 def test_recognised_by_structure_with_reasons():
@@ -55,5 +61,5 @@ def test_load_retrofitted_points_to_attach(tmp_path):
     model = build_standin()
     retrofit(model, config=ResonaConfig(**CFG))
     model.save_pretrained(tmp_path / "out")
-    with pytest.raises(CheckpointError, match="MambaLMHeadModel base, which is not a transformers model.*attach_retrofitted"):
+    with pytest.raises(CheckpointError, match="mamba-ssm base with Resona adapter files.*attach_retrofitted"):
         load_retrofitted(tmp_path / "out")

@@ -26,6 +26,7 @@ class ResonaContext:
         self.attention_mask: Tensor | None = None  # (B, T_total) 2-D padding mask, if given
         self.forward_count = 0
         self.prefix_tokens = 0  # positions the backbone prepends after the embedding (Hymba meta tokens)
+        self.embedding: nn.Module | None = None  # the model's input-embedding module (set by install_hooks)
 
     def begin(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Any) -> None:
         """Start a backbone forward: forget the previous one."""
@@ -71,6 +72,13 @@ class ResonaContext:
             )
         return self.x
 
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """X for token ids (..., T) -> (..., T, D), through the model's input-embedding module without
+        firing its hooks (so the current forward's recorded X stays as it is)."""
+        if self.embedding is None:
+            raise SurgeryError("this Resona context has no embedding module; retrofit the model again")
+        return self.embedding.forward(input_ids)
+
     def left_pad(self, seq_len: int) -> Tensor | None:
         """Left-padding counts (B,) for a full-sequence forward of ``seq_len`` tokens, or None."""
         mask = self.attention_mask
@@ -92,6 +100,7 @@ def install_hooks(context: ResonaContext, backbone: nn.Module, embedding: nn.Mod
     """Register the two hooks that feed ``context``; returns their handles (remove to undo)."""
 
     sig = inspect.signature(backbone.forward)
+    context.embedding = embedding
 
     def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = _bound_arguments(sig, args, kwargs)

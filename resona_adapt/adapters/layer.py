@@ -3,7 +3,9 @@
 The wrapper takes the mixer's place in its block (``block.mixer = ResonaLayer(block.mixer, ...)``),
 so the decoder-layer list, its indices and everything the model looks up by list position stay as
 they were. It calls the original mixer with exactly the arguments it was given, mixes the Resona
-branch into the first output, and returns the same type the mixer returned. Attributes it does not
+branch into the first output, and returns the same type the mixer returned. When the call carries
+a generation cache (``cache_params=`` / ``past_key_values=``), the branch runs incrementally with
+its state on that cache (`decode.py`). Attributes it does not
 have are looked up on the original mixer (``layer_idx`` and friends).
 
 Two family hooks (set by `retrofit` from the family's ArchSpec):
@@ -24,7 +26,9 @@ from torch import Tensor, nn
 
 from ..errors import SurgeryError
 from .branch import ResonaBranch
+from .cache import generation_cache
 from .context import ResonaContext
+from .decode import cached_branch_forward
 
 
 def split_output(out: Any) -> tuple[Tensor, Callable[[Tensor], Any]]:
@@ -83,16 +87,28 @@ class ResonaLayer(nn.Module):
         y_m, rebuild = split_output(out)  # (B, L, D)
         lead = self._context.lead(hidden)  # meta-token positions before X's first position
         h, y = (hidden[:, lead:], y_m[:, lead:]) if lead else (hidden, y_m)  # (B, T, D)
-        x = self._context.embeddings_for(h)  # (B, T, D)
-        pad = self._context.left_pad(h.shape[1])  # (B,) or None
         scale = self.output_scale() if self.output_scale is not None else 1.0
         if scale != 1.0:
-            mixed = self.resona(h, x, y / scale, pad=pad) * scale  # (B, T, D)
+            y = y / scale
+        cache = generation_cache(kwargs)
+        if cache is not None:  # prefill or incremental decoding (adapters/decode.py)
+            mixed = cached_branch_forward(self.resona, self.layer_index, self._context, cache, h, y)  # (B, T, D)
         else:
+            x = self._context.embeddings_for(h)  # (B, T, D)
+            pad = self._context.left_pad(h.shape[1])  # (B,) or None
             mixed = self.resona(h, x, y, pad=pad)  # (B, T, D)
+        if scale != 1.0:
+            mixed = mixed * scale
         if lead:
             mixed = torch.cat([y_m[:, :lead], mixed], dim=1)  # (B, L, D)
         return rebuild(mixed)
+
+    def unload_and_optionally_merge_module(self, merge: bool = True, safe_merge: bool = False,
+                                           adapter_names: Any = None) -> nn.Module:
+        """What peft's ``merge_and_unload()`` / ``unload()`` calls on modules with a ``base_layer``: a
+        Resona layer is not a peft layer, so it stays in place (LoRA layers inside its base layer
+        are merged on their own)."""
+        return self
 
     def __getattr__(self, name: str) -> Any:
         try:
