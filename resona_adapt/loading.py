@@ -64,24 +64,72 @@ def is_retrofitted_checkpoint(path: Path) -> bool:
         return False
 
 
-def load_base_model(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
-    """Load a transformers checkpoint directory as the class its config names (causal LM by default)."""
+FLA_CONFIG_KEYS = ("fuse_cross_entropy", "fuse_norm")  # keys only flash-linear-attention's configs write
+
+
+def _fla_classes(path: Path, raw: dict) -> tuple[type, type | None]:
+    """fla's config and model classes for a checkpoint written by flash-linear-attention."""
+    try:
+        import fla.models as fla_models  # noqa: PLC0415 - optional extra, imported on demand
+    except ImportError as exc:
+        raise CheckpointError(
+            f"{path} was written by flash-linear-attention (its config.json has fla-only fields); install the "
+            "fla extra to load it: pip install 'resona-adapt[fla]'"
+        ) from exc
+    model_type = raw.get("model_type")
+    configs = [getattr(fla_models, n) for n in dir(fla_models) if n.endswith("Config")]
+    config_cls = next((c for c in configs if getattr(c, "model_type", None) == model_type), None)
+    if config_cls is None:
+        raise CheckpointError(f"{path}: flash-linear-attention has no model type {model_type!r}")
+    archs = [getattr(fla_models, a, None) for a in raw.get("architectures") or []]
+    return config_cls, next((a for a in archs if a is not None), None)
+
+
+def _classes_for(path: Path, raw: dict, trust_remote_code: bool) -> tuple[type | None, type | None]:
+    """(config class, model class) for a checkpoint, or (None, None) to let the Auto classes decide.
+
+    Resolved explicitly rather than through AutoConfig: importing flash-linear-attention re-registers
+    the model types "mamba" and "mamba2" for its own classes in transformers' Auto mappings, which
+    would then load a transformers Mamba checkpoint into fla's config. Hymba loads into
+    resona-adapt's own pure-PyTorch implementation unless remote code is trusted explicitly.
+    """
     import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = raw.get("model_type")
+    if any(key in raw for key in FLA_CONFIG_KEYS):
+        return _fla_classes(path, raw)
+    if model_type == "hymba" and not trust_remote_code:
+        from .models.hymba import HymbaConfig, HymbaForCausalLM
+
+        return HymbaConfig, HymbaForCausalLM
+    name = CONFIG_MAPPING_NAMES.get(model_type or "")
+    config_cls = getattr(transformers, name, None) if name else None
+    if config_cls is None:
+        return None, None
+    archs = [getattr(transformers, a, None) for a in raw.get("architectures") or []]
+    return config_cls, next((a for a in archs if a is not None), None)
+
+
+def load_base_model(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
+    """Load a checkpoint directory as the class its config names (causal LM by default): transformers
+    models, flash-linear-attention models (fla extra), Hymba (resona-adapt's own implementation, or
+    NVIDIA's remote code with ``trust_remote_code``) and remote-code models."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json: it is not a transformers checkpoint directory")
+    raw = json.loads((path / "config.json").read_text())
+    config_cls, cls = _classes_for(path, raw, trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+        if config_cls is not None:
+            config = config_cls.from_pretrained(path, local_files_only=True)
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     except ValueError as exc:
         hint = " (it needs remote code: pass --trust-remote-code if you trust it)" if "trust_remote_code" in str(exc) else ""
         raise CheckpointError(f"cannot read {path / 'config.json'}: {exc}{hint}") from exc
-    cls = None
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            break
     cls = cls or AutoModelForCausalLM
     kwargs = {"trust_remote_code": trust_remote_code} if cls is AutoModelForCausalLM else {}
     check_weight_files(path)

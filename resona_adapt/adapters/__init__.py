@@ -5,7 +5,9 @@ from .cache import ResonaCacheState, resona_cache
 from .context import ResonaContext, install_hooks
 from .layer import ResonaLayer
 from .mixing import Mix
+from .swap import AttentionSwap
 
 __all__ = [
-    "Mix", "ResonaBranch", "ResonaCacheState", "ResonaContext", "ResonaLayer", "install_hooks", "resona_cache",
+    "AttentionSwap", "Mix", "ResonaBranch", "ResonaCacheState", "ResonaContext", "ResonaLayer", "install_hooks",
+    "resona_cache",
 ]

@@ -55,7 +55,8 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         save_retrofitted(model, output, overwrite=overwrite)
     app.terminal.table(
         None, ["model", "layers", "chunk", "top-k", "mix", "resona params", "share", "output"],
-        [[model_name, ",".join(map(str, state_layers)), config.chunk_size, config.top_k, config.mix,
+        [[model_name, ",".join(map(str, state_layers)), config.chunk_size, config.top_k,
+          "replaces attention" if config.replace_attention else config.mix,
           f"{n_resona:,}", f"{100 * n_resona / n_total:.2f}%", output]],
     )
     app.terminal.success(f"wrote a retrofitted checkpoint to {output}")
