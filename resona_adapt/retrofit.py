@@ -14,7 +14,7 @@ from . import __version__
 from .adapters import AttentionSwap, ResonaBranch, ResonaContext, ResonaLayer, install_hooks
 from .config import ResonaConfig
 from .errors import SurgeryError
-from .surgery import Discovery, discover, get_path, replace_mixer, resolve_layers, restore_mixer
+from .surgery import Discovery, cache_argument, discover, get_path, replace_mixer, resolve_layers, restore_mixer
 
 STATE_ATTR = "_resona_state"
 
@@ -167,12 +167,14 @@ def retrofit(
         originals[i] = target
         attrs[i] = attr
         wrapper = replace_mixer(info, make, attr)
-        if spec is not None and not isinstance(wrapper, AttentionSwap):
-            wrapper.cache_kwarg, wrapper.cache_arg_index = spec.cache_kwarg, spec.cache_arg_index
+        # where this module receives the generation cache: the one lookup of the decode path
+        wrapper.cache_kwarg, wrapper.cache_arg_index = cache_argument(
+            target, spec.cache_kwarg if spec is not None else None, spec.cache_arg_index if spec is not None else None)
         if isinstance(wrapper, AttentionSwap):
             owner = get_path(info.block, attr.rpartition(".")[0]) if "." in attr else info.block
             hooks.append(owner.register_forward_pre_hook(wrapper.capture_input, with_kwargs=True))
-    hooks += install_hooks(context, disc.backbone, disc.embedding)
+    model_cache, _ = cache_argument(disc.backbone, spec.model_cache_kwarg if spec is not None else None)
+    hooks += install_hooks(context, disc.backbone, disc.embedding, model_cache)
     state = RetrofitState(config, chosen, disc, context, hooks, originals, block_path, mixer_attr, tuple(allow_kinds),
                           wrapped_attrs=attrs)
     model.__dict__[STATE_ATTR] = state

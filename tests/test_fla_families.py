@@ -1,7 +1,9 @@
 """The family matrix for flash-linear-attention models, on CPU through Triton's interpreter.
 
 Skipped only when fla is not installed (CI installs the ``fla`` extra). See tests/fla_support.py
-for how the interpreter is set up. Generation is phase 2 (issue 3), not tested here.
+for how the interpreter is set up. The matrix includes generate() with the Resona cache (one row,
+a 7-token prompt, 6 new tokens: the interpreter runs every kernel in Python); left padding and
+beam search on GLA are in tests/test_generate_families.py.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def test_loader_is_immune_to_fla_taking_over_transformers_model_types(tmp_path):
 
 @pytest.mark.parametrize("family", ["gla", "rwkv7", "mamba2"])
 def test_fla_cache_keyword_carries_the_models_cache(family):
-    """For phase 2: fla mixers receive the model's fla Cache as ``past_key_values``."""
+    """fla mixers receive the model's fla Cache as ``past_key_values``."""
     import torch
 
     from matrix import CFG

@@ -101,7 +101,8 @@ def test_cached_decoding_equals_one_full_forward():
 def test_generate_is_the_greedy_path():
     model = build_hymba()
     prompt = torch.randint(3, VOCAB, (2, 5))
-    out = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    # use_cache=True: the released config (and so the tiny one) says use_cache=False
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=True)
     ids = prompt
     for _ in range(6):
         ids = torch.cat([ids, _logits(model, ids, use_cache=False)[:, -1].argmax(-1, keepdim=True)], dim=1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hymba_support import M, VOCAB, build_hymba, write_official_checkpoint
-from matrix import CFG, U, check_family, logits, randomize_resona
+from matrix import CFG, U, check_family, check_generate, logits, randomize_resona
 from resona_adapt import ResonaConfig, SurgeryError, load_model, load_retrofitted, resona_layers, retrofit, unretrofit
 from resona_adapt.adapters import AttentionSwap, ResonaLayer
 from resona_adapt.surgery import discover, spec_for
@@ -59,6 +59,7 @@ def test_replace_attention_swaps_three_consecutive_layers(tmp_path):
         changed = ids.clone()
         changed[:, t:] = (changed[:, t:] + 7) % (VOCAB - 3) + 3
         assert torch.equal(logits(model, changed)[:, :t], out[:, :t])
+    check_generate(model, ids[:, :7])  # the swapped heads decode incrementally: generate == full forwards
     model.save_pretrained(tmp_path / "out")
     loaded = load_retrofitted(tmp_path / "out")
     assert isinstance(loaded.model.layers[2].mamba.self_attn, AttentionSwap)
@@ -111,9 +112,11 @@ def test_right_padding_is_refused_with_meta_tokens():
         logits(model, torch.randint(3, VOCAB, (1, 10)), attention_mask=mask)
 
 
-def test_left_padding_matches_the_unpadded_row():
+@pytest.mark.parametrize("replace", [False, True])
+def test_left_padding_matches_the_unpadded_row(replace):
+    """Pads move in front of the meta tokens; the branch (or the swapped heads) must leave both alone."""
     model = build_hymba()
-    retrofit(model, config=ResonaConfig(**CFG))
+    retrofit(model, layers=[1, 2, 3] if replace else None, config=ResonaConfig(replace_attention=replace, **CFG))
     randomize_resona(model)
     ids = torch.randint(3, VOCAB, (1, 12))
     alone = logits(model, ids)
@@ -152,7 +155,7 @@ def test_cli_inject_replace_attention(tmp_path):
 
 
 def test_cache_keyword_carries_the_hymba_cache():
-    """For phase 2: the hybrid-head block receives the model's HymbaCache as ``past_key_value``."""
+    """The hybrid-head block receives the model's HymbaCache as ``past_key_value``."""
     model = build_hymba()
     retrofit(model, config=ResonaConfig(**CFG))
     seen = {}

@@ -1,5 +1,6 @@
 """mamba-ssm's MambaLMHeadModel, recognised by structure. mamba-ssm cannot be imported on CPU, so these
-tests run on tests/mamba_ssm_standin.py: the same module tree, class names and call signatures."""
+tests run on tests/mamba_ssm_standin.py: the same module tree, class names and call signatures, and
+mamba-ssm's generation loop (InferenceParams carried from step to step)."""
 
 from __future__ import annotations
 
@@ -20,9 +21,15 @@ def _rebuild(path):
     return attach_retrofitted(MambaLMHeadModel(MambaConfig(**json.loads((path / "config.json").read_text()))), path)
 
 
+def standin_generate(model, prompt, n):
+    """mamba-ssm's own generate(): InferenceParams, prefill, then one token per step."""
+    out = model.generate(prompt, max_length=prompt.shape[1] + n, return_dict_in_generate=True, output_scores=True)
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
 def test_mamba_ssm_matrix(tmp_path):
     model = build_standin(attn_layer_idx=[2])
-    check_family(model, tmp_path, load=_rebuild)
+    check_family(model, tmp_path, load=_rebuild, generate=standin_generate)
     out = tmp_path / "out"
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "resona.safetensors", "resona_config.json"} <= files

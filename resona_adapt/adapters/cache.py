@@ -1,11 +1,18 @@
 """The Resona part of a generation cache: what incremental decoding keeps between forward calls.
 
-The state hangs on the model's own generation cache object (transformers' ``DynamicCache`` passed
-to the mixers as ``cache_params`` / ``past_key_values``), so a new ``generate()`` call, which makes
-a new cache, starts clean, and nothing of one sequence reaches the next. The cache's batch
-operations (``reorder_cache`` for beam search, ``batch_select_indices``,
-``batch_repeat_interleave``, ``crop``, ``reset``) are extended on that cache instance so that they
-apply to the Resona state too.
+Each wrapped mixer finds the generation cache in its own call, where its family passes it
+(``ResonaLayer.cache_in_call``: ``ArchSpec.cache_kwarg`` / ``cache_arg_index``, or the mixer's
+signature for unknown architectures). The Resona state hangs on that object (`state_home`):
+- a cache object (transformers' ``DynamicCache`` and friends, fla's ``Cache``, ``HymbaCache``,
+  mamba-ssm's ``InferenceParams``) carries it as an attribute, and its batch operations
+  (``reorder_cache`` for beam search, ``batch_select_indices``, ``batch_repeat_interleave``,
+  ``crop``, ``reset``) are extended on that instance so that they apply to the Resona state too;
+- a list or tuple of state tensors (RWKV's ``state``, xLSTM's per-layer state) cannot take
+  attributes, so the state hangs on its first tensor, which these families update in place for
+  the whole of a ``generate()`` call (they have no beam search: transformers refuses to reorder them).
+Either way a new ``generate()`` call, which makes a new cache, starts clean, and nothing of one
+sequence reaches the next. A cache that already holds positions but no Resona state
+(`cache_has_history`) cannot be continued; the decode path raises instead of decoding wrongly.
 
 What is stored is small by design (see `ResonaCacheState.nbytes`):
 - the context once for all Resona layers, as token ids ``(B, L)`` int32 (4 bytes per token);
@@ -24,8 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-CACHE_KWARGS: tuple[str, ...] = ("cache_params", "past_key_values", "past_key_value")
-"""Keyword names under which a model hands its generation cache to the wrapped mixers."""
+from ..errors import SurgeryError
 
 STATE_ATTR = "_resona_cache"
 
@@ -112,34 +118,99 @@ class ResonaCacheState:
         return self.nbytes() / max(1, self.batch_size * self.length)
 
 
-def generation_cache(kwargs: dict[str, Any]) -> Any | None:
-    """The generation cache object among a mixer call's keyword arguments, or None."""
-    for name in CACHE_KWARGS:
-        cache = kwargs.get(name)
-        if cache is not None:
-            return cache
+def state_home(cache: Any) -> Any:
+    """The object that carries the Resona state of ``cache``: the cache itself, or, for a list /
+    tuple / dict of state tensors (RWKV, xLSTM), its first tensor."""
+    if isinstance(cache, (list, tuple, dict)):
+        anchor = _first_tensor(cache)
+        if anchor is None:
+            raise SurgeryError(
+                f"the generation cache ({type(cache).__name__} without tensors) cannot hold Resona's decoding "
+                "state; generate with use_cache=False (every step then runs a full forward)"
+            )
+        return anchor
+    return cache
+
+
+def _first_tensor(obj: Any) -> Tensor | None:
+    if isinstance(obj, Tensor):
+        return obj
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for item in items:
+        if (found := _first_tensor(item)) is not None:
+            return found
     return None
 
 
 def resona_cache(cache: Any) -> ResonaCacheState | None:
-    """The Resona state of a generation cache (e.g. ``out.cache_params``), or None."""
-    return getattr(cache, STATE_ATTR, None) if cache is not None else None
+    """The Resona state of a generation cache (e.g. ``out.cache_params``, RWKV's ``out.state``), or None."""
+    if cache is None:
+        return None
+    try:
+        home = state_home(cache)
+    except SurgeryError:
+        return None
+    return getattr(home, STATE_ATTR, None)
 
 
 def attach(cache: Any, state: ResonaCacheState) -> None:
-    """Hang ``state`` on ``cache`` and make the cache's batch operations apply to it."""
+    """Hang ``state`` on ``cache`` (or on its first tensor, see `state_home`) and make the cache's
+    batch operations apply to it."""
+    home = state_home(cache)
     try:
-        setattr(cache, STATE_ATTR, state)
+        setattr(home, STATE_ATTR, state)
     except (AttributeError, TypeError) as exc:
-        from ..errors import SurgeryError
-
         raise SurgeryError(
             f"the generation cache ({type(cache).__name__}) cannot hold Resona's decoding state; "
             "generate with use_cache=False (every step then runs a full forward)"
         ) from exc
+    if home is not cache:  # a tensor inside a list / tuple: those families have no batch operations
+        return
     for name, patch in _PATCHES.items():
         if callable(getattr(type(cache), name, None)):
             setattr(cache, name, MethodType(patch, cache))
+
+
+def cache_has_history(cache: Any) -> bool:
+    """Whether a generation cache handed to the model already holds positions of a sequence.
+
+    Conservative: False when the cache type tells nothing. RWKV passes its state list only once a
+    forward has filled it; xLSTM and mamba-ssm count ``seqlen_offset``; Hymba ``seen_tokens``;
+    transformers' caches mark their layers initialised; fla's count seen tokens.
+    """
+    if cache is None:
+        return False
+    if isinstance(cache, (list, tuple)):
+        return len(cache) > 0
+    for name in ("seqlen_offset", "seen_tokens"):
+        value = getattr(cache, name, None)
+        if isinstance(value, (int, Tensor)) and not isinstance(value, bool):
+            return bool((torch.as_tensor(value) > 0).any())
+    layers = getattr(cache, "layers", None)
+    if isinstance(layers, (list, tuple)) and layers:
+        return any(_layer_filled(layer) for layer in layers)
+    get = getattr(cache, "get_seq_length", None)
+    if callable(get):
+        try:
+            return int(get()) > 0
+        except Exception:  # noqa: BLE001 - some caches cannot say (e.g. linear-attention-only ones)
+            return False
+    return False
+
+
+def _layer_filled(layer: Any) -> bool:
+    """One layer of a transformers / fla cache holds positions (``is_initialized`` alone does not
+    say so: static layers preallocate and transformers' ``DummyLayer`` of MLP layers is always set)."""
+    for name in ("is_conv_states_initialized", "is_recurrent_states_initialized", "has_previous_state"):
+        flags = getattr(layer, name, None)  # linear-attention layers
+        if isinstance(flags, dict) and any(bool(v) for v in flags.values()):
+            return True
+    for name in ("cumulative_length", "_seen_tokens"):  # static layers, fla layers
+        value = getattr(layer, name, None)
+        if isinstance(value, (int, Tensor)) and not isinstance(value, bool):
+            return bool((torch.as_tensor(value) > 0).any())
+    keys = getattr(layer, "keys", None)  # dynamic key/value layers
+    return isinstance(keys, Tensor) and keys.numel() > 0
 
 
 # The patched methods call the cache class's own method first (which may refuse, e.g. crop on a
@@ -177,8 +248,8 @@ def _crop(self: Any, tokens_to_remove: int) -> Any:
     return out
 
 
-def _reset(self: Any) -> Any:
-    out = type(self).reset(self)
+def _reset(self: Any, *args: Any, **kwargs: Any) -> Any:
+    out = type(self).reset(self, *args, **kwargs)  # mamba-ssm's InferenceParams.reset takes arguments
     self.__dict__.pop(STATE_ATTR, None)
     return out
 

@@ -4,6 +4,11 @@ Two hooks feed it: a forward pre-hook on the module that owns the decoder-layer 
 backbone) starts a new forward and forgets the previous one, and a forward hook on the input
 embedding module records its output. A forward given ``inputs_embeds`` instead of ids takes X
 from that argument. Nothing of one forward survives the start of the next.
+
+For incremental decoding the pre-hook also looks at the generation cache the backbone receives
+(under ``cache_kwarg``, the family's ``ArchSpec.model_cache_kwarg``): when it already holds
+positions, this forward continues a sequence, and every Resona layer must find its state
+(`adapters/decode.py`) or fail loudly, never fall back to the full path on the new tokens alone.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import SurgeryError
+from .cache import ResonaCacheState, cache_has_history
 
 
 class ResonaContext:
@@ -27,14 +33,30 @@ class ResonaContext:
         self.forward_count = 0
         self.prefix_tokens = 0  # positions the backbone prepends after the embedding (Hymba meta tokens)
         self.embedding: nn.Module | None = None  # the model's input-embedding module (set by install_hooks)
+        self.continuing = False  # the backbone received a generation cache that already holds positions
+        self.new_state: ResonaCacheState | None = None  # a decoding state started by this forward (prefill)
 
-    def begin(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Any) -> None:
-        """Start a backbone forward: forget the previous one."""
+    def begin(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Any,
+              cache: Any = None) -> None:
+        """Start a backbone forward: forget the previous one. ``cache``: the generation cache the
+        backbone received (None when it makes its own, as on a prefill)."""
         self.forward_count += 1
         self.input_ids = input_ids if isinstance(input_ids, Tensor) else None
         self.x = inputs_embeds if isinstance(inputs_embeds, Tensor) else None
         is_2d = isinstance(attention_mask, Tensor) and attention_mask.dim() == 2
         self.attention_mask = attention_mask if is_2d else None
+        self.continuing = cache_has_history(cache)
+        self.new_state = None
+
+    def check_uncached(self, layer_index: int) -> None:
+        """A Resona layer's mixer was called without a generation cache: fine for a full forward,
+        an error when the model continues a cached sequence (the branch would see the new tokens only)."""
+        if self.continuing:
+            raise SurgeryError(
+                f"the model continues a cached sequence but the mixer of Resona layer {layer_index} received no "
+                "generation cache, so its branch cannot see the earlier tokens; generate with use_cache=False, "
+                "or retrofit with the family's cache keyword known (see `resona-adapt inspect`)"
+            )
 
     def record_embeddings(self, input_ids: Tensor | None, x: Tensor) -> None:
         self.x = x
@@ -42,7 +64,8 @@ class ResonaContext:
             self.input_ids = input_ids
 
     def clear(self) -> None:
-        self.x = self.input_ids = self.attention_mask = None
+        self.x = self.input_ids = self.attention_mask = self.new_state = None
+        self.continuing = False
 
     def lead(self, hidden: Tensor) -> int:
         """How many leading positions of the layer input ``hidden`` (B, L, D) come before X: the
@@ -96,15 +119,27 @@ def _bound_arguments(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[
         return dict(kwargs)
 
 
-def install_hooks(context: ResonaContext, backbone: nn.Module, embedding: nn.Module) -> list[RemovableHandle]:
-    """Register the two hooks that feed ``context``; returns their handles (remove to undo)."""
+def _argument(sig: inspect.Signature, bound: dict[str, Any], name: str) -> Any:
+    """Argument ``name`` of a bound call, also when the signature takes it through ``**kwargs``."""
+    if name in bound:
+        return bound[name]
+    var = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    extra = bound.get(var) if var else None
+    return extra.get(name) if isinstance(extra, dict) else None
+
+
+def install_hooks(context: ResonaContext, backbone: nn.Module, embedding: nn.Module,
+                  cache_kwarg: str | None = None) -> list[RemovableHandle]:
+    """Register the two hooks that feed ``context``; returns their handles (remove to undo).
+    ``cache_kwarg``: the backbone's parameter that carries the generation cache, if known."""
 
     sig = inspect.signature(backbone.forward)
     context.embedding = embedding
 
     def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = _bound_arguments(sig, args, kwargs)
-        context.begin(bound.get("input_ids"), bound.get("inputs_embeds"), bound.get("attention_mask"))
+        cache = _argument(sig, bound, cache_kwarg) if cache_kwarg else None
+        context.begin(bound.get("input_ids"), bound.get("inputs_embeds"), bound.get("attention_mask"), cache)
 
     def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if isinstance(output, Tensor):

@@ -1,9 +1,11 @@
 """Incremental decoding of a Resona branch: the same outputs as the full-sequence path, per new token.
 
-A forward that hands the wrapped mixer a generation cache goes through `cached_branch_forward`:
+A forward that hands the wrapped mixer a generation cache goes through `cached_branch_forward`
+(the layer finds the cache with ``ResonaLayer.cache_in_call``; the state's home is `cache.state_home`):
 
-- **Prefill** (the cache has no Resona state yet): the full-sequence path, unchanged (left padding
-  included), plus a new `ResonaCacheState` holding the prompt's ids and each row's padding.
+- **Prefill** (the cache has no Resona state yet, and holds no positions): a new `ResonaCacheState`
+  holding the prompt's ids and each row's padding; the caller runs the full-sequence path,
+  unchanged (left padding included). A cache that holds positions but no Resona state is an error.
 - **Continuation** (1 or more new tokens): the first Resona layer of the forward appends the new
   ids to the shared state. Each layer then (1) computes the unit embeddings of chunks that have
   completed since its last step, once, by re-embedding their ids; (2) scores its cached chunk
@@ -39,18 +41,31 @@ SUMMARY_TILE_BUDGET = 2**23  # floats of re-embedded context per summary tile (3
 
 
 def cached_branch_forward(branch: ResonaBranch, layer_index: int, context: ResonaContext, cache: Any,
-                          hidden: Tensor, y_m: Tensor) -> Tensor:
-    """The branch output mixed into ``y_m`` for a forward that carries a generation ``cache``.
+                          hidden: Tensor, y_m: Tensor | None) -> Tensor | None:
+    """The branch output for a forward whose mixer received the generation ``cache``, or None when
+    this forward is the prefill (the caller then runs the full-sequence path).
 
-    hidden: (B, Tn, D) the wrapped mixer's input; y_m: (B, Tn, D) its output. Returns (B, Tn, D).
+    hidden: (B, Tn, D) the wrapped mixer's input; y_m: (B, Tn, D) its output, into which the
+    branch is mixed, or None to get the unmixed retrieval output (B, Tn, out_dim) (AttentionSwap).
     """
+    _refuse_graph_capture()
     state = resona_cache(cache)
     B, Tn, _ = hidden.shape
-    if state is None or state.prefill_forward == context.forward_count:
-        pad = context.left_pad(Tn)  # (B,) or None
-        if state is None:
-            attach(cache, _new_state(branch, context, hidden, pad))
-        return branch(hidden, context.embeddings_for(hidden), y_m, pad=pad)
+    if state is None:
+        state = context.new_state  # started by an earlier Resona layer of this forward (another home)
+        if state is None or state.prefill_forward != context.forward_count:
+            if context.continuing:
+                raise SurgeryError(
+                    f"Resona layer {layer_index} got a generation cache ({type(cache).__name__}) that already holds "
+                    "positions but no Resona state: it was filled before retrofit, replaced by a copy, or the state "
+                    "was lost; Resona cannot see those tokens. Start from an empty cache (a new generate() call), "
+                    "or generate with use_cache=False"
+                )
+            state = _new_state(branch, context, hidden, context.left_pad(Tn))
+            context.new_state = state
+        attach(cache, state)
+    if state.prefill_forward == context.forward_count:
+        return None
     if state.error is not None:
         raise SurgeryError(state.error)
     if state.forward_id != context.forward_count:  # the first Resona layer of this forward
@@ -74,7 +89,18 @@ def cached_branch_forward(branch: ResonaBranch, layer_index: int, context: Reson
             f"got {B} and {Tn}; the generation cache and the Resona state went out of step"
         )
     update_summaries(branch, layer_index, state, context.embed)
-    return decode_step(branch, layer_index, state, hidden, y_m, context.embed)
+    y_r, h_hat = decode_step(branch, layer_index, state, hidden, context.embed)
+    return y_r if y_m is None else branch.mix(y_m, y_r, h_hat)
+
+
+def _refuse_graph_capture() -> None:
+    """Resona's decode step branches on data in Python; a CUDA graph (mamba-ssm's ``cg=True``) cannot
+    record that."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise SurgeryError(
+            "Resona layers cannot be captured in a CUDA graph (mamba-ssm's generate(cg=True)); "
+            "generate with cg=False"
+        )
 
 
 def _new_state(branch: ResonaBranch, context: ResonaContext, hidden: Tensor, pad: Tensor | None) -> ResonaCacheState:
@@ -132,10 +158,11 @@ def update_summaries(branch: ResonaBranch, layer_index: int, state: ResonaCacheS
     state.synced[layer_index] = L
 
 
-def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState, hidden: Tensor, y_m: Tensor,
-                embed: Callable[[Tensor], Tensor]) -> Tensor:
-    """Mix the retrieval output of the ``Tn`` newest positions into ``y_m`` (B, Tn, D); the state
-    already holds their ids and the summaries of every chunk completed before them."""
+def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState, hidden: Tensor,
+                embed: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """The retrieval output y_r (B, Tn, out_dim) of the ``Tn`` newest positions and their normalised
+    input h_hat (B, Tn, D) (for the mix); the state already holds their ids and the summaries of
+    every chunk completed before them."""
     cfg = branch.config
     U, H, dh = cfg.chunk_size, cfg.num_heads, cfg.head_dim
     B, Tn, D = hidden.shape
@@ -159,8 +186,8 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
             for t0 in range(0, Tn, tile)
         ]
         attn = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, Tn, H*d)
-    y_r = branch.o_proj(attn.to(branch.o_proj.weight.dtype))  # (B, Tn, D)
-    return branch.mix(y_m, y_r, h_hat)
+    y_r = branch.o_proj(attn.to(branch.o_proj.weight.dtype))  # (B, Tn, out_dim)
+    return y_r, h_hat
 
 
 def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor, idx: Tensor, bias: Tensor,

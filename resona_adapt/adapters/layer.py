@@ -4,9 +4,11 @@ The wrapper takes the mixer's place in its block (``block.mixer = ResonaLayer(bl
 so the decoder-layer list, its indices and everything the model looks up by list position stay as
 they were. It calls the original mixer with exactly the arguments it was given, mixes the Resona
 branch into the first output, and returns the same type the mixer returned. When the call carries
-a generation cache (``cache_params=`` / ``past_key_values=``), the branch runs incrementally with
-its state on that cache (`decode.py`). Attributes it does not
-have are looked up on the original mixer (``layer_idx`` and friends).
+a generation cache, the branch runs incrementally with its state on that cache (`decode.py`).
+`cache_in_call` is the one place that knows where the cache is: the keyword or position recorded
+by `retrofit` (``ArchSpec.cache_kwarg`` / ``cache_arg_index``, or the mixer's signature for
+architectures the registry does not know). Attributes it does not have are looked up on the
+original mixer (``layer_idx`` and friends).
 
 Two family hooks (set by `retrofit` from the family's ArchSpec):
 - ``output_scale()``: a factor the model applies to this mixer's output at inference (RWKV divides
@@ -26,7 +28,6 @@ from torch import Tensor, nn
 
 from ..errors import SurgeryError
 from .branch import ResonaBranch
-from .cache import generation_cache
 from .context import ResonaContext
 from .decode import cached_branch_forward
 
@@ -77,6 +78,15 @@ class ResonaLayer(nn.Module):
             return args[self.cache_arg_index]
         return kwargs.get(self.cache_kwarg) if self.cache_kwarg else None
 
+    def cached_output(self, args: tuple, kwargs: dict, h: Tensor, y: Tensor | None) -> Tensor | None:
+        """The branch output of a decoding step (mixed into ``y``, or unmixed when ``y`` is None), or
+        None when the full-sequence path must run (no cache in this call, or the prefill)."""
+        cache = self.cache_in_call(args, kwargs)
+        if cache is None:
+            self._context.check_uncached(self.layer_index)
+            return None
+        return cached_branch_forward(self.resona, self.layer_index, self._context, cache, h, y)
+
     @property
     def context(self) -> ResonaContext:
         return self._context
@@ -90,10 +100,8 @@ class ResonaLayer(nn.Module):
         scale = self.output_scale() if self.output_scale is not None else 1.0
         if scale != 1.0:
             y = y / scale
-        cache = generation_cache(kwargs)
-        if cache is not None:  # prefill or incremental decoding (adapters/decode.py)
-            mixed = cached_branch_forward(self.resona, self.layer_index, self._context, cache, h, y)  # (B, T, D)
-        else:
+        mixed = self.cached_output(args, kwargs, h, y)  # (B, T, D) on a decoding step, else None
+        if mixed is None:  # the full-sequence path (also the prefill of a cached forward)
             x = self._context.embeddings_for(h)  # (B, T, D)
             pad = self._context.left_pad(h.shape[1])  # (B,) or None
             mixed = self.resona(h, x, y, pad=pad)  # (B, T, D)

@@ -13,10 +13,15 @@ trains three consecutive swapped layers). Details:
 - The original heads still run, on exactly their arguments: their keys/values (returned as the
   second element) feed the later layers of the KV-reuse group and the cache keeps its usual
   content. Their attention output is discarded, except at the meta-token positions before X, which
-  keep it (they hold no input-dependent information).
+  keep it (they hold no input-dependent information); with left padding the model moves the pads
+  in front of the meta tokens, so the first pad count of positions after the lead (pads or meta
+  tokens) keep it too.
 - The branch's output projection maps to the heads' width (num_heads * v_head_dim) and starts
   random, not zero: a zero output would make the block's per-branch RMSNorm divide by ~sqrt(eps).
   This mode replaces a module, so it is not function-preserving; ``mix`` does not apply.
+- Generation: the heads receive the model's cache (``past_key_value=``, `cache_in_call`), so the
+  swap decodes incrementally like any Resona layer (`decode.py`), returning the unmixed
+  retrieval output of the new tokens; the meta tokens are only in the prefill.
 """
 
 from __future__ import annotations
@@ -54,11 +59,18 @@ class AttentionSwap(ResonaLayer):
             raise RuntimeError("AttentionSwap ran without its block's input: the capture hook is missing")
         lead = self._context.lead(hidden)
         h = hidden[:, lead:]  # (B, T, D)
-        x = self._context.embeddings_for(h)  # (B, T, D)
-        pad = self._context.left_pad(h.shape[1])  # (B,) or None
-        if pad is not None and bool(pad.any()):
-            y_r = right_align(self.resona.retrieve(left_align(h, pad), left_align(x, pad)), pad)  # (B, T, A)
-        else:
-            y_r = self.resona.retrieve(h, x)  # (B, T, A)
+        y_r = self.cached_output(args, kwargs, h, None)  # (B, T, A) on a decoding step, else None
+        if y_r is None:  # the full-sequence path (also the prefill of a cached forward)
+            x = self._context.embeddings_for(h)  # (B, T, D)
+            pad = self._context.left_pad(h.shape[1])  # (B,) or None
+            if pad is not None and bool(pad.any()):
+                y_r = right_align(self.resona.retrieve(left_align(h, pad), left_align(x, pad)), pad)  # (B, T, A)
+                # The first pad[b] positions of row b are no input tokens: with meta tokens, the model
+                # moves the pads in front of them, so these are pads or meta tokens. They keep the heads'
+                # output, as the meta positions before them do.
+                before = torch.arange(h.shape[1], device=h.device).unsqueeze(0) < pad.unsqueeze(1)  # (B, T)
+                y_r = torch.where(before.unsqueeze(-1), y_attn[:, lead:].to(y_r.dtype), y_r)
+            else:
+                y_r = self.resona.retrieve(h, x)  # (B, T, A)
         y = torch.cat([y_attn[:, :lead], y_r.to(y_attn.dtype)], dim=1) if lead else y_r.to(y_attn.dtype)  # (B, L, A)
         return rebuild(y)

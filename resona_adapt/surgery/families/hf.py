@@ -3,7 +3,7 @@
 Per family: the decoder-layer list, the attribute of the recurrent mixer in recurrent layers, the
 attribute of the attention (or MLP) module in the other layers, the kind of every layer (from
 ``config.layer_types`` where the config has them), and the keyword that carries the generation
-cache into each mixer (``cache_kwarg``; phase 2 hangs the Resona decode state on that object).
+cache into each mixer (``cache_kwarg``: where the Resona decode state is found, adapters/cache.py).
 Facts measured on transformers 5.23 (tests/test_families.py re-checks them on tiny models):
 - layers are called positionally in Zamba/Zamba2/RecurrentGemma/xLSTM, but their mixers get
   keywords, except xLSTM's ``mlstm_layer(x, state)`` (the cache is positional argument 1);
