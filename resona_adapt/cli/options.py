@@ -19,7 +19,7 @@ def model_options(f: Callable) -> Callable:
                      help="Allow the checkpoint's own Python code to run (only for checkpoints you trust).")(f)
     f = click.option("--model", "model_name", required=True,
                      help="Local checkpoint directory, a hub id already in the HF cache, or a built-in "
-                          "model (tiny-mamba, tiny-mamba2, tiny-falcon-mamba).")(f)
+                          "model (tiny-mamba, tiny-mamba2, tiny-falcon-mamba) or a shipped pretrained one (mqar-mamba2).")(f)
     return f
 
 
