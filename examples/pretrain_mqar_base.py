@@ -70,13 +70,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=400)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--init", type=Path, default=None, help="continue from this checkpoint instead of a fresh model")
+    ap.add_argument("--phases", default=None, help="curriculum override, e.g. 0.5:2,4,8;0.5:4,8,16")
     args = ap.parse_args()
+    global PHASES
+    if args.phases:
+        PHASES = tuple((float(f), tuple(int(k) for k in kv.split(","))) for f, kv in
+                       (p.split(":") for p in args.phases.split(";")))
     torch.set_num_threads(args.threads)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
 
-    model = build_model(args.layers, args.seed)
+    if args.init is not None:
+        from transformers import Mamba2ForCausalLM
+
+        model = Mamba2ForCausalLM.from_pretrained(args.init)
+    else:
+        model = build_model(args.layers, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Mamba2, {args.layers} layers, {n_params:,} parameters; {args.steps} steps of {args.batch} x {args.seq_len}")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -113,6 +124,10 @@ def main() -> None:
     with atomic_directory(args.out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
+        if args.init is not None:  # keep the history of a continued run
+            earlier = args.init / "training.json"
+            if earlier.is_file():
+                recipe["continued_from"] = json.loads(earlier.read_text())
         (tmp / "training.json").write_text(json.dumps({
             "script": "examples/pretrain_mqar_base.py",
             "recipe": recipe,

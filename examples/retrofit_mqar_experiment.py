@@ -22,6 +22,27 @@ from resona_adapt import load_model, resona_parameters, retrofit
 from resona_adapt.evaluation import evaluate_mqar, parse_grid
 from resona_adapt.recipes import MQAR_QUICK_RECIPE, MQAR_RECIPE, fit_mqar, parse_phases
 
+def search_hits(model, seq_len: int = 256, pairs: int = 64, n: int = 64) -> dict[int, float]:
+    """Per Resona layer: how often a query's first selected chunk is its own (key, value) pair (chunk size 2)."""
+    from resona_adapt import resona_layers
+    from resona_adapt.evaluation.baselines import chunk_selection
+    from resona_adapt.tasks import IGNORE, mqar
+
+    data = mqar(n, seq_len, pairs, int(model.config.vocab_size), seed=4242)
+    out = {}
+    for index in sorted(resona_layers(model)):
+        idx, U = chunk_selection(model, data.inputs, layer=index)  # (n, T, K)
+        hits = total = 0
+        for b in range(n):
+            keys = {int(data.inputs[b, 2 * c]): c for c in range(pairs)}
+            for t in (data.labels[b] != IGNORE).nonzero().flatten().tolist():
+                want = keys[int(data.inputs[b, t])] * 2 // U
+                hits += int(idx[b, t, 0]) == want
+                total += 1
+        out[index] = hits / max(total, 1)
+    return out
+
+
 GRID = parse_grid((64, 128, 256, 512), (8, 16, 32, 64, 128))
 QUICK_GRID = [(64, 8), (256, 64), (512, 128)]
 
@@ -73,6 +94,7 @@ def main() -> None:
     n_params = sum(p.numel() for _, p in resona_parameters(model))
     print(f"recipe: {json.dumps(recipe.to_dict())}")
     print(f"Resona layers {model.config.resona['layers']}, {n_params:,} trainable parameters; base eval {base_s:.0f}s")
+    print(f"search top-1 hits at 256/64 before training: {search_hits(model)}")
 
     start = time.time()
 
@@ -82,6 +104,7 @@ def main() -> None:
 
     fit_mqar(model, recipe, on_step=on_step)
     train_s = time.time() - start
+    print(f"search top-1 hits at 256/64 after training: {search_hits(model)}")
     retro = evaluate_mqar(model, grid, num_examples=args.eval_examples, batch_size=32, seed=0)
     print(f"trained {recipe.steps} steps in {train_s:.0f}s ({train_s / recipe.steps:.2f} s/step)")
     print("| seq_len | kv_pairs | base acc | retrofit acc | base strict | retrofit strict |")

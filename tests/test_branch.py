@@ -41,7 +41,12 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
             scored = []
             for c in range(T // U):
                 if (c + 1) * U <= t:
-                    summary = F.normalize(branch.context_encoder(x_hat[b, c * U:(c + 1) * U].mean(0)), dim=-1)
+                    chunk = x_hat[b, c * U:(c + 1) * U]  # (U, D)
+                    if branch.pool_logits is None:
+                        pooled = chunk.mean(0)
+                    else:
+                        pooled = (torch.softmax(branch.pool_logits, 0)[:, None] * chunk).sum(0)
+                    summary = F.normalize(branch.context_encoder(pooled), dim=-1)
                     scored.append((float(q_s @ summary), c, q_s @ summary))
             scored.sort(key=lambda s: -s[0])
             chosen = scored[:top_k]
@@ -64,9 +69,10 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
     return branch.o_proj(out)
 
 
-@pytest.mark.parametrize("top_k, T, sink", [(1, 19, True), (2, 21, True), (3, 16, False), (8, 13, True)])
-def test_matches_dense_reference(top_k, T, sink):
-    branch = make_branch(top_k=top_k, sink=sink)
+@pytest.mark.parametrize("top_k, T, sink, pool", [(1, 19, True, "mean"), (2, 21, True, "mean"), (3, 16, False, "mean"),
+                                                  (8, 13, True, "mean"), (2, 21, True, "weighted")])
+def test_matches_dense_reference(top_k, T, sink, pool):
+    branch = make_branch(top_k=top_k, sink=sink, chunk_pool=pool)
     h, x = torch.randn(2, T, D), torch.randn(2, T, D)
     with torch.no_grad():
         fast = branch.retrieve(h, x)
