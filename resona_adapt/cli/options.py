@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import click
 
-from ..config import MIX_MODES, ResonaConfig
+from ..config import CHUNK_POOLS, MIX_MODES, ResonaConfig
 
 
 def model_options(f: Callable) -> Callable:
@@ -23,7 +23,8 @@ def model_options(f: Callable) -> Callable:
     return f
 
 
-CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "mix", "alpha")
+CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "chunk_pool",
+                 "mix", "alpha")
 
 
 def resona_config_options(f: Callable) -> Callable:
@@ -34,6 +35,9 @@ def resona_config_options(f: Callable) -> Callable:
         if name == "mix":
             f = click.option(flag, type=click.Choice(MIX_MODES), default=None,
                              help=f"Mixing mode (default {defaults.mix}).")(f)
+        elif name == "chunk_pool":
+            f = click.option(flag, type=click.Choice(CHUNK_POOLS), default=None,
+                             help=f"Chunk summary for the search (default {defaults.chunk_pool}).")(f)
         else:
             kind = float if name in ("score_scale", "alpha") else int
             f = click.option(flag, type=kind, default=None,
