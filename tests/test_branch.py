@@ -202,3 +202,20 @@ def test_16k_tokens_never_build_a_t_by_t_tensor():
     with torch.no_grad(), MaxNumel() as half:
         branch(h2, x2, torch.zeros_like(h2))
     assert probe.max_numel <= 2.5 * half.max_numel
+
+
+def test_weighted_chunk_pool_starts_as_the_mean_and_is_a_config_option():
+    torch.manual_seed(0)
+    mean = ResonaBranch(D, ResonaConfig(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16))
+    torch.manual_seed(0)
+    weighted = ResonaBranch(D, ResonaConfig(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16,
+                                            chunk_pool="weighted"))
+    assert mean.pool_logits is None and weighted.pool_logits.shape == (4,)
+    x = torch.randn(2, 16, D)
+    with torch.no_grad():
+        torch.testing.assert_close(weighted.chunk_embeddings(x), mean.chunk_embeddings(x))
+        weighted.pool_logits.copy_(torch.tensor([30.0, 0.0, 0.0, 0.0]))  # all weight on each chunk's first token
+        first = F.normalize(weighted.context_encoder(x[:, 0::4]), dim=-1)
+        torch.testing.assert_close(weighted.chunk_embeddings(x), first, atol=1e-5, rtol=1e-4)
+    with pytest.raises(Exception, match="chunk_pool"):
+        ResonaConfig(chunk_pool="max")

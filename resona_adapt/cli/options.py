@@ -19,12 +19,13 @@ def model_options(f: Callable) -> Callable:
                      help="Allow the checkpoint's own Python code to run (only for checkpoints you trust).")(f)
     f = click.option("--model", "model_name", required=True,
                      help="Local checkpoint directory, a hub id already in the HF cache, or a built-in "
-                          "model (tiny-mamba, tiny-mamba2, tiny-falcon-mamba) or a shipped pretrained one (mqar-mamba2).")(f)
+                          "model (tiny-mamba, tiny-mamba2, tiny-falcon-mamba, tiny-hymba) or a shipped "
+                          "pretrained one (mqar-mamba2).")(f)
     return f
 
 
 CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "chunk_pool",
-                 "mix", "alpha")
+                 "mix", "alpha", "replace_attention")
 
 
 def resona_config_options(f: Callable) -> Callable:
@@ -38,6 +39,10 @@ def resona_config_options(f: Callable) -> Callable:
         elif name == "chunk_pool":
             f = click.option(flag, type=click.Choice(CHUNK_POOLS), default=None,
                              help=f"Chunk summary for the search (default {defaults.chunk_pool}).")(f)
+        elif name == "replace_attention":
+            f = click.option(flag, is_flag=True, default=None,
+                             help="Hybrid-head models (Hymba): replace the chosen layers' attention heads with the "
+                                  "Resona branch instead of adding it as a third branch (not function-preserving).")(f)
         else:
             kind = float if name in ("score_scale", "alpha") else int
             f = click.option(flag, type=kind, default=None,

@@ -47,17 +47,15 @@ def jrt_tokens(context: list[int], question: list[int], repeats: int = 2) -> lis
 # -- Resona bypass and chunk selection ------------------------------------------------------------
 @contextmanager
 def resona_bypassed(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, every Resona layer runs only its base mixer (the base model's function)."""
-    from ..retrofit import resona_layers
+    """Within the block the model runs as its base (`persist.base_view`); a base model is left as is."""
+    from ..persist import base_view
+    from ..retrofit import retrofit_state
 
-    layers = list(resona_layers(model).values())
-    for layer in layers:
-        layer.__dict__["forward"] = layer.base_layer.forward
-    try:
+    if retrofit_state(model) is None:
         yield model
-    finally:
-        for layer in layers:
-            layer.__dict__.pop("forward", None)
+        return
+    with base_view(model):
+        yield model
 
 
 @torch.no_grad()

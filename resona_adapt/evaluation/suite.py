@@ -44,8 +44,12 @@ def run_mqar(model: nn.Module, variants: Sequence[str], opts: dict, rag_layer: i
             def transform(inputs, labels):
                 pairs = int((labels != -100).sum(dim=1).max())
                 return baselines.rag_mqar(model, inputs, labels, pairs, layer=rag_layer)
-        with variant_context(model, variant):
-            results = evaluate_mqar(model, grid, num_examples=opts["examples"], batch_size=opts["batch_size"],
+        # RAG-append selects with the live branches (in the transform) and answers with the base
+        answer_model = _Bypassing(model) if variant == "rag-append" else model
+        ctx = variant_context(model, variant) if variant in ("base", "jrt-prompt") else contextlib.nullcontext()
+        with ctx:
+            results = evaluate_mqar(answer_model, grid, num_examples=opts["examples"],
+                                    batch_size=opts["batch_size"], vocab_size=int(model.config.vocab_size),
                                     seed=opts["seed"], transform=transform, progress=progress)
         rows += [{"variant": variant, **r.to_dict()} for r in results]
     return rows
