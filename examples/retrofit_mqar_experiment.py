@@ -56,6 +56,7 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("score_scale", "lr_multiplier"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=None)
+    ap.add_argument("--chunk-pool", choices=("mean", "weighted"), default=None)
     ap.add_argument("--base-lr", type=float, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)
@@ -74,7 +75,8 @@ def main() -> None:
 
     recipe = MQAR_QUICK_RECIPE if args.quick else MQAR_RECIPE
     cfg_over = {k: getattr(args, k) for k in ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim",
-                                              "search_dim", "score_scale", "lr_multiplier") if getattr(args, k) is not None}
+                                              "search_dim", "score_scale", "lr_multiplier", "chunk_pool")
+                if getattr(args, k) is not None}
     rec_over = {k: getattr(args, k) for k in ("base_lr", "steps", "batch_size", "seed") if getattr(args, k) is not None}
     if args.layers is not None:
         rec_over["layers"] = tuple(int(i) for i in args.layers.split(","))
