@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--phase", action="append", default=None, help="FRACTION:SEQ_LEN:KV[,KV] (repeatable)")
     ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--eval-examples", type=int, default=256)
+    ap.add_argument("--eval-examples", type=int, default=None, help="test examples per point (256; 64 with --quick)")
     ap.add_argument("--grid", default=None, help="e.g. 64x8,256x64 (default: the full grid, or 3 points with --quick)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1)
@@ -83,6 +83,7 @@ def main() -> None:
     if args.phase:
         rec_over["phases"] = parse_phases(args.phase)
     recipe = dataclasses.replace(recipe, config=dataclasses.replace(recipe.config, **cfg_over), **rec_over)
+    args.eval_examples = args.eval_examples or (64 if args.quick else 256)
     if args.grid:
         grid = [tuple(int(v) for v in p.split("x")) for p in args.grid.split(",")]
     else:

@@ -104,8 +104,6 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     A retrofitted model is also scored with its Resona branches bypassed (its base), unless --no-base.
     """
     app.quiet_libraries()
-    import torch
-
     from ..errors import ResonaError
     from ..evaluation.plot import require_matplotlib
     from ..loading import load_model
@@ -119,7 +117,6 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         raise ResonaError(f"--task {task} needs --data ({'a JSON-lines QA file' if task == 'qa' else 'a text file'})")
     if task == "ppl" and baseline:
         raise ResonaError("the prompt baselines apply to recall tasks (mqar, niah, qa), not to perplexity")
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     with app.terminal.status(f"loading {model_name}"):
         model = load_model(model_name, trust_remote_code=trust_remote_code)
     model.eval()
