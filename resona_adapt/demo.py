@@ -57,10 +57,6 @@ def recipe_train_config(recipe: RetrofitRecipe, progress: bool):
                        progress=progress)
 
 
-def _table(results: Sequence[MQARResult]) -> list[dict]:
-    return [r.to_dict() for r in results]
-
-
 def run_demo(output: str | Path, *, quick: bool = False, examples: int | None = None,
              grid: Sequence[tuple[int, int]] | None = None, progress: bool = False, console: Any = None,
              say: Callable[[str], None] = lambda text: None) -> dict:
