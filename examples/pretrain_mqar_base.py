@@ -15,8 +15,8 @@ decay 0.1 on matrices), linear warm-up over 5% of its steps then cosine decay to
 Each step draws a fresh seeded batch (seeds disjoint from the evaluation sets). The result recalls
 at short lengths with few pairs and collapses as the pairs grow with the length, which is what a
 retrofit must fix. It is written with ``save_pretrained`` (config.json + model.safetensors, ~1 MB)
-plus ``training.json`` (this recipe and the measured accuracy table), atomically. About 35
-minutes on one core of this project's CPU machine when it has the core to itself.
+plus ``training.json`` (this recipe and the measured accuracy table), atomically. The shipped
+weights took 53 minutes of wall time on one thread of this project's shared 2-core CPU machine.
 """
 
 from __future__ import annotations
