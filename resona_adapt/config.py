@@ -22,6 +22,7 @@ MIX_MODES = ("residual", "gated", "paper", "paper-dynamic")
 """
 
 FUNCTION_PRESERVING_MIXES = ("residual", "gated")
+CHUNK_POOLS = ("mean", "weighted")
 
 
 @dataclass
@@ -57,6 +58,11 @@ class ResonaConfig:
         metadata={"help": "Add a learnable attention-sink logit (value 0) per head, so absolute logits "
                   "matter and top_k=1 still passes gradient to the search."},
     )
+    chunk_pool: str = field(
+        default="mean",
+        metadata={"help": "How a chunk's embeddings are pooled into its search summary: 'mean', or "
+                  "'weighted' (softmax of a learned logit per position within the chunk; starts as the mean)."},
+    )
     mix: str = field(default="residual", metadata={"help": f"Mixing mode, one of {MIX_MODES}."})
     alpha: float = field(default=0.5, metadata={"help": "Weight a of Ym in the paper mixes (0 < a < 1)."})
     lr_multiplier: float = field(
@@ -86,6 +92,9 @@ class ResonaConfig:
         for name in ("train_top_k", "query_tile", "num_heads", "head_dim", "search_dim"):
             if getattr(self, name) is not None:
                 positive_int(name)
+        if self.chunk_pool not in CHUNK_POOLS:
+            raise ResonaConfigError(
+                f"ResonaConfig.chunk_pool must be one of {', '.join(CHUNK_POOLS)}; got {self.chunk_pool!r}")
         if not isinstance(self.replace_attention, bool):
             raise ResonaConfigError(f"ResonaConfig.replace_attention must be true or false, got {self.replace_attention!r}")
         if self.mix not in MIX_MODES:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ModelNotFoundError
-from .models import BUILTIN_MODELS, build_builtin
+from .models import BUILTIN_MODELS, PRETRAINED_ASSETS, asset_path, build_builtin
 
 
 def hf_hub_cache() -> Path:
@@ -34,7 +34,10 @@ def _from_cache(repo_id: str, cache: Path) -> Path | None:
 
 def resolve_model_path(name: str) -> Path:
     """A local checkpoint directory for ``name``: the directory itself, or the hub id's snapshot in
-    the HF cache. Never downloads; the error says where it looked and how to get the files."""
+    the HF cache. Never downloads; the error says where it looked and how to get the files.
+    Names of shipped pretrained models (``mqar-mamba2``) resolve to their package directory."""
+    if name in PRETRAINED_ASSETS:
+        return asset_path(name)
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -46,7 +49,7 @@ def resolve_model_path(name: str) -> Path:
         snapshot = _from_cache(name, cache)
         if snapshot is not None:
             return snapshot
-    builtin = ", ".join(sorted(BUILTIN_MODELS))
+    builtin = ", ".join(sorted(BUILTIN_MODELS) + sorted(PRETRAINED_ASSETS))
     raise ModelNotFoundError(
         f"model {name!r} not found: it is not a local directory"
         + (f", and {cache} holds no snapshot of it" if looks_like_id else "")

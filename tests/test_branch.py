@@ -41,7 +41,12 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
             scored = []
             for c in range(T // U):
                 if (c + 1) * U <= t:
-                    summary = F.normalize(branch.context_encoder(x_hat[b, c * U:(c + 1) * U].mean(0)), dim=-1)
+                    chunk = x_hat[b, c * U:(c + 1) * U]  # (U, D)
+                    if branch.pool_logits is None:
+                        pooled = chunk.mean(0)
+                    else:
+                        pooled = (torch.softmax(branch.pool_logits, 0)[:, None] * chunk).sum(0)
+                    summary = F.normalize(branch.context_encoder(pooled), dim=-1)
                     scored.append((float(q_s @ summary), c, q_s @ summary))
             scored.sort(key=lambda s: -s[0])
             chosen = scored[:top_k]
@@ -64,9 +69,10 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
     return branch.o_proj(out)
 
 
-@pytest.mark.parametrize("top_k, T, sink", [(1, 19, True), (2, 21, True), (3, 16, False), (8, 13, True)])
-def test_matches_dense_reference(top_k, T, sink):
-    branch = make_branch(top_k=top_k, sink=sink)
+@pytest.mark.parametrize("top_k, T, sink, pool", [(1, 19, True, "mean"), (2, 21, True, "mean"), (3, 16, False, "mean"),
+                                                  (8, 13, True, "mean"), (2, 21, True, "weighted")])
+def test_matches_dense_reference(top_k, T, sink, pool):
+    branch = make_branch(top_k=top_k, sink=sink, chunk_pool=pool)
     h, x = torch.randn(2, T, D), torch.randn(2, T, D)
     with torch.no_grad():
         fast = branch.retrieve(h, x)
@@ -196,3 +202,20 @@ def test_16k_tokens_never_build_a_t_by_t_tensor():
     with torch.no_grad(), MaxNumel() as half:
         branch(h2, x2, torch.zeros_like(h2))
     assert probe.max_numel <= 2.5 * half.max_numel
+
+
+def test_weighted_chunk_pool_starts_as_the_mean_and_is_a_config_option():
+    torch.manual_seed(0)
+    mean = ResonaBranch(D, ResonaConfig(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16))
+    torch.manual_seed(0)
+    weighted = ResonaBranch(D, ResonaConfig(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16,
+                                            chunk_pool="weighted"))
+    assert mean.pool_logits is None and weighted.pool_logits.shape == (4,)
+    x = torch.randn(2, 16, D)
+    with torch.no_grad():
+        torch.testing.assert_close(weighted.chunk_embeddings(x), mean.chunk_embeddings(x))
+        weighted.pool_logits.copy_(torch.tensor([30.0, 0.0, 0.0, 0.0]))  # all weight on each chunk's first token
+        first = F.normalize(weighted.context_encoder(x[:, 0::4]), dim=-1)
+        torch.testing.assert_close(weighted.chunk_embeddings(x), first, atol=1e-5, rtol=1e-4)
+    with pytest.raises(Exception, match="chunk_pool"):
+        ResonaConfig(chunk_pool="max")

@@ -255,3 +255,15 @@ def test_a_decode_step_never_projects_context_tokens():
     per_layer_step = 2 * U  # top_k chunks of U tokens
     completed = 2 * len(layers) * U  # chunks 5 and 6 complete at lengths 24 and 28, once per layer
     assert sum(embedded) == 8 * len(layers) * per_layer_step + completed
+
+
+def test_weighted_chunk_pool_steps_equal_a_full_forward():
+    model = build_tiny("mamba2")
+    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, chunk_pool="weighted", **CFG))
+    randomize_resona(model)
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(0, VOCAB, (2, 27), generator=torch.Generator().manual_seed(3))
+    full = full_logits(model, ids)
+    steps, _ = stepwise_logits(model, ids, prefill=5)
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    assert_branch_is_live(model, ids)

@@ -55,6 +55,8 @@ class ResonaBranch(nn.Module):
         self.o_proj = nn.Linear(H * dh, out_dim or d_model, bias=False, **kw)  # out_dim: Hymba's attention width
         self.sink_logit = nn.Parameter(torch.zeros(H, **kw)) if config.sink else None
         self.pos_bias = nn.Parameter(torch.zeros(H, U, **kw))
+        # chunk_pool="weighted": summary = sum_j softmax(pool_logits)_j x_hat[c*U + j] (zeros = the mean)
+        self.pool_logits = nn.Parameter(torch.zeros(U, **kw)) if config.chunk_pool == "weighted" else None
         self.mix = Mix(d_model, config, **kw)
         self.reset_parameters()
 
@@ -75,6 +77,8 @@ class ResonaBranch(nn.Module):
         if self.sink_logit is not None:
             nn.init.zeros_(self.sink_logit)
         nn.init.zeros_(self.pos_bias)
+        if self.pool_logits is not None:
+            nn.init.zeros_(self.pool_logits)
 
     # -- pieces, also used by incremental decoding -------------------------------------------
     def search_queries(self, h_hat: Tensor) -> Tensor:
@@ -83,7 +87,14 @@ class ResonaBranch(nn.Module):
 
     def chunk_embeddings(self, x_hat: Tensor) -> Tensor:
         """x_hat: (B, T, D) normalised embeddings -> (B, N, E) unit embeddings of complete chunks."""
-        means = chunk_means(x_hat, self.config.chunk_size)  # (B, N, D)
+        U = self.config.chunk_size
+        if self.pool_logits is None:
+            means = chunk_means(x_hat, U)  # (B, N, D)
+        else:
+            B, T, D = x_hat.shape
+            w = torch.softmax(self.pool_logits.float(), dim=0).to(x_hat.dtype)  # (U,)
+            chunks = x_hat[:, : (T // U) * U].reshape(B, T // U, U, D)  # (B, N, U, D)
+            means = torch.einsum("bnud,u->bnd", chunks, w)  # (B, N, D)
         return F.normalize(self.context_encoder(means).float(), dim=-1)
 
     def heads(self, t: Tensor) -> Tensor:

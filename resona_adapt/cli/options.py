@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import click
 
-from ..config import MIX_MODES, ResonaConfig
+from ..config import CHUNK_POOLS, MIX_MODES, ResonaConfig
 
 
 def model_options(f: Callable) -> Callable:
@@ -19,12 +19,13 @@ def model_options(f: Callable) -> Callable:
                      help="Allow the checkpoint's own Python code to run (only for checkpoints you trust).")(f)
     f = click.option("--model", "model_name", required=True,
                      help="Local checkpoint directory, a hub id already in the HF cache, or a built-in "
-                          "model (tiny-mamba, tiny-mamba2, tiny-falcon-mamba, tiny-hymba).")(f)
+                          "model (tiny-mamba, tiny-mamba2, tiny-falcon-mamba, tiny-hymba) or a shipped "
+                          "pretrained one (mqar-mamba2).")(f)
     return f
 
 
-CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "mix", "alpha",
-                 "replace_attention")
+CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "chunk_pool",
+                 "mix", "alpha", "replace_attention")
 
 
 def resona_config_options(f: Callable) -> Callable:
@@ -35,6 +36,9 @@ def resona_config_options(f: Callable) -> Callable:
         if name == "mix":
             f = click.option(flag, type=click.Choice(MIX_MODES), default=None,
                              help=f"Mixing mode (default {defaults.mix}).")(f)
+        elif name == "chunk_pool":
+            f = click.option(flag, type=click.Choice(CHUNK_POOLS), default=None,
+                             help=f"Chunk summary for the search (default {defaults.chunk_pool}).")(f)
         elif name == "replace_attention":
             f = click.option(flag, is_flag=True, default=None,
                              help="Hybrid-head models (Hymba): replace the chosen layers' attention heads with the "

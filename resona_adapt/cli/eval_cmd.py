@@ -1,0 +1,210 @@
+"""``resona-adapt eval``: MQAR, NIAH, QA and perplexity of a model, with prompt baselines beside it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import click
+
+from .app import App
+from .options import model_options
+
+TASKS = ("mqar", "niah", "qa", "ppl")
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise click.BadParameter(f"expected a comma list of positive integers such as 64,128; got {text!r}", param_hint=flag)
+    return values
+
+
+@contextmanager
+def _progress(app: App, total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr (hidden with -q); yields ``advance(n)``."""
+    if app.verbosity < 0:
+        yield lambda n: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=app.terminal.err, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _tokenizer(model_name: str, tokenizer_path: str | None, trust_remote_code: bool) -> Any:
+    """The tokenizer of --tokenizer, else the checkpoint's own, else None."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from ..loading import resolve_model_path
+    from ..models import BUILTIN_MODELS
+
+    source = tokenizer_path
+    if source is None:
+        if model_name in BUILTIN_MODELS:
+            return None
+        try:
+            source = str(resolve_model_path(model_name))
+        except Exception:  # noqa: BLE001 - built-in assets and the like: no tokenizer
+            return None
+        if not any((Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return None
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"cannot load a tokenizer from {source}: {exc}") from exc
+
+
+@click.command("eval")
+@model_options
+@click.option("--task", type=click.Choice(TASKS), required=True, help="What to evaluate.")
+@click.option("--seq-len", default="64,128,256,512", show_default=True, help="MQAR sequence lengths.")
+@click.option("--kv-pairs", default="8,16,32,64", show_default=True, help="MQAR key-value pairs (4 x pairs <= length).")
+@click.option("--examples", default=256, show_default=True, type=int, help="MQAR test examples per grid point.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--context", default="1k,2k,4k", show_default=True, help="NIAH context lengths in tokens (512, 1k, ...).")
+@click.option("--needle", type=click.Choice(("number", "word", "uuid", "multivalue")), default="number",
+              show_default=True, help="NIAH needle kind (RULER).")
+@click.option("--samples", default=20, show_default=True, type=int, help="NIAH samples per context length.")
+@click.option("--haystack", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="NIAH haystack text file (default: generated filler).")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="QA: a JSON-lines file of {question, answers, context}; ppl: a text file.")
+@click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer directory (default: the checkpoint's).")
+@click.option("--max-new-tokens", default=None, type=int, help="Tokens generated per answer (NIAH, QA).")
+@click.option("--max-length", default=1024, show_default=True, type=int, help="ppl window length.")
+@click.option("--stride", default=512, show_default=True, type=int, help="ppl window stride.")
+@click.option("--baseline", type=click.Choice(("jrt-prompt", "rag-append")), default=None,
+              help="Also run a prompt baseline: JRT-Prompt (context twice) or RAG-append (selected chunks appended).")
+@click.option("--rag-layer", default=None, type=int, help="Resona layer whose chunk selection RAG-append uses (default: deepest).")
+@click.option("--base/--no-base", "with_base", default=True, show_default=True,
+              help="For a retrofitted model, also evaluate its base (Resona bypassed).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a plot of score against length (MQAR, NIAH; needs matplotlib).")
+@click.pass_obj
+def command(app: App, model_name: str, trust_remote_code: bool, block_path: str | None, mixer_attr: str | None,
+            task: str, seq_len: str, kv_pairs: str, examples: int, batch_size: int, context: str, needle: str,
+            samples: int, haystack: str | None, data: str | None, tokenizer_path: str | None,
+            max_new_tokens: int | None, max_length: int, stride: int, baseline: str | None, rag_layer: int | None,
+            with_base: bool, seed: int, as_json: bool, plot_path: str | None) -> None:
+    """Evaluate a model (base or retrofitted) on MQAR, NIAH, QA or perplexity.
+
+    A retrofitted model is also scored with its Resona branches bypassed (its base), unless --no-base.
+    """
+    app.quiet_libraries()
+    from ..errors import ResonaError
+    from ..evaluation.plot import require_matplotlib
+    from ..loading import load_model
+    from ..retrofit import is_retrofitted
+
+    if plot_path and task not in ("mqar", "niah"):
+        raise ResonaError("--plot draws score against length: use it with --task mqar or niah")
+    if plot_path:
+        require_matplotlib()
+    if task in ("qa", "ppl") and data is None:
+        raise ResonaError(f"--task {task} needs --data ({'a JSON-lines QA file' if task == 'qa' else 'a text file'})")
+    if task == "ppl" and baseline:
+        raise ResonaError("the prompt baselines apply to recall tasks (mqar, niah, qa), not to perplexity")
+    with app.terminal.status(f"loading {model_name}"):
+        model = load_model(model_name, trust_remote_code=trust_remote_code)
+    model.eval()
+    retrofitted = is_retrofitted(model)
+    if baseline == "rag-append" and not retrofitted:
+        raise ResonaError("rag-append needs a retrofitted model (its chunk-and-search selects the chunks); "
+                          "retrofit and train one first, e.g. with resona-adapt inject")
+    tokenizer = _tokenizer(model_name, tokenizer_path, trust_remote_code) if task != "mqar" else None
+    if task in ("qa", "ppl") and tokenizer is None:
+        raise ResonaError(f"--task {task} needs a tokenizer and {model_name} has none; pass --tokenizer DIR")
+
+    from ..evaluation import suite
+
+    opts = dict(seq_len=_ints(seq_len, "--seq-len") if task == "mqar" else None,
+                kv_pairs=_ints(kv_pairs, "--kv-pairs") if task == "mqar" else None, examples=examples,
+                batch_size=batch_size, context=context, needle=needle, samples=samples, haystack=haystack,
+                data=data, max_new_tokens=max_new_tokens, max_length=max_length, stride=stride, seed=seed)
+    variants = ["model"] + (["base"] if retrofitted and with_base else []) + ([baseline] if baseline else [])
+    try:
+        if task == "mqar":
+            with _progress(app, suite.mqar_total(opts, variants), "MQAR") as advance:
+                rows = suite.run_mqar(model, variants, opts, rag_layer, advance)
+        elif task == "niah":
+            with _progress(app, suite.niah_total(opts, variants), f"NIAH ({needle})") as advance:
+                rows = suite.run_niah(model, tokenizer, variants, opts, rag_layer, advance)
+        elif task == "qa":
+            from ..evaluation.qa import available_metrics, load_qa_jsonl
+
+            missing = [m for m, ok in available_metrics().items() if not ok]
+            if missing:
+                app.terminal.warning(f"{', '.join(missing)} not computed (optional libraries missing): "
+                                     "pip install 'resona-adapt[eval]'")
+            with _progress(app, len(load_qa_jsonl(data)) * len(variants), "QA") as advance:
+                rows = suite.run_qa(model, tokenizer, variants, opts, rag_layer, advance)
+        else:
+            with app.terminal.status("perplexity"):
+                rows = suite.run_ppl(model, tokenizer, variants, opts)
+    except ValueError as exc:
+        raise ResonaError(str(exc)) from exc
+    result = {"results": rows}
+    result = {"task": task, "model": model_name, "retrofitted": retrofitted, **result}
+    if plot_path:
+        from ..evaluation.plot import plot_results
+
+        x, y = ("seq_len", "accuracy") if task == "mqar" else ("context_len", "score")
+        series = ("variant", "kv_pairs") if task == "mqar" else ("variant",)
+        plot_results(result["results"], plot_path, x=x, y=y, series=series, title=f"{task}: {model_name}")
+        app.terminal.info(f"plot written to {plot_path}")
+    if as_json:
+        app.terminal.json(result)
+        return
+    _print_table(app, result)
+
+
+COLUMNS = {
+    "mqar": (("seq_len", "seq_len"), ("kv_pairs", "kv_pairs")),
+    "niah": (("context_len", "context"), ("needle", "needle")),
+}
+METRICS = {"mqar": ("accuracy", "strict"), "niah": ("score",), "qa": ("f1", "exact_match", "bleu", "rouge_l", "meteor"),
+           "ppl": ("perplexity", "tokens")}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _print_table(app: App, result: dict) -> None:
+    """One row per grid point with one column per variant (MQAR, NIAH), or one row per variant (QA, ppl)."""
+    task, rows = result["task"], result["results"]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    title = f"{task.upper()}: {result['model']}"
+    if task in COLUMNS:
+        keys = COLUMNS[task]
+        metric = METRICS[task][0]
+        points = list(dict.fromkeys(tuple(r[k] for k, _ in keys) for r in rows))
+        table = {(tuple(r[k] for k, _ in keys), r["variant"]): r for r in rows}
+        cols = [label for _, label in keys] + [f"{v} {metric}" for v in variants]
+        if task == "mqar":
+            cols += [f"{v} strict" for v in variants]
+        body = []
+        for p in points:
+            line = list(p) + [_fmt(table[(p, v)][metric]) for v in variants]
+            if task == "mqar":
+                line += [_fmt(table[(p, v)]["strict"]) for v in variants]
+            body.append(line)
+        app.terminal.table(title, cols, body)
+        return
+    metrics = METRICS[task]
+    app.terminal.table(title, ["variant", *metrics], [[r["variant"], *[_fmt(r.get(m)) for m in metrics]] for r in rows])

@@ -1,0 +1,30 @@
+"""``resona-adapt demo --quick`` end to end: the retrofit beats the shipped base where it forgets."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from resona_adapt.cli.main import cli
+
+
+def test_demo_quick_beats_the_base(tmp_path):
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(cli, ["demo", "--quick", "--output", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    rows = data["rows"]
+    assert [(r["seq_len"], r["kv_pairs"]) for r in rows] == [(64, 8), (256, 32)]
+    assert data["function_preserving"] and data["reload_matches"]  # measured, not asserted by the demo itself
+    weak = [r for r in rows if r["base"] < 0.5]
+    assert weak and all(r["retrofitted"] > r["base"] + 0.2 for r in weak), rows
+    assert data["beats_base"] and data["layers"] == [0, 2, 3]
+    assert (out / "config.json").is_file() and (out / "resona.safetensors").is_file()
+
+
+def test_demo_refuses_a_non_empty_output(tmp_path):
+    (tmp_path / "x").write_text("keep me")
+    res = CliRunner().invoke(cli, ["demo", "--quick", "--output", str(tmp_path)])
+    assert res.exit_code == 2 and "not empty" in res.output
+    assert (tmp_path / "x").read_text() == "keep me"
