@@ -111,6 +111,15 @@ def test_errors_exit_2_with_one_line(checkpoints, args, message):
     assert message in res.output
 
 
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed (optional eval extra)")
+def test_plot_draws_a_png(checkpoints, tmp_path):
+    out = tmp_path / "p.png"
+    res = run(["--model", str(checkpoints / "retro"), "--task", "mqar", "--seq-len", "32,64", "--kv-pairs", "4",
+               "--examples", "4", "--plot", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+
+
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is not None, reason="matplotlib is installed")
 def test_plot_without_matplotlib_says_how_to_get_it(checkpoints, tmp_path):
     res = run(["--model", str(checkpoints / "base"), "--task", "mqar", "--plot", str(tmp_path / "p.png")])
