@@ -42,19 +42,12 @@ class HymbaRMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class PerheadHymbaRMSNorm(nn.Module):
+class PerheadHymbaRMSNorm(HymbaRMSNorm):
     """Per-head RMSNorm of (B, H, L, d) queries or keys (``kq_norm="perhead-rms"``)."""
 
     def __init__(self, head_dim: int, num_heads: int, eps: float = 1e-6) -> None:
-        super().__init__()
+        super().__init__(head_dim, eps)
         self.weight = nn.Parameter(torch.ones(1, num_heads, 1, head_dim))
-        self.variance_epsilon = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * x.to(dtype)
 
 
 class HymbaRope(nn.Module):
