@@ -155,7 +155,7 @@ class ChunkAttentionTorch(torch.autograd.Function):
         dvc = tiles.vc.new_zeros(tiles.vc.shape, dtype=f)
         dslot = q.new_zeros(B, Tq, K, dtype=f)
         dpos = q.new_zeros(H, U, dtype=f)
-        outer = q.new_empty(tiles.kbuf.shape)  # per-tile (rows, U*d) key/value gradients
+        outer = q.new_empty(tiles.kbuf.shape, dtype=f)  # per-tile (rows, U*d) key/value gradients
         for t0, t1 in tiles.ranges():
             n = t1 - t0
             rows = tiles.rows(t0, t1)
@@ -173,9 +173,9 @@ class ChunkAttentionTorch(torch.autograd.Function):
             dq[:, t0:t1] = (torch.bmm(ds_q, kg) * scale).view(B, n, H, d)
             m = rows.numel()
             grad_g = outer[:m].view(B * n * H, K * U, d)  # gradient of the gathered keys, then values
-            torch.bmm(ds_q.transpose(1, 2), q_t, out=grad_g)
+            torch.bmm(ds.view(B * n * H, K * U, 1), q_t.to(f), out=grad_g)
             dkc.index_add_(0, rows, outer[:m], alpha=scale)
-            torch.bmm(p.to(q.dtype).view(B * n * H, K * U, 1), do_t, out=grad_g)
+            torch.bmm(p.view(B * n * H, K * U, 1), do_t.to(f), out=grad_g)
             dvc.index_add_(0, rows, outer[:m])
         dk = _from_head_major(dkc, k.shape, U, k.dtype)
         dv = _from_head_major(dvc, v.shape, U, v.dtype)
