@@ -136,3 +136,16 @@ def test_dispatch_defaults_and_errors(monkeypatch):
     with pytest.raises(ValueError, match="RESONA_KERNEL=torch"):
         dispatch.get_backend(torch.device("cpu"))
     assert "torch" in dispatch.available_backends() and "triton" in dispatch.available_backends()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dense_paper_formulation_matches_reference(case):
+    """The benchmark's dense (T x T mask) baseline computes the same thing."""
+    from resona_adapt.kernels.dense import chunk_attention_dense
+
+    B, T, H, d, U, K, sink, pos, _ = case
+    leaves, idx, _ = make_inputs(B, T, H, d, U, K, sink, pos, torch.float64)
+    args = (leaves["q"], leaves["k"], leaves["v"], idx, leaves["bias"], U)
+    kw = dict(sink_logit=leaves["sink_logit"], pos_bias=leaves["pos_bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(chunk_attention_dense(*args, **kw), chunk_attention_ref(*args, **kw))
