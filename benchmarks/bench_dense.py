@@ -10,7 +10,7 @@ peak memories above the inputs (fresh process each), and at lengths where the de
 fit in memory its analytic size (`dense.dense_bytes`: the mask plus q, k, v, output), labelled as
 an estimate.
 
-    nice -n 10 python benchmarks/bench_dense.py            # full: 2k, 4k, 8k measured; 32k estimated
+    nice -n 10 python benchmarks/bench_dense.py            # full: 2k to 16k measured; 32k estimated
     nice -n 10 python benchmarks/bench_dense.py --quick    # 1k, 2k measured; 8k estimated
 """
 
@@ -61,7 +61,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short inputs (a smoke run)")
-    parser.add_argument("--tokens", default=None, help="measured lengths (default 2048,4096,8192)")
+    parser.add_argument("--tokens", default=None, help="measured lengths (default 2048,4096,8192,16384)")
     parser.add_argument("--estimate", default=None, help="lengths where the dense one is only estimated (default 32768)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -72,7 +72,7 @@ def main() -> None:
         measure_in_child(make(spec["tokens"], spec["which"]))
         return
 
-    measured = [int(t) for t in (args.tokens or ("1024,2048" if args.quick else "2048,4096,8192")).split(",")]
+    measured = [int(t) for t in (args.tokens or ("1024,2048" if args.quick else "2048,4096,8192,16384")).split(",")]
     estimated = [int(t) for t in (args.estimate or ("8192" if args.quick else "32768")).split(",")]
     print(f"# retrieval: dense T x T mask (paper) vs ours ({'quick' if args.quick else 'full'})\n# {machine_line()}",
           flush=True)

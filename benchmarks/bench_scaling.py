@@ -5,7 +5,8 @@ top-k 2, trained-looking weights. Measured per length: the inference forward (``
 under ``inference_mode``) and a training step (forward + backward of a mean-square loss), CPU time
 and peak memory above the inputs (fresh process per point, see _measure.py). Printed: each value
 over its value at the first length, against the token ratio; the target is that 8x the tokens
-costs at most 9x the time and memory (columns "x8").
+costs at most 9x the time and memory (columns "x8"). All lengths are timed in every round
+(alternating order) so that a busy phase of a shared machine hits them alike.
 
     nice -n 10 python benchmarks/bench_scaling.py            # full: 2k .. 64k
     nice -n 10 python benchmarks/bench_scaling.py --quick    # 1k .. 8k
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _measure import MIB, alternate, machine_line, measure_in_child, median, peak_memory, table  # noqa: E402
+from _measure import MIB, alternate, machine_line, measure_in_child, median, peak_memory, ratio, table  # noqa: E402
 
 D = 768
 
@@ -58,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1k to 8k tokens (a smoke run)")
     parser.add_argument("--tokens", default=None, help="comma list (default 2048,...,65536)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -71,26 +72,27 @@ def main() -> None:
     tokens = [int(t) for t in (args.tokens or default).split(",")]
     print(f"# one branch alone, D={D}, chunk 64, top-k 2 ({'quick' if args.quick else 'full'})\n# {machine_line()}",
           flush=True)
-    res: dict[tuple[str, int], dict[str, float]] = {}
-    for T in tokens:
-        runs = {mode: make(T, mode == "train") for mode in ("infer", "train")}
-        times = alternate(runs, args.rounds)
-        for mode in runs:
-            mem = peak_memory(__file__, {"tokens": T, "train": mode == "train"})
-            res[mode, T] = {"cpu": median(times[mode]), "wall": median(times[mode], wall=True), "mem": mem["delta"]}
-            r = res[mode, T]
-            print(f"{mode} {T}: {r['cpu'] * 1e3:.0f} ms CPU, {r['wall'] * 1e3:.0f} ms wall, "
-                  f"{r['mem'] / MIB:.0f} MiB above inputs", flush=True)
-        del runs
+    # every (mode, length) is timed once per round, rounds alternate in order, so that slow
+    # phases of a shared machine hit all lengths alike; ratios are medians of per-round ratios
+    runs = {f"{mode} {T}": make(T, mode == "train") for mode in ("infer", "train") for T in tokens}
+    times = alternate(runs, args.rounds)
+    mem = {}
+    for name in runs:
+        mode, T = name.split()
+        mem[name] = peak_memory(__file__, {"tokens": int(T), "train": mode == "train"})["delta"]
+        print(f"{name}: {median(times[name]) * 1e3:.0f} ms CPU (median), {median(times[name], wall=True) * 1e3:.0f} ms "
+              f"wall, {mem[name] / MIB:.0f} MiB above inputs", flush=True)
     rows = []
     t0 = tokens[0]
     for mode in ("infer", "train"):
+        first = f"{mode} {t0}"
         for T in tokens:
-            r, f = res[mode, T], res[mode, t0]
-            eight = res.get((mode, T // 8))
-            x8 = (f"{r['cpu'] / eight['cpu']:.2f} / {r['mem'] / max(eight['mem'], 1):.2f}" if eight else "-")
-            rows.append([mode, str(T), f"{T / t0:.0f}", f"{r['cpu'] * 1e3:.0f}", f"{r['cpu'] / f['cpu']:.2f}",
-                         f"{r['mem'] / MIB:.0f}", f"{r['mem'] / max(f['mem'], 1):.2f}", x8])
+            name, eighth = f"{mode} {T}", f"{mode} {T // 8}"
+            x8 = (f"{ratio(times, name, eighth):.2f} / {mem[name] / max(mem[eighth], 1):.2f}"
+                  if eighth in runs else "-")
+            rows.append([mode, str(T), f"{T / t0:.0f}", f"{median(times[name]) * 1e3:.0f}",
+                         f"{ratio(times, name, first):.2f}", f"{mem[name] / MIB:.0f}",
+                         f"{mem[name] / max(mem[first], 1):.2f}", x8])
     print()
     print(table(["mode", "tokens", "tokens ratio", "CPU ms", "time ratio", "MiB above inputs", "memory ratio",
                  "x8: time / memory vs T/8 (target <= 9)"], rows))
