@@ -65,8 +65,9 @@ class ResonaConfig:
     norm_eps: float = field(default=1e-5, metadata={"help": "Epsilon of the branch's RMS norms."})
     query_tile: int | None = field(
         default=None,
-        metadata={"help": "Queries per tile in the full-sequence path; None = sized automatically so "
-                  "that one tile's gathered keys/values stay within about 64 MiB."},
+        metadata={"help": "Queries per tile of the CPU attention path; None = sized automatically so "
+                  "that one tile's gathered keys stay within a few MiB (cache-resident). The Triton "
+                  "kernel does not tile."},
     )
 
     def __post_init__(self) -> None:

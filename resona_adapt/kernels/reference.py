@@ -1,4 +1,7 @@
-"""Pure-PyTorch reference of Resona's retrieval: the CPU path and the oracle for every fast kernel.
+"""Pure-PyTorch reference of Resona's retrieval: the oracle every fast path is tested against.
+
+Written to be obviously right, not fast (the CPU path is `torch_attention.py`); the selection here
+is also what every backend uses.
 
 Shape key:
     B batch, T context length, Tq queries in a tile, N = T // U complete chunks, U chunk size,
