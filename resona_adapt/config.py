@@ -63,6 +63,12 @@ class ResonaConfig:
         default=20.0, metadata={"help": "Resona learning rate = base learning rate x this factor."}
     )
     norm_eps: float = field(default=1e-5, metadata={"help": "Epsilon of the branch's RMS norms."})
+    replace_attention: bool = field(
+        default=False,
+        metadata={"help": "Hybrid-head families (Hymba): replace the attention heads of the chosen layers "
+                  "with the Resona branch (not function-preserving) instead of adding Resona as a third "
+                  "branch beside the attention and SSM heads."},
+    )
     query_tile: int | None = field(
         default=None,
         metadata={"help": "Queries per tile of the CPU attention path; None = sized automatically so "
@@ -81,6 +87,8 @@ class ResonaConfig:
         for name in ("train_top_k", "query_tile", "num_heads", "head_dim", "search_dim"):
             if getattr(self, name) is not None:
                 positive_int(name)
+        if not isinstance(self.replace_attention, bool):
+            raise ResonaConfigError(f"ResonaConfig.replace_attention must be true or false, got {self.replace_attention!r}")
         if self.mix not in MIX_MODES:
             raise ResonaConfigError(f"ResonaConfig.mix must be one of {', '.join(MIX_MODES)}; got {self.mix!r}")
         if self.mix.startswith("paper") and not 0.0 < float(self.alpha) < 1.0:
@@ -108,7 +116,7 @@ class ResonaConfig:
     @property
     def function_preserving(self) -> bool:
         """True when a freshly injected branch leaves the model's outputs unchanged."""
-        return self.mix in FUNCTION_PRESERVING_MIXES
+        return self.mix in FUNCTION_PRESERVING_MIXES and not self.replace_attention
 
     def k_for(self, training: bool) -> int:
         """The number of chunks retrieved per query in training or inference mode."""

@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import __version__
-from .adapters import ResonaBranch, ResonaContext, ResonaLayer, install_hooks
+from .adapters import AttentionSwap, ResonaBranch, ResonaContext, ResonaLayer, install_hooks
 from .config import ResonaConfig
 from .errors import SurgeryError
-from .surgery import Discovery, discover, replace_mixer, resolve_layers, restore_mixer
+from .surgery import Discovery, discover, get_path, replace_mixer, resolve_layers, restore_mixer
 
 STATE_ATTR = "_resona_state"
 
@@ -33,6 +33,11 @@ class RetrofitState:
     mixer_attr: str | None = None
     allow_kinds: tuple[str, ...] = ("recurrent",)
     extra: dict[str, Any] = field(default_factory=dict)
+    wrapped_attrs: dict[int, str] = field(default_factory=dict)  # block attribute path wrapped, per layer
+
+    def attr_of(self, index: int) -> str:
+        """The attribute path (relative to block ``index``) that holds the Resona wrapper."""
+        return self.wrapped_attrs.get(index) or self.discovery.blocks[index].mixer_attr
 
     def describe(self) -> dict[str, Any]:
         """The ``resona`` section written into config.json."""
@@ -107,6 +112,10 @@ def retrofit(
     allow_kinds: block kinds that may be wrapped; add ``"attention"`` to wrap attention layers.
     freeze_base: freeze every base parameter (only Resona parameters train).
 
+    The family (surgery/registry.py) decides where the branch goes: the recurrent mixer of each
+    chosen decoder layer, wrapped in place. Hybrid-head families (Hymba) take
+    ``config.replace_attention`` to swap their attention heads for the branch instead.
+
     With a function-preserving ``config.mix`` (the default) the model's outputs are unchanged
     until the branches are trained. ``model.save_pretrained(dir)`` then writes a merged
     checkpoint that `load_retrofitted` reads back.
@@ -126,22 +135,46 @@ def retrofit(
         raise SurgeryError(f"embedding width {width} differs from hidden size {hidden}; Resona needs them equal")
 
     config = config.resolved(width)
+    spec = disc.spec
+    swap_attr = _swap_attr(disc, config)
+    context = ResonaContext()
+    if spec is not None and spec.prefix_tokens is not None:
+        context.prefix_tokens = spec.prefix_tokens(getattr(model, "config", None))
     if freeze_base:
         for p in model.parameters():
             p.requires_grad_(False)
-    context = ResonaContext()
     originals: dict[int, nn.Module] = {}
+    attrs: dict[int, str] = {}
+    hooks: list[RemovableHandle] = []
     for i in chosen:
         info = disc.blocks[i]
-        dtype, device = _param_like(info.mixer)
+        attr = swap_attr or info.mixer_attr
+        target = get_path(info.block, attr) if attr else None
+        dtype, device = _param_like(target) if target is not None else (None, None)
+        if dtype is None:
+            dtype, device = _param_like(info.block)
+        scale = None
+        if spec is not None and spec.branch_scale is not None:
+            scale = (lambda i=i, fn=spec.branch_scale: fn(model, i))
 
-        def make(mixer: nn.Module, i: int = i, dtype=dtype, device=device) -> nn.Module:
-            return ResonaLayer(mixer, ResonaBranch(width, config, dtype=dtype, device=device), i, context)
+        def make(mixer: nn.Module, i: int = i, dtype=dtype, device=device, scale=scale) -> nn.Module:
+            if swap_attr:
+                width_out = _output_width(mixer, info.block, swap_attr)
+                branch = ResonaBranch(width, config, dtype=dtype, device=device, out_dim=width_out)
+                return AttentionSwap(mixer, branch, i, context)
+            return ResonaLayer(mixer, ResonaBranch(width, config, dtype=dtype, device=device), i, context, scale)
 
-        originals[i] = info.mixer
-        replace_mixer(info, make)
-    hooks = install_hooks(context, disc.backbone, disc.embedding)
-    state = RetrofitState(config, chosen, disc, context, hooks, originals, block_path, mixer_attr, tuple(allow_kinds))
+        originals[i] = target
+        attrs[i] = attr
+        wrapper = replace_mixer(info, make, attr)
+        if spec is not None and not isinstance(wrapper, AttentionSwap):
+            wrapper.cache_kwarg, wrapper.cache_arg_index = spec.cache_kwarg, spec.cache_arg_index
+        if isinstance(wrapper, AttentionSwap):
+            owner = get_path(info.block, attr.rpartition(".")[0]) if "." in attr else info.block
+            hooks.append(owner.register_forward_pre_hook(wrapper.capture_input, with_kwargs=True))
+    hooks += install_hooks(context, disc.backbone, disc.embedding)
+    state = RetrofitState(config, chosen, disc, context, hooks, originals, block_path, mixer_attr, tuple(allow_kinds),
+                          wrapped_attrs=attrs)
     model.__dict__[STATE_ATTR] = state
     if getattr(model, "config", None) is not None:
         model.config.resona = state.describe()
@@ -155,7 +188,7 @@ def unretrofit(model: nn.Module) -> nn.Module:
     if state is None:
         raise SurgeryError(f"{type(model).__name__} is not retrofitted")
     for i, original in state.originals.items():
-        restore_mixer(state.discovery.blocks[i], original)
+        restore_mixer(state.discovery.blocks[i], original, state.attr_of(i))
     for h in state.hooks:
         h.remove()
     state.context.clear()
@@ -164,6 +197,32 @@ def unretrofit(model: nn.Module) -> nn.Module:
     if getattr(model, "config", None) is not None and hasattr(model.config, "resona"):
         del model.config.resona
     return model
+
+
+def _swap_attr(disc: Discovery, config: ResonaConfig) -> str | None:
+    """The attention-heads path to swap when ``config.replace_attention`` asks for it (hybrid-head families)."""
+    if not config.replace_attention:
+        return None
+    spec = disc.spec
+    if spec is None or not spec.attention_swap_attr:
+        raise SurgeryError(
+            f"replace_attention is for hybrid-head blocks whose attention heads run beside SSM heads (hymba); "
+            f"{disc.arch} has no such heads. Drop replace_attention to add Resona beside the mixer instead"
+        )
+    return spec.attention_swap_attr
+
+
+def _output_width(heads: nn.Module, block: nn.Module, attr: str) -> int:
+    """Width of the attention heads' output in a hybrid-head block (Hymba: num_heads * v_head_dim)."""
+    owner = get_path(block, attr.rpartition(".")[0]) if "." in attr else block
+    norm = getattr(owner, "pre_avg_layernorm1", None)
+    weight = getattr(norm, "weight", None)
+    if weight is not None:
+        return int(weight.shape[0])
+    heads_n, v_dim = getattr(heads, "num_heads", None), getattr(heads, "v_head_dim", None)
+    if heads_n and v_dim:
+        return int(heads_n) * int(v_dim)
+    raise SurgeryError(f"cannot tell the output width of the attention heads {type(heads).__name__}")
 
 
 def _bind_save(model: nn.Module) -> None:

@@ -11,6 +11,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    # flash-linear-attention's Triton kernels run on CPU only through Triton's interpreter, which must
+    # be chosen before fla is first imported (its @triton.jit decorators read it at import time), and
+    # transformers imports fla as soon as a Qwen3-Next/Qwen3.5/OLMo-hybrid/Kimi/Bailing modeling module
+    # loads. So it is set here, for the whole session. See tests/fla_support.py.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import transformers  # noqa: E402
 
@@ -18,6 +24,15 @@ transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 VOCAB = 64
+
+
+@pytest.fixture(autouse=True)
+def _transformers_keeps_its_model_types():
+    """After each test, undo fla's re-registration of "mamba"/"mamba2" (see fla_support)."""
+    yield
+    from fla_support import restore_transformers_model_types
+
+    restore_transformers_model_types()
 
 
 def build_tiny(family: str, layers: int = 4, seed: int = 0) -> torch.nn.Module:

@@ -33,10 +33,12 @@ class ResonaBranch(nn.Module):
 
     ``forward(h, x, y_m)`` with h: (B, T, D) the wrapped layer's input, x: (B, T, D) the embedding
     output of the same positions, y_m: (B, T, D) the wrapped layer's output; returns (B, T, D).
+    ``out_dim`` (default D) is the width of ``retrieve``'s output, for branches that replace a
+    module of another width (Hymba's attention heads).
     """
 
     def __init__(self, d_model: int, config: ResonaConfig, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, out_dim: int | None = None) -> None:
         super().__init__()
         config = config.resolved(d_model)
         self.config = config
@@ -50,7 +52,7 @@ class ResonaBranch(nn.Module):
         self.q_proj = nn.Linear(d_model, H * dh, bias=False, **kw)
         self.k_proj = nn.Linear(d_model, H * dh, bias=False, **kw)
         self.v_proj = nn.Linear(d_model, H * dh, bias=False, **kw)
-        self.o_proj = nn.Linear(H * dh, d_model, bias=False, **kw)
+        self.o_proj = nn.Linear(H * dh, out_dim or d_model, bias=False, **kw)  # out_dim: Hymba's attention width
         self.sink_logit = nn.Parameter(torch.zeros(H, **kw)) if config.sink else None
         self.pos_bias = nn.Parameter(torch.zeros(H, U, **kw))
         self.mix = Mix(d_model, config, **kw)

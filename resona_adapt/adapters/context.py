@@ -25,6 +25,8 @@ class ResonaContext:
         self.input_ids: Tensor | None = None  # (B, T)
         self.attention_mask: Tensor | None = None  # (B, T_total) 2-D padding mask, if given
         self.forward_count = 0
+        self.prefix_tokens = 0  # positions the backbone prepends after the embedding (Hymba meta tokens)
+        self.embedding: nn.Module | None = None  # the model's input-embedding module (set by install_hooks)
 
     def begin(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Any) -> None:
         """Start a backbone forward: forget the previous one."""
@@ -42,6 +44,19 @@ class ResonaContext:
     def clear(self) -> None:
         self.x = self.input_ids = self.attention_mask = None
 
+    def lead(self, hidden: Tensor) -> int:
+        """How many leading positions of the layer input ``hidden`` (B, L, D) come before X: the
+        backbone's prefix (meta tokens) when L exceeds X's length by exactly that much, else 0."""
+        if self.prefix_tokens and self.x is not None and hidden.shape[1] == self.x.shape[1] + self.prefix_tokens:
+            mask = self.attention_mask
+            if mask is not None and bool(((mask.cumsum(dim=1) > 0) & (mask == 0)).any()):
+                raise SurgeryError(
+                    "this model moves padding in front of its meta tokens, so only left padding keeps the input "
+                    "tokens aligned with X: pad on the left (tokenizer.padding_side = 'left')"
+                )
+            return self.prefix_tokens
+        return 0
+
     def embeddings_for(self, hidden: Tensor) -> Tensor:
         """X of the current forward, checked against the layer input ``hidden`` (B, T, D)."""
         if self.x is None:
@@ -56,6 +71,13 @@ class ResonaContext:
                 "and its layers (retrofit this architecture with an explicit embedding override)"
             )
         return self.x
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """X for token ids (..., T) -> (..., T, D), through the model's input-embedding module without
+        firing its hooks (so the current forward's recorded X stays as it is)."""
+        if self.embedding is None:
+            raise SurgeryError("this Resona context has no embedding module; retrofit the model again")
+        return self.embedding.forward(input_ids)
 
     def left_pad(self, seq_len: int) -> Tensor | None:
         """Left-padding counts (B,) for a full-sequence forward of ``seq_len`` tokens, or None."""
@@ -78,6 +100,7 @@ def install_hooks(context: ResonaContext, backbone: nn.Module, embedding: nn.Mod
     """Register the two hooks that feed ``context``; returns their handles (remove to undo)."""
 
     sig = inspect.signature(backbone.forward)
+    context.embedding = embedding
 
     def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = _bound_arguments(sig, args, kwargs)

@@ -3,19 +3,32 @@
 The wrapper takes the mixer's place in its block (``block.mixer = ResonaLayer(block.mixer, ...)``),
 so the decoder-layer list, its indices and everything the model looks up by list position stay as
 they were. It calls the original mixer with exactly the arguments it was given, mixes the Resona
-branch into the first output, and returns the same type the mixer returned. Attributes it does not
+branch into the first output, and returns the same type the mixer returned. When the call carries
+a generation cache (``cache_params=`` / ``past_key_values=``), the branch runs incrementally with
+its state on that cache (`decode.py`). Attributes it does not
 have are looked up on the original mixer (``layer_idx`` and friends).
+
+Two family hooks (set by `retrofit` from the family's ArchSpec):
+- ``output_scale()``: a factor the model applies to this mixer's output at inference (RWKV divides
+  its output weights by 2**(i // rescale_every) in eval mode). The branch is mixed as
+  ``s * mix(y_m / s, y_r)``, so it keeps its weight relative to the mixer in train and eval mode
+  (powers of two: exact, so function preservation still holds bit for bit).
+- the context's ``prefix_tokens``: positions the backbone prepends after the embedding (Hymba's
+  meta tokens). The branch runs on the positions after them; the prefix keeps the mixer output.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import SurgeryError
 from .branch import ResonaBranch
+from .cache import generation_cache
 from .context import ResonaContext
+from .decode import cached_branch_forward
 
 
 def split_output(out: Any) -> tuple[Tensor, Callable[[Tensor], Any]]:
@@ -46,24 +59,56 @@ class ResonaLayer(nn.Module):
     """A recurrent mixer plus its Resona branch: ``Y = mix(Ym, Yr)`` before the block's residual add."""
 
     def __init__(self, base_layer: nn.Module, branch: ResonaBranch, layer_index: int,
-                 context: ResonaContext) -> None:
+                 context: ResonaContext, output_scale: Callable[[], float] | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.resona = branch
         self.layer_index = layer_index
         object.__setattr__(self, "_context", context)  # shared by all layers; not a submodule
+        object.__setattr__(self, "output_scale", output_scale)  # a closure over the model; not a submodule
+        # Where the wrapped mixer receives the model's generation cache (set by retrofit from the
+        # family's ArchSpec): a keyword, or a positional index when the family passes it positionally.
+        self.cache_kwarg: str | None = None
+        self.cache_arg_index: int | None = None
+
+    def cache_in_call(self, args: tuple, kwargs: dict) -> Any:
+        """The generation cache object this call of the mixer received (None when there is none)."""
+        if self.cache_arg_index is not None and len(args) > self.cache_arg_index:
+            return args[self.cache_arg_index]
+        return kwargs.get(self.cache_kwarg) if self.cache_kwarg else None
 
     @property
     def context(self) -> ResonaContext:
         return self._context
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        hidden = hidden_from_call(args, kwargs)  # (B, T, D)
+        hidden = hidden_from_call(args, kwargs)  # (B, L, D), L = lead + T
         out = self.base_layer(*args, **kwargs)
-        y_m, rebuild = split_output(out)  # (B, T, D)
-        x = self._context.embeddings_for(hidden)  # (B, T, D)
-        pad = self._context.left_pad(hidden.shape[1])  # (B,) or None
-        return rebuild(self.resona(hidden, x, y_m, pad=pad))
+        y_m, rebuild = split_output(out)  # (B, L, D)
+        lead = self._context.lead(hidden)  # meta-token positions before X's first position
+        h, y = (hidden[:, lead:], y_m[:, lead:]) if lead else (hidden, y_m)  # (B, T, D)
+        scale = self.output_scale() if self.output_scale is not None else 1.0
+        if scale != 1.0:
+            y = y / scale
+        cache = generation_cache(kwargs)
+        if cache is not None:  # prefill or incremental decoding (adapters/decode.py)
+            mixed = cached_branch_forward(self.resona, self.layer_index, self._context, cache, h, y)  # (B, T, D)
+        else:
+            x = self._context.embeddings_for(h)  # (B, T, D)
+            pad = self._context.left_pad(h.shape[1])  # (B,) or None
+            mixed = self.resona(h, x, y, pad=pad)  # (B, T, D)
+        if scale != 1.0:
+            mixed = mixed * scale
+        if lead:
+            mixed = torch.cat([y_m[:, :lead], mixed], dim=1)  # (B, L, D)
+        return rebuild(mixed)
+
+    def unload_and_optionally_merge_module(self, merge: bool = True, safe_merge: bool = False,
+                                           adapter_names: Any = None) -> nn.Module:
+        """What peft's ``merge_and_unload()`` / ``unload()`` calls on modules with a ``base_layer``: a
+        Resona layer is not a peft layer, so it stays in place (LoRA layers inside its base layer
+        are merged on their own)."""
+        return self
 
     def __getattr__(self, name: str) -> Any:
         try:

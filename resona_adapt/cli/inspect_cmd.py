@@ -16,6 +16,8 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
             mixer_attr: str | None, as_json: bool) -> None:
     """Show the blocks of a model: index, classes, kind, parameters, default Resona layers."""
     app.quiet_libraries()
+    from rich.markup import escape
+
     from ..loading import load_model
     from ..retrofit import resona_layers, retrofit_state
     from ..surgery import default_layers, discover
@@ -40,14 +42,20 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
             "resona": b.index in wrapped,
             "reason": b.reason,
         })
+    spec = disc.spec
     summary = {
         "model": model_name,
         "class": type(model).__name__,
         "arch": disc.arch,
         "discovery": disc.method,
+        "discovery_note": disc.note,
+        "cache_kwarg": spec.cache_kwarg if spec is not None else None,
+        "model_cache_kwarg": spec.model_cache_kwarg if spec is not None else None,
         "layers_path": disc.layers_path,
         "num_layers": len(disc.blocks),
         "recurrent_layers": disc.indices_of("recurrent"),
+        "attention_layers": disc.indices_of("attention"),
+        "mlp_layers": disc.indices_of("mlp"),
         "default_layers": sorted(defaults),
         "resona_layers": sorted(wrapped),
         "total_params": sum(p.numel() for p in model.parameters()),
@@ -61,6 +69,11 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     app.terminal.table(
         title, ["index", "block", "mixer", "kind", "params", "inject default", "resona", "why"],
         [[r["index"], r["block"], r["mixer"], r["kind"], f"{r['params']:,}", "yes" if r["default"] else "",
-          "yes" if r["resona"] else "", r["reason"]] for r in rows],
+          "yes" if r["resona"] else "", escape(r["reason"])] for r in rows],
     )
+    app.terminal.info(escape(f"found by {disc.method} discovery: {disc.note}"))
+    others = [(k, disc.indices_of(k)) for k in ("attention", "mlp", "other") if disc.indices_of(k)]
+    if others:
+        listed = "; ".join(f"{k} layers {','.join(map(str, idx))}" for k, idx in others)
+        app.terminal.info(f"not wrapped unless asked ({listed}): inject --allow-attention wraps attention layers")
     app.terminal.info(f"inject would pick layers {','.join(map(str, sorted(defaults)))} by default")

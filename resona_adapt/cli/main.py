@@ -37,9 +37,9 @@ def cli(ctx: click.Context, verbose: int, quiet: int, color: bool | None) -> Non
 
 
 def _register() -> None:
-    from . import inject_cmd, inspect_cmd
+    from . import export_cmd, generate_cmd, inject_cmd, inspect_cmd, train_cmd
 
-    for module in (inspect_cmd, inject_cmd):
+    for module in (inspect_cmd, inject_cmd, train_cmd, export_cmd, generate_cmd):
         cli.add_command(module.command)
 
 

@@ -19,11 +19,12 @@ def model_options(f: Callable) -> Callable:
                      help="Allow the checkpoint's own Python code to run (only for checkpoints you trust).")(f)
     f = click.option("--model", "model_name", required=True,
                      help="Local checkpoint directory, a hub id already in the HF cache, or a built-in "
-                          "model (tiny-mamba, tiny-mamba2, tiny-falcon-mamba).")(f)
+                          "model (tiny-mamba, tiny-mamba2, tiny-falcon-mamba, tiny-hymba).")(f)
     return f
 
 
-CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "mix", "alpha")
+CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "mix", "alpha",
+                 "replace_attention")
 
 
 def resona_config_options(f: Callable) -> Callable:
@@ -34,6 +35,10 @@ def resona_config_options(f: Callable) -> Callable:
         if name == "mix":
             f = click.option(flag, type=click.Choice(MIX_MODES), default=None,
                              help=f"Mixing mode (default {defaults.mix}).")(f)
+        elif name == "replace_attention":
+            f = click.option(flag, is_flag=True, default=None,
+                             help="Hybrid-head models (Hymba): replace the chosen layers' attention heads with the "
+                                  "Resona branch instead of adding it as a third branch (not function-preserving).")(f)
         else:
             kind = float if name in ("score_scale", "alpha") else int
             f = click.option(flag, type=kind, default=None,

@@ -29,10 +29,22 @@ def _falcon_mamba() -> PreTrainedModel:
                                                     state_size=8, expand=2, conv_kernel=4))
 
 
+def _hymba() -> PreTrainedModel:
+    from .hymba import HymbaConfig, HymbaForCausalLM
+
+    return HymbaForCausalLM(HymbaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=12, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=16, global_attn_idx=[0, 5, 11],
+        kv_reuse_group=[[1, 2], [3, 4], [6, 7], [8, 9, 10]], num_memory_tokens=8, mamba_d_state=8, mamba_dt_rank=8,
+        max_position_embeddings=1024, orig_max_position_embeddings=512,
+    ))
+
+
 BUILTIN_MODELS: dict[str, Callable[[], PreTrainedModel]] = {
     "tiny-mamba": _mamba,
     "tiny-mamba2": _mamba2,
     "tiny-falcon-mamba": _falcon_mamba,
+    "tiny-hymba": _hymba,
 }
 
 

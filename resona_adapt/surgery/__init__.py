@@ -4,12 +4,12 @@ Knows nothing of kernels or of what it inserts: the caller passes a factory.
 """
 
 from .discover import BlockInfo, Discovery, classify_module, discover
-from .registry import REGISTRY, ArchSpec, register, spec_for, supported_architectures
+from .registry import REGISTRY, ArchSpec, get_path, register, spec_for, supported_architectures
 from .select import default_layers, parse_layers, resolve_layers
-from .wrap import replace_mixer, restore_mixer
+from .wrap import replace_mixer, restore_mixer, set_path
 
 __all__ = [
     "REGISTRY", "ArchSpec", "BlockInfo", "Discovery", "classify_module", "default_layers", "discover",
-    "parse_layers", "register", "replace_mixer", "resolve_layers", "restore_mixer", "spec_for",
-    "supported_architectures",
+    "get_path", "parse_layers", "register", "replace_mixer", "resolve_layers", "restore_mixer", "set_path",
+    "spec_for", "supported_architectures",
 ]

@@ -15,14 +15,17 @@ from typing import Any
 from torch import nn
 
 from ..errors import SurgeryError
-from .registry import ArchSpec, BlockKind, spec_for, supported_architectures
+from .registry import (
+    ArchSpec, BlockKind, config_layer_types, find_path, get_path, kind_of_layer_type, spec_for,
+    supported_architectures,
+)
 
 MIXER_ATTRS = (
     "mixer", "mamba", "ssm", "linear_attn", "attn", "self_attn", "attention", "time_mixer",
-    "token_mixer", "temporal_block", "mlstm_layer", "feed_forward", "mlp",
+    "token_mixer", "temporal_block", "mlstm_layer", "conv", "mamba_decoder.mamba", "feed_forward", "mlp",
 )
 _RECURRENT = re.compile(
-    r"mamba|ssm|mixer|rwkv|gla|delta|retention|retnet|hgrn|lightning|linear.?att|recurrent|rglru|"
+    r"mamba|ssm|mixer|rwkv|gla|delta|retention|retnet|hgrn|lightning|linear.?att|recurren|rglru|"
     r"lstm|hyena|gated.?conv|shortconv|s4|s5|kda",
     re.IGNORECASE,
 )
@@ -54,7 +57,7 @@ class BlockInfo:
 
     @property
     def mixer(self) -> nn.Module | None:
-        return getattr(self.block, self.mixer_attr) if self.mixer_attr else None
+        return get_path(self.block, self.mixer_attr) if self.mixer_attr else None
 
     @property
     def num_params(self) -> int:
@@ -73,6 +76,8 @@ class Discovery:
     layers: nn.ModuleList
     embedding: nn.Module
     blocks: list[BlockInfo] = field(default_factory=list)
+    spec: ArchSpec | None = None
+    note: str = ""  # how the layer list was chosen
 
     def indices_of(self, kind: BlockKind) -> list[int]:
         return [b.index for b in self.blocks if b.kind == kind]
@@ -126,9 +131,19 @@ def _embedding(root: nn.Module, backbone: nn.Module) -> nn.Module:
     raise SurgeryError(f"could not find the input embedding module of {type(root).__name__}")
 
 
-def _generic_locate(block: nn.Module) -> tuple[str | None, BlockKind, str]:
-    """Find a block's token mixer by attribute name; prefer a recurrent one in hybrid blocks."""
-    present = [(a, getattr(block, a)) for a in MIXER_ATTRS if isinstance(getattr(block, a, None), nn.Module)]
+def _generic_locate(block: nn.Module, index: int = 0, config: Any = None) -> tuple[str | None, BlockKind, str]:
+    """Find a block's token mixer by attribute name; prefer a recurrent one in hybrid blocks. When the
+    config lists ``layer_types``, the kind comes from there and the reason says so."""
+    present = [(a, get_path(block, a)) for a in MIXER_ATTRS if find_path(block, (a,)) is not None]
+    types = config_layer_types(config)
+    if types is not None and index < len(types) and kind_of_layer_type(types[index]) is not None:
+        kind = kind_of_layer_type(types[index])
+        for attr, mod in present:
+            if classify_module(mod)[0] == kind or (kind == "recurrent" and classify_module(mod)[0] == "other"):
+                return attr, kind, f"layer_types[{index}]={types[index]!r} -> {kind}; .{attr} is {type(mod).__name__}"
+        for attr, mod in present:
+            if classify_module(mod)[0] != "mlp" or kind == "mlp":
+                return attr, kind, f"layer_types[{index}]={types[index]!r} -> {kind}; .{attr} is {type(mod).__name__}"
     for attr, mod in present:
         kind, reason = classify_module(mod)
         if kind == "recurrent":
@@ -137,8 +152,16 @@ def _generic_locate(block: nn.Module) -> tuple[str | None, BlockKind, str]:
         kind, reason = classify_module(mod)
         if kind != "other":
             return attr, kind, f".{attr}: {reason}"
+    # No known attribute name: any direct child whose class name looks recurrent.
+    for attr, mod in block.named_children():
+        kind, reason = classify_module(mod)
+        if kind == "recurrent":
+            return attr, kind, f"child .{attr}: {reason} (no known mixer attribute name)"
     kind, reason = classify_module(block)
-    return None, kind if kind != "recurrent" else "other", f"no known mixer attribute; {reason}"
+    children = ", ".join(f".{n} ({type(m).__name__})" for n, m in block.named_children()) or "none"
+    return None, kind if kind != "recurrent" else "other", (
+        f"no child looks like a recurrent mixer ({reason}; children: {children}); name it with --mixer-attr"
+    )
 
 
 def _generic_layers(root: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -157,21 +180,26 @@ def discover(model: nn.Module, block_path: str | None = None, mixer_attr: str | 
     if block_path:
         layers_path, layers = _resolve_path(model, block_path)
         method = "override"
+        note = f"--block-path {block_path}"
     elif spec is not None:
         layers_path, layers = _find_layers(model, spec.layers_attr)
         method = "registry"
+        note = f"family {spec.name}: {spec.description}" if spec.description else f"family {spec.name}"
     else:
         layers_path, layers = _generic_layers(model)
         method = "generic"
+        n_params = sum(p.numel() for p in layers.parameters())
+        note = (f"not a registered family: the layer list holding the most parameters ({n_params:,}); mixers by "
+                "attribute name and class name" + ("; kinds from config.layer_types" if config_layer_types(config) else ""))
     backbone = model.get_submodule(_parent_path(layers_path))
     arch = spec.name if spec is not None else (getattr(config, "model_type", None) or type(model).__name__)
     blocks: list[BlockInfo] = []
     for i, block in enumerate(layers):
         if mixer_attr is not None:
-            if mixer_attr and not isinstance(getattr(block, mixer_attr, None), nn.Module):
+            if mixer_attr and find_path(block, (mixer_attr,)) is None:
                 attrs = ", ".join(n for n, _ in block.named_children())
                 raise SurgeryError(f"block {i} ({type(block).__name__}) has no module .{mixer_attr}; its children: {attrs}")
-            mod = getattr(block, mixer_attr) if mixer_attr else block
+            mod = get_path(block, mixer_attr) if mixer_attr else block
             kind, reason = classify_module(mod)
             blocks.append(BlockInfo(i, block, mixer_attr, "recurrent" if kind == "other" else kind,
                                     f"--mixer-attr {mixer_attr}: {reason}"))
@@ -179,14 +207,14 @@ def discover(model: nn.Module, block_path: str | None = None, mixer_attr: str | 
             attr, kind, reason = spec.locate(block, i, config, spec)
             blocks.append(BlockInfo(i, block, attr, kind, reason))
         else:
-            attr, kind, reason = _generic_locate(block)
+            attr, kind, reason = _generic_locate(block, i, config)
             blocks.append(BlockInfo(i, block, attr, kind, reason))
-    disc = Discovery(arch, method, model, backbone, layers_path, layers, _embedding(model, backbone), blocks)
+    disc = Discovery(arch, method, model, backbone, layers_path, layers, _embedding(model, backbone), blocks, spec, note)
     if not disc.indices_of("recurrent") and mixer_attr is None:
         raise SurgeryError(
             f"no linear-recurrent block recognised in {type(model).__name__} ({method} discovery of "
             f"{layers_path!r}, {len(blocks)} blocks). Supported architectures: "
-            f"{', '.join(supported_architectures())}. For another model name the list and the mixer "
-            "explicitly: --block-path model.layers --mixer-attr mixer"
+            f"{', '.join(supported_architectures())}. Block 0: {blocks[0].reason if blocks else 'none'}. "
+            "For another model name the list and the mixer explicitly: --block-path model.layers --mixer-attr mixer"
         )
     return disc

@@ -1,4 +1,4 @@
-"""Replace a block's token mixer in place, and put the original back."""
+"""Replace a block's token mixer in place, and put the original back (dotted attribute paths allowed)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,27 @@ from torch import nn
 
 from ..errors import SurgeryError
 from .discover import BlockInfo
+from .registry import get_path
 
 
-def replace_mixer(info: BlockInfo, make: Callable[[nn.Module], nn.Module]) -> nn.Module:
-    """Set ``block.<mixer_attr> = make(original mixer)``; the layer list itself is never touched."""
-    if not info.mixer_attr:
+def set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    """``root.a.b = module`` for ``path="a.b"``."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = get_path(root, parent_path) if parent_path else root
+    setattr(parent, attr, module)
+
+
+def replace_mixer(info: BlockInfo, make: Callable[[nn.Module], nn.Module], attr: str | None = None) -> nn.Module:
+    """Set ``block.<attr> = make(original)`` (``attr`` defaults to the block's mixer attribute); the
+    layer list itself is never touched."""
+    attr = attr or info.mixer_attr
+    if not attr:
         raise SurgeryError(f"block {info.index} ({type(info.block).__name__}) has no token mixer to wrap")
-    wrapper = make(info.mixer)
-    setattr(info.block, info.mixer_attr, wrapper)
+    wrapper = make(get_path(info.block, attr))
+    set_path(info.block, attr, wrapper)
     return wrapper
 
 
-def restore_mixer(info: BlockInfo, original: nn.Module) -> None:
+def restore_mixer(info: BlockInfo, original: nn.Module, attr: str | None = None) -> None:
     """Undo `replace_mixer`."""
-    setattr(info.block, info.mixer_attr, original)
+    set_path(info.block, attr or info.mixer_attr, original)

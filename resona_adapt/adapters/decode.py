@@ -1,0 +1,202 @@
+"""Incremental decoding of a Resona branch: the same outputs as the full-sequence path, per new token.
+
+A forward that hands the wrapped mixer a generation cache goes through `cached_branch_forward`:
+
+- **Prefill** (the cache has no Resona state yet): the full-sequence path, unchanged (left padding
+  included), plus a new `ResonaCacheState` holding the prompt's ids and each row's padding.
+- **Continuation** (1 or more new tokens): the first Resona layer of the forward appends the new
+  ids to the shared state. Each layer then (1) computes the unit embeddings of chunks that have
+  completed since its last step, once, by re-embedding their ids; (2) scores its cached chunk
+  embeddings with the new queries, keeps the top-k over chunks that end strictly before each query
+  (counted from each row's first real token); (3) gathers those chunks' ids, re-embeds them, and
+  attends in the *absorbed* form::
+
+      logit[h, j] = (W_k,h^T q_h) . x̂_j / sqrt(d) + score_scale * s[chunk(j)] + pos_bias[h, j mod U]
+      out_h       = W_v,h (sum_j p[h, j] x̂_j)
+
+  which equals ``q_h . (W_k,h x̂_j)`` and ``sum_j p[h, j] (W_v,h x̂_j)`` of the full path, but costs
+  O(H * D * (d + k*U)) per query instead of projecting k*U tokens through k_proj and v_proj.
+
+Shape key: B batch, Tn new tokens, L positions seen (pads included), N cached chunks, U chunk size,
+K chunks kept, H heads, d head dim, D model width, E search dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ..errors import SurgeryError
+from ..kernels.reference import select_chunks_ref
+from .branch import ResonaBranch
+from .cache import ResonaCacheState, attach, resona_cache
+from .context import ResonaContext
+
+QUERY_TILE_BUDGET = 2**24  # floats of gathered embeddings per query tile (64 MiB in fp32)
+SUMMARY_TILE_BUDGET = 2**23  # floats of re-embedded context per summary tile (32 MiB in fp32)
+
+
+def cached_branch_forward(branch: ResonaBranch, layer_index: int, context: ResonaContext, cache: Any,
+                          hidden: Tensor, y_m: Tensor) -> Tensor:
+    """The branch output mixed into ``y_m`` for a forward that carries a generation ``cache``.
+
+    hidden: (B, Tn, D) the wrapped mixer's input; y_m: (B, Tn, D) its output. Returns (B, Tn, D).
+    """
+    state = resona_cache(cache)
+    B, Tn, _ = hidden.shape
+    if state is None or state.prefill_forward == context.forward_count:
+        pad = context.left_pad(Tn)  # (B,) or None
+        if state is None:
+            attach(cache, _new_state(branch, context, hidden, pad))
+        return branch(hidden, context.embeddings_for(hidden), y_m, pad=pad)
+    if state.error is not None:
+        raise SurgeryError(state.error)
+    if state.forward_id != context.forward_count:  # the first Resona layer of this forward
+        ids = context.input_ids
+        if ids is None:
+            raise SurgeryError(
+                "incremental Resona decoding needs the new tokens' input_ids (a continuation step was "
+                "given inputs_embeds); generate with use_cache=False to run full forwards instead"
+            )
+        if tuple(ids.shape) != (state.batch_size, Tn):
+            raise SurgeryError(
+                f"a continuation step brought input_ids of shape {tuple(ids.shape)} but the Resona cache holds "
+                f"{state.batch_size} rows and the layer got {Tn} new positions; the generation cache was "
+                "reordered or resized without telling Resona (use the cache's own reorder_cache / "
+                "batch_select_indices)"
+            )
+        state.append(ids, context.forward_count)
+    if state.batch_size != B or state.new_tokens != Tn:
+        raise SurgeryError(
+            f"the Resona cache holds {state.batch_size} rows and {state.new_tokens} new positions, the layer "
+            f"got {B} and {Tn}; the generation cache and the Resona state went out of step"
+        )
+    update_summaries(branch, layer_index, state, context.embed)
+    return decode_step(branch, layer_index, state, hidden, y_m, context.embed)
+
+
+def _new_state(branch: ResonaBranch, context: ResonaContext, hidden: Tensor, pad: Tensor | None) -> ResonaCacheState:
+    B, T = hidden.shape[:2]
+    ids = context.input_ids
+    error = None
+    if ids is None or tuple(ids.shape) != (B, T):
+        error = ("this generation cache was filled without token ids matching the layer input (e.g. from "
+                 "inputs_embeds), which Resona cannot re-embed: continue it with use_cache=False (full "
+                 "forwards), or start from input_ids")
+        ids = torch.zeros(B, T, dtype=torch.long, device=hidden.device)
+    pad = pad if pad is not None else torch.zeros(B, dtype=torch.long, device=hidden.device)
+    return ResonaCacheState(
+        ids=ids.to(torch.int32), pad=pad.long(), chunk_size=branch.config.chunk_size,
+        prefill_forward=context.forward_count, forward_id=context.forward_count, new_tokens=T, error=error,
+    )
+
+
+@torch.no_grad()
+def update_summaries(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
+                     embed: Callable[[Tensor], Tensor]) -> None:
+    """Compute, once, the unit embeddings of every chunk completed since this layer's last step."""
+    U = branch.config.chunk_size
+    B, L = state.ids.shape
+    device = state.ids.device
+    last = state.synced.get(layer_index)
+    if last is not None and not state.chunk_completed_since(last):
+        state.synced[layer_index] = L
+        return
+    need = state.complete_chunks()  # (B,)
+    done = state.done.get(layer_index)
+    if done is None:
+        done = torch.zeros_like(need)
+    summaries = state.summaries.get(layer_index)
+    if summaries is None:
+        summaries = torch.zeros(B, 0, branch.config.search_dim, device=device)
+    todo = need > done  # (B,)
+    if bool(todo.any()):
+        c0, c1 = int(done[todo].min()), int(need.max())
+        if summaries.shape[1] < c1:
+            grow = summaries.new_zeros(B, c1 - summaries.shape[1], summaries.shape[2])
+            summaries = torch.cat([summaries, grow], dim=1)  # (B, c1, E)
+        step = max(1, SUMMARY_TILE_BUDGET // max(1, B * U * branch.d_model))
+        offsets = torch.arange(U, device=device)  # (U,)
+        for s0 in range(c0, c1, step):
+            s1 = min(c1, s0 + step)
+            chunks = torch.arange(s0, s1, device=device)  # (n,)
+            pos = state.pad.view(B, 1, 1) + chunks.view(1, -1, 1) * U + offsets  # (B, n, U)
+            ids = state.ids.gather(1, pos.clamp(max=L - 1).view(B, -1)).long()  # (B, n*U)
+            fresh = branch.chunk_embeddings(branch.norm_x(embed(ids)))  # (B, n, E)
+            write = (chunks.view(1, -1) >= done.view(B, 1)) & (chunks.view(1, -1) < need.view(B, 1))  # (B, n)
+            summaries[:, s0:s1] = torch.where(write.unsqueeze(-1), fresh, summaries[:, s0:s1])
+    state.summaries[layer_index] = summaries
+    state.done[layer_index] = torch.maximum(done, need)
+    state.synced[layer_index] = L
+
+
+def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState, hidden: Tensor, y_m: Tensor,
+                embed: Callable[[Tensor], Tensor]) -> Tensor:
+    """Mix the retrieval output of the ``Tn`` newest positions into ``y_m`` (B, Tn, D); the state
+    already holds their ids and the summaries of every chunk completed before them."""
+    cfg = branch.config
+    U, H, dh = cfg.chunk_size, cfg.num_heads, cfg.head_dim
+    B, Tn, D = hidden.shape
+    device = hidden.device
+    start = state.length - Tn
+    # real positions of the new queries, counted from each row's first real token
+    q_pos = start - state.pad.view(B, 1) + torch.arange(Tn, device=device)  # (B, Tn)
+    h_hat = branch.norm_h(hidden)  # (B, Tn, D)
+    summaries = state.summaries[layer_index]  # (B, N, E)
+    K = min(cfg.k_for(branch.training), summaries.shape[1])
+    if K == 0:  # no chunk is complete anywhere yet: the branch reads nothing
+        attn = h_hat.new_zeros(B, Tn, H * dh)
+    else:
+        qs = branch.search_queries(h_hat)  # (B, Tn, E)
+        idx, score = select_chunks_ref(qs, summaries, K, U, q_pos)  # (B, Tn, K) x2
+        q = branch.heads(branch.q_proj(h_hat))  # (B, Tn, H, d)
+        tile = max(1, QUERY_TILE_BUDGET // max(1, B * K * U * D))
+        parts = [
+            _absorbed_attention(branch, state, q[:, t0:t0 + tile], idx[:, t0:t0 + tile],
+                                score[:, t0:t0 + tile] * cfg.score_scale, embed)
+            for t0 in range(0, Tn, tile)
+        ]
+        attn = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, Tn, H*d)
+    y_r = branch.o_proj(attn.to(branch.o_proj.weight.dtype))  # (B, Tn, D)
+    return branch.mix(y_m, y_r, h_hat)
+
+
+def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor, idx: Tensor, bias: Tensor,
+                        embed: Callable[[Tensor], Tensor]) -> Tensor:
+    """q: (B, Tq, H, d); idx, bias: (B, Tq, K) -> (B, Tq, H*d), attention over the selected chunks' tokens."""
+    cfg = branch.config
+    U, H, dh = cfg.chunk_size, cfg.num_heads, cfg.head_dim
+    B, Tq, K = idx.shape
+    D = branch.d_model
+    Q = B * Tq
+    valid = idx >= 0  # (B, Tq, K)
+    pos = (state.pad.view(B, 1, 1, 1) + idx.clamp(min=0).unsqueeze(-1) * U
+           + torch.arange(U, device=idx.device))  # (B, Tq, K, U)
+    pos = pos.clamp(max=state.length - 1)  # empty slots (masked below) may point past a short row
+    ids = state.ids.gather(1, pos.view(B, -1)).long()  # (B, Tq*K*U)
+    x_hat = branch.norm_x(embed(ids)).view(Q, K * U, D)  # (Q, KU, D)
+    w_k = branch.k_proj.weight.view(H, dh, D)  # (H, d, D)
+    w_v = branch.v_proj.weight.view(H, dh, D)  # (H, d, D)
+    qk = torch.bmm(q.reshape(Q, H, dh).transpose(0, 1), w_k)  # W_k,h^T q_h  (H, Q, D)
+    logits = torch.bmm(qk.transpose(0, 1), x_hat.transpose(1, 2)).float() * dh**-0.5  # (Q, H, KU)
+    logits = (logits.view(Q, H, K, U) + bias.float().view(Q, 1, K, 1)
+              + branch.pos_bias.float().view(1, H, 1, U))  # (Q, H, K, U)
+    logits = logits.masked_fill(~valid.view(Q, 1, K, 1), float("-inf")).view(Q, H, K * U)
+    if branch.sink_logit is not None:  # a finite logit in every row: the plain softmax is safe
+        sink = branch.sink_logit.float().view(1, H, 1).expand(Q, H, 1)
+        p = torch.softmax(torch.cat([sink, logits], dim=-1), dim=-1)[..., 1:]  # the sink's value is zero
+    else:
+        p = _safe_softmax(logits)  # (Q, H, KU)
+    mixed = torch.bmm(p.to(x_hat.dtype), x_hat)  # sum_j p_hj x̂_j  (Q, H, D)
+    out = torch.bmm(mixed.transpose(0, 1), w_v.transpose(1, 2))  # W_v,h mixed_h  (H, Q, d)
+    return out.transpose(0, 1).reshape(B, Tq, H * dh)
+
+
+def _safe_softmax(logits: Tensor) -> Tensor:
+    """Softmax over the last dim; rows that are all -inf give zeros, not NaN."""
+    m = logits.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(logits - m)
+    return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)

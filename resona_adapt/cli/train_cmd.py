@@ -1,0 +1,128 @@
+"""``resona-adapt train``: train the Resona branches of a model (base frozen) with transformers' Trainer.
+
+Data-parallel with nothing to add: ``torchrun --nproc_per_node N -m resona_adapt.cli.main train ...``
+or, on GPUs, ``accelerate launch --multi_gpu -m resona_adapt.cli.main train ...`` (``--batch-size`` is per
+process).
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from .app import App
+from .options import CONFIG_FIELDS, build_config, model_options, resona_config_options
+
+
+@click.command("train")
+@model_options
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local training data: .jsonl rows {text} or {prompt, completion} (loss on the completion), "
+                   "or plain text.")
+@click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), default=None, help="Evaluation data, same formats.")
+@click.option("--task", default=None, help="Built-in synthetic task instead of --data (needs no tokenizer): mqar.")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per example (task) / maximum (data).")
+@click.option("--kv-pairs", type=int, default=32, show_default=True, help="MQAR key-value pairs per example.")
+@click.option("--num-examples", type=int, default=None,
+              help="Task examples to generate (default: one per example the run consumes, at most 20,000).")
+@click.option("--eval-examples", type=int, default=256, show_default=True, help="Task examples in the eval split.")
+@click.option("--tokenizer", default=None, help="Tokenizer for --data (default: the checkpoint's own); offline.")
+@click.option("--lr", type=float, default=1e-5, show_default=True, help="Base learning rate.")
+@click.option("--lr-multiplier", type=float, default=None,
+              help="Resona lr = lr x this (default: the model's ResonaConfig.lr_multiplier, 20).")
+@click.option("--unfreeze-layers", default=None, help="Comma list of decoder layers whose base weights also train.")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.05, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True)
+@click.option("--steps", type=int, default=1000, show_default=True, help="Optimizer steps.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per step and process.")
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps (always at the end).")
+@click.option("--save-every", type=int, default=None, help="Checkpoint into --run-dir every N steps.")
+@click.option("--save-total-limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+@click.option("--checkpoint-format", type=click.Choice(["merged", "adapter"]), default="merged", show_default=True)
+@click.option("--log-every", type=int, default=10, show_default=True)
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Final merged checkpoint.")
+@click.option("--run-dir", type=click.Path(file_okay=False), default=None,
+              help="Where checkpoints go (default: OUTPUT.run).")
+@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint in --run-dir.")
+@click.option("--overwrite", is_flag=True, help="Replace --output, and start --run-dir over.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lora-r", type=int, default=0, help="Also train a PEFT LoRA of this rank on the base (0 = none).")
+@click.option("--lora-alpha", type=int, default=None, help="LoRA alpha (default 2 x rank).")
+@click.option("--lora-target", default="in_proj", show_default=True, help="Comma list of LoRA target module names.")
+@click.option("--layers", default=None, help="When --model is not retrofitted yet: the layers to retrofit.")
+@click.option("--progress/--no-progress", default=None, help="Rich progress bar (default: on a terminal).")
+@resona_config_options
+@click.pass_obj
+def command(app: App, model_name: str, trust_remote_code: bool, block_path: str | None, mixer_attr: str | None,
+            data: str | None, eval_data: str | None, task: str | None, seq_len: int, kv_pairs: int,
+            num_examples: int | None, eval_examples: int, tokenizer: str | None, lr: float,
+            lr_multiplier: float | None, unfreeze_layers: str | None, weight_decay: float, warmup_ratio: float,
+            max_grad_norm: float, steps: int, batch_size: int, grad_accum: int, eval_every: int | None,
+            save_every: int | None, save_total_limit: int | None, checkpoint_format: str, log_every: int,
+            output: str, run_dir: str | None, resume: bool, overwrite: bool, seed: int, lora_r: int,
+            lora_alpha: int | None, lora_target: str, layers: str | None, progress: bool | None,
+            config_file: str | None, **config_values: object) -> None:
+    """Train the Resona branches of --model (base frozen) and write the merged result to --output."""
+    app.quiet_libraries()
+    import torch
+
+    from ..checkpoint import check_output_dir
+    from ..errors import ResonaConfigError
+    from ..loading import load_model
+    from ..lora import add_lora
+    from ..retrofit import retrofit, retrofit_state
+    from ..training import TrainConfig, load_text_dataset, load_tokenizer, task_datasets, train
+    from ..training.groups import parse_layers
+    from ..training.tasks import TASKS, model_vocab_size
+    from ..training.checkpoints import prepare_run_dir
+
+    if (data is None) == (task is None):
+        raise ResonaConfigError("give exactly one of --data FILE or --task NAME (built-in: "
+                                f"{', '.join(sorted(TASKS))})")
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_output_dir(output, overwrite or resume)
+    run_dir = run_dir or f"{output.rstrip('/')}.run"
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, main_process=main_process)
+
+    torch.manual_seed(seed)
+    with app.terminal.status(f"loading {model_name}"):
+        model = load_model(model_name, trust_remote_code=trust_remote_code)
+    config_given = config_file is not None or any(config_values.get(k) is not None for k in CONFIG_FIELDS)
+    if retrofit_state(model) is None:
+        retrofit(model, layers=layers, config=build_config(config_file, config_values), block_path=block_path,
+                 mixer_attr=mixer_attr)
+    elif layers is not None or config_given:
+        raise ResonaConfigError(f"{model_name} is already retrofitted: its layers and Resona configuration come from "
+                                "the checkpoint; drop --layers and the Resona options (or train a base model)")
+
+    if task is not None:
+        consumed = steps * batch_size * grad_accum * world
+        n_train = num_examples or min(consumed, 20_000)
+        train_ds, eval_ds = task_datasets(task, model_vocab_size(model), seq_len, n_train, eval_examples, seed=seed,
+                                          num_kv_pairs=kv_pairs)
+    else:
+        tok = load_tokenizer(tokenizer or getattr(model, "name_or_path", None), model_name)
+        train_ds = load_text_dataset(data, tok, seq_len)
+        eval_ds = load_text_dataset(eval_data, tok, seq_len) if eval_data else None
+    if lora_r:
+        model = add_lora(model, [t.strip() for t in lora_target.split(",") if t.strip()], r=lora_r,
+                         lora_alpha=lora_alpha)
+
+    config = TrainConfig(
+        lr=lr, lr_multiplier=lr_multiplier, unfreeze_layers=parse_layers(unfreeze_layers), weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, steps=steps, batch_size=batch_size,
+        grad_accum=grad_accum, eval_every=eval_every, save_every=save_every, save_total_limit=save_total_limit,
+        checkpoint_format=checkpoint_format, log_every=log_every, run_dir=run_dir, output=output, resume=resume,
+        seed=seed, progress=(app.terminal.err.is_terminal if progress is None else progress) and app.verbosity >= 0,
+    )
+    if main_process:
+        app.terminal.info(f"training on {getattr(train_ds, 'description', len(train_ds))}"
+                          + (f" ({world} processes)" if world > 1 else ""))
+    summary = train(model, train_ds, eval_ds, config, console=app.terminal.err)
+    if main_process:
+        app.terminal.table("training summary", ["", "value"], [list(r) for r in summary.rows()])
+        app.terminal.success(f"wrote the trained checkpoint to {output}")

@@ -1,0 +1,135 @@
+"""What a training checkpoint (``run_dir/checkpoint-N``) holds besides the Trainer's own files.
+
+- ``trainable.safetensors``: every trainable parameter (Resona, unfrozen base layers, LoRA) under
+  its name in the trained model: what ``--resume`` loads (the frozen base comes from ``--model``).
+- a loadable checkpoint: the merged one (``config.json``, ``model.safetensors``,
+  ``resona.safetensors``; `load_retrofitted` reads the directory) or, with
+  ``checkpoint_format="adapter"``, the adapter files only.
+- ``resona_checkpoint.json``, written last (after the Trainer's optimizer, scheduler and RNG files):
+  a checkpoint without it was interrupted and is never resumed from.
+
+Each file appears in one rename (written under a temporary name first).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_tensors, save_tensors
+from ..errors import CheckpointError
+
+TRAINABLE_FILE = "trainable.safetensors"
+MARKER_FILE = "resona_checkpoint.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _move_into(src: Path, dest: Path) -> None:
+    """Move every file of ``src`` into ``dest`` (each by one rename), then remove ``src``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        os.replace(f, dest / f.name)
+    shutil.rmtree(src, ignore_errors=True)
+
+
+def write_training_checkpoint(model: nn.Module, directory: str | Path, checkpoint_format: str = "merged") -> None:
+    """Write ``trainable.safetensors`` and the loadable checkpoint of ``model`` into ``directory``."""
+    from ..formats.adapter import write_adapter_files
+    from ..formats.merged import save_merged
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        if checkpoint_format == "merged":
+            save_merged(model, staging / "merged")
+            _move_into(staging / "merged", staging)
+        else:
+            write_adapter_files(model, staging)
+        save_tensors(trainable_state(model), staging / TRAINABLE_FILE, {"content": "trainable parameters"})
+        _move_into(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_trainable(model: nn.Module, directory: str | Path) -> None:
+    """Copy ``trainable.safetensors`` into the model's trainable parameters; every missing,
+    unexpected or mis-shaped tensor is an error naming the file and the tensor, and nothing is
+    copied unless everything matches."""
+    file = Path(directory) / TRAINABLE_FILE
+    tensors = load_tensors(file)
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file} was written by a different training setup: the model trains {missing[:3]} which the "
+            f"checkpoint lacks, the checkpoint has {unexpected[:3]} which the model does not train. Resume with "
+            "the same --model, --unfreeze-layers and LoRA options as the interrupted run"
+        )
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise CheckpointError(f"{file}: tensor {name} has shape {tuple(tensors[name].shape)}, the model expects "
+                                  f"{tuple(p.shape)}; the checkpoint was made for another model")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(dtype=p.dtype, device=p.device))
+
+
+def mark_complete(directory: str | Path, step: int) -> None:
+    directory = Path(directory)
+    tmp = directory / f".{MARKER_FILE}.tmp"
+    tmp.write_text(json.dumps({"step": step, "complete": True}) + "\n")
+    os.replace(tmp, directory / MARKER_FILE)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path, bool]]:
+    """(step, path, complete) of every ``checkpoint-N`` in ``run_dir``, by step."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p, (p / MARKER_FILE).is_file())
+             for p in run_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return sorted(found)
+
+
+def last_complete_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete checkpoint of a run; a clear error when there is none."""
+    found = list_checkpoints(run_dir)
+    complete = [p for _, p, ok in found if ok]
+    if not complete:
+        partial = [p.name for _, p, ok in found if not ok]
+        raise CheckpointError(
+            f"no complete checkpoint to resume from in {run_dir}"
+            + (f" (interrupted while being written: {', '.join(partial)})" if partial else "")
+            + "; start the run without --resume"
+        )
+    return complete[-1]
+
+
+def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool, main_process: bool = True) -> None:
+    """Refuse to mix a new run into the checkpoints of an earlier one (unless ``overwrite``, which
+    removes them, or ``resume``, which continues it). Only the main process checks and deletes."""
+    if resume or not main_process:
+        return
+    old = list_checkpoints(run_dir)
+    if not old:
+        return
+    if not overwrite:
+        raise CheckpointError(
+            f"{run_dir} holds checkpoints of an earlier run ({', '.join(p.name for _, p, _ in old[:3])}"
+            f"{'...' if len(old) > 3 else ''}); pass --resume to continue it, --overwrite to start over, "
+            "or another --run-dir"
+        )
+    for _, path, _ in old:
+        shutil.rmtree(path)

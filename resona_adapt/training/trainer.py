@@ -1,0 +1,83 @@
+"""`ResonaTrainer`: transformers' ``Trainer`` with Resona's parameter groups and checkpoint files.
+
+Only these things differ from the stock Trainer, so DDP (``torchrun`` / ``accelerate launch``),
+gradient accumulation, schedules, logging and evaluation are the library's own:
+- `create_optimizer` builds the optimizer (``--optim``, AdamW by default) over `param_groups`:
+  Resona parameters at ``lr * lr_multiplier``, everything else that trains at ``lr``;
+- `_save` writes `trainable.safetensors` plus a merged (or adapter) checkpoint instead of the
+  model's raw state dict, whose keys would hold the wrapper names (``mixer.base_layer...``);
+- `_load_from_checkpoint` (``resume_from_checkpoint``) and `_load_best_model`
+  (``load_best_model_at_end``) load `trainable.safetensors` back.
+The optimizer, scheduler, RNG and trainer-state files are the Trainer's, so a resumed run
+continues exactly where the interrupted one stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from .checkpoints import load_trainable, mark_complete, write_training_checkpoint
+from .groups import param_groups
+
+
+class ResonaTrainer(Trainer):
+    """A ``Trainer`` for retrofitted models (optionally PEFT-wrapped). Extra keyword arguments:
+    ``lr_multiplier`` (None = the model's ResonaConfig) and ``checkpoint_format`` ("merged" | "adapter")."""
+
+    def __init__(self, *args: Any, lr_multiplier: float | None = None, checkpoint_format: str = "merged",
+                 **kwargs: Any) -> None:
+        self.lr_multiplier = lr_multiplier
+        self.checkpoint_format = checkpoint_format
+        super().__init__(*args, **kwargs)
+        self.add_callback(CheckpointMarker())
+        self.add_callback(LogLastStep())
+
+    def create_optimizer(self, model: nn.Module | None = None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = param_groups(opt_model, lr=self.args.learning_rate, lr_multiplier=self.lr_multiplier,
+                                  weight_decay=self.args.weight_decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        write_training_checkpoint(model, Path(output_dir or self.args.output_dir), self.checkpoint_format)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        target = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)
+        load_trainable(target, resume_from_checkpoint)
+
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's trainable parameters, like a resume."""
+        target = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        load_trainable(target, self.state.best_model_checkpoint)
+
+
+class LogLastStep(TrainerCallback):
+    """Logs the loss of the final step too, so a summary's final loss is the last step's."""
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
+class CheckpointMarker(TrainerCallback):
+    """Marks ``checkpoint-N`` complete once the Trainer has written all of it (``on_save`` runs after
+    the optimizer, scheduler, RNG and state files)."""
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        if state.is_world_process_zero:
+            directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if directory.is_dir():
+                mark_complete(directory, state.global_step)
+        return control

@@ -1,0 +1,70 @@
+"""The family matrix for flash-linear-attention models, on CPU through Triton's interpreter.
+
+Skipped only when fla is not installed (CI installs the ``fla`` extra). See tests/fla_support.py
+for how the interpreter is set up. Generation is phase 2 (issue 3), not tested here.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fla_support import FLA_CONFIGS, FLA_INSTALLED, SKIP_REASON, VOCAB, build_fla
+from matrix import check_family
+from resona_adapt.surgery import discover
+
+pytestmark = pytest.mark.skipif(not FLA_INSTALLED, reason=SKIP_REASON)
+
+
+@pytest.mark.parametrize("family", sorted(FLA_CONFIGS))
+def test_fla_family_matrix(family, tmp_path):
+    model = build_fla(family)
+    disc = discover(model)
+    assert disc.arch == f"fla_{family}" and type(model).__module__.startswith("fla.")
+    check_family(model, tmp_path, vocab=VOCAB, seq=16, batch=1, causal_at=(9,))
+
+
+def test_fla_hybrid_attention_layers_are_recognised():
+    """fla hybrids put softmax attention in the layers ``config.attn["layers"]`` lists. fla's Attention
+    needs flash-attn to be built, so the config is edited after building a plain GLA: the kinds come
+    from the config, as discovery reads them."""
+    model = build_fla("gla", layers=3)
+    model.config.attn = {"layers": [1], "num_heads": 2, "num_kv_heads": 2}
+    disc = discover(model)
+    assert [b.kind for b in disc.blocks] == ["recurrent", "attention", "recurrent"]
+    assert "config.attn['layers'] lists layer 1" in disc.blocks[1].reason
+
+
+def test_loader_is_immune_to_fla_taking_over_transformers_model_types(tmp_path):
+    """Importing fla registers its own Mamba under transformers' model type "mamba"; resona-adapt's
+    loader still loads a transformers Mamba checkpoint as transformers' class, and an fla one as fla's."""
+    import fla.models
+    from transformers import AutoConfig
+
+    from conftest import build_tiny
+    from resona_adapt import load_model
+
+    build_tiny("mamba").save_pretrained(tmp_path / "hf")
+    build_fla("mamba").save_pretrained(tmp_path / "fla")
+    AutoConfig.register("mamba", fla.models.MambaConfig, exist_ok=True)  # what `import fla` does
+    assert type(AutoConfig.from_pretrained(tmp_path / "hf")).__module__.startswith("fla.")
+    assert type(load_model(str(tmp_path / "hf"))).__module__.startswith("transformers.models.mamba")
+    assert type(load_model(str(tmp_path / "fla"))).__module__.startswith("fla.models.mamba")
+
+
+@pytest.mark.parametrize("family", ["gla", "rwkv7", "mamba2"])
+def test_fla_cache_keyword_carries_the_models_cache(family):
+    """For phase 2: fla mixers receive the model's fla Cache as ``past_key_values``."""
+    import torch
+
+    from matrix import CFG
+    from resona_adapt import ResonaConfig, resona_layers, retrofit
+
+    model = build_fla(family)
+    retrofit(model, config=ResonaConfig(**CFG))
+    seen = {}
+    for i, layer in resona_layers(model).items():
+        layer.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: seen.__setitem__(i, m.cache_in_call(args, kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        out = model(torch.randint(3, VOCAB, (1, 8)), use_cache=True)
+    assert seen and all(received is out.past_key_values for received in seen.values())

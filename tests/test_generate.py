@@ -1,0 +1,257 @@
+"""Incremental generation: the Resona cache gives the logits of a full forward, inside generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import VOCAB, build_tiny, randomize_resona
+from resona_adapt import ResonaConfig, SurgeryError, retrofit
+from resona_adapt.adapters.cache import ResonaCacheState, resona_cache
+from resona_adapt.persist import base_view
+
+U = 4  # chunk size: every test below crosses several chunk boundaries
+CFG = dict(chunk_size=U, num_heads=2, head_dim=8, search_dim=16)
+LAYERS = [0, 2, -1]
+
+
+def make(family: str, trained: bool = True, top_k: int = 2, mix: str = "residual", seed: int = 0):
+    model = build_tiny(family, seed=seed)
+    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=top_k, mix=mix, **CFG))
+    if trained:
+        randomize_resona(model)
+    model.generation_config.eos_token_id = None  # random tiny models would stop at token 0
+    return model
+
+
+def full_logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, use_cache=False, **kw).logits
+
+
+def stepwise_logits(model, ids, prefill: int, pieces: list[int] | None = None):
+    """Prefill ``prefill`` tokens, then continue with pieces of the given sizes (default: one token)."""
+    T = ids.shape[1]
+    pieces = pieces or [1] * (T - prefill)
+    assert prefill + sum(pieces) == T
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        cache, logits, t = out.cache_params, [out.logits], prefill
+        for n in pieces:
+            out = model(ids[:, t:t + n], cache_params=cache, use_cache=True)
+            logits.append(out.logits)
+            t += n
+    return torch.cat(logits, dim=1), cache
+
+
+def assert_branch_is_live(model, ids):
+    """The test would fail if the decode path dropped the branch: it changes the logits."""
+    with base_view(model):
+        base = full_logits(model, ids)
+    assert (full_logits(model, ids) - base).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("trained", [False, True])
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_single_token_steps_equal_a_full_forward(family, top_k, trained):
+    model = make(family, trained=trained, top_k=top_k)
+    ids = torch.randint(0, VOCAB, (2, 31), generator=torch.Generator().manual_seed(1))
+    full = full_logits(model, ids)
+    steps, cache = stepwise_logits(model, ids, prefill=6)
+    assert (steps - full).abs().max() <= 1e-4
+    state = resona_cache(cache)
+    assert state.length == 31 and all(int(d.min()) == 31 // U for d in state.done.values())
+    if trained:
+        assert_branch_is_live(model, ids)
+
+
+@pytest.mark.parametrize("mix", ["gated", "paper-dynamic"])
+def test_single_token_steps_equal_a_full_forward_in_other_mixes(mix):
+    model = make("mamba2", mix=mix)
+    ids = torch.randint(0, VOCAB, (1, 22), generator=torch.Generator().manual_seed(2))
+    steps, _ = stepwise_logits(model, ids, prefill=3)
+    assert (steps - full_logits(model, ids)).abs().max() <= 1e-4
+
+
+def test_several_tokens_at_once_continue_right():
+    # Mamba2: transformers' Mamba1/FalconMamba continue a prefill with several tokens wrongly on CPU
+    model = make("mamba2", top_k=2)
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    steps, _ = stepwise_logits(model, ids, prefill=5, pieces=[1, 6, 3, 1, 9, 2, 1, 12])
+    assert (steps - full_logits(model, ids)).abs().max() <= 1e-4
+
+
+def greedy_by_full_forwards(model, ids, n: int):
+    seq = ids
+    for _ in range(n):
+        nxt = full_logits(model, seq)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        seq = torch.cat([seq, nxt], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_greedy_generate_equals_argmax_of_full_forwards(family, trained):
+    model = make(family, trained=trained)
+    ids = torch.randint(1, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=18, do_sample=False)
+    assert torch.equal(out, greedy_by_full_forwards(model, ids, 18))
+
+
+def generate_scores(model, ids, mask=None, n: int = 14, **kw):
+    mask = torch.ones_like(ids) if mask is None else mask  # never let generate() guess a mask from pad ids
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, **kw)
+    return out.sequences, torch.stack(out.scores, dim=1)  # (B, T+n), (B, n, V)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_left_padded_batch_equals_each_row_alone(family, trained):
+    model = make(family, trained=trained)
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(1, VOCAB, (1, n), generator=g) for n in (11, 6, 2)]
+    T = max(r.shape[1] for r in rows)
+    batch = torch.cat([torch.cat([torch.zeros(1, T - r.shape[1], dtype=torch.long), r], 1) for r in rows])
+    mask = torch.cat([torch.cat([torch.zeros(1, T - r.shape[1]), torch.ones(1, r.shape[1])], 1) for r in rows]).long()
+    seqs, scores = generate_scores(model, batch, mask)
+    for b, row in enumerate(rows):
+        alone_seq, alone_scores = generate_scores(model, row)
+        assert torch.equal(seqs[b, T:], alone_seq[0, row.shape[1]:]), b
+        assert (scores[b] - alone_scores[0]).abs().max() <= 1e-4, b
+
+
+def test_two_generate_calls_are_independent():
+    model = make("mamba")
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randint(1, VOCAB, (1, 13), generator=g), torch.randint(1, VOCAB, (1, 9), generator=g)
+    b_first = generate_scores(model, b)
+    a_first = generate_scores(model, a)
+    b_again = generate_scores(model, b)
+    a_again = generate_scores(model, a)
+    for x, y in ((b_first, b_again), (a_first, a_again)):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+    assert torch.equal(a_first[0], greedy_by_full_forwards(model, a, 14))
+
+
+def test_beam_search_equals_beam_search_over_full_forwards(family, monkeypatch):
+    model = make(family)
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randint(1, VOCAB, (1, n), generator=g) for n in (10, 7)]
+    batch = torch.cat([rows[0], torch.cat([torch.zeros(1, 3, dtype=torch.long), rows[1]], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    reorders = []
+    original = ResonaCacheState.select
+
+    def spy(self, index):
+        reorders.append(index.clone())
+        return original(self, index)
+
+    monkeypatch.setattr(ResonaCacheState, "select", spy)
+    kw = dict(max_new_tokens=12, num_beams=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cached = model.generate(batch, attention_mask=mask, use_cache=True, **kw)
+        assert any(not torch.equal(i.cpu(), torch.arange(len(i))) for i in reorders)  # beams did swap
+        full = model.generate(batch, attention_mask=mask, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, full.sequences)
+    torch.testing.assert_close(cached.sequences_scores, full.sequences_scores, atol=1e-4, rtol=0)
+
+
+def test_cache_batch_operations_move_the_resona_state():
+    model = make("mamba2")
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, VOCAB, (3, 14), generator=g)
+    nxt = torch.randint(0, VOCAB, (3, 1), generator=g)
+    _, cache = stepwise_logits(model, ids, prefill=9)
+    order = torch.tensor([2, 0, 1])
+    cache.reorder_cache(order)
+    with torch.no_grad():
+        moved = model(nxt, cache_params=cache, use_cache=True).logits
+    expected = full_logits(model, torch.cat([ids[order], nxt], 1))[:, -1:]
+    assert (moved - expected).abs().max() <= 1e-4
+    state = resona_cache(cache)
+    ref = state.ids.clone()
+    state.repeat_interleave(2)
+    assert torch.equal(state.ids, ref.repeat_interleave(2, dim=0))
+    state.crop(-5)
+    assert state.length == ref.shape[1] - 5
+    assert all(torch.equal(d, torch.full_like(d, state.length // U)) for d in state.done.values())
+    cache.reset()
+    assert resona_cache(cache) is None
+
+
+def test_cache_patches_follow_copies_and_plain_dynamic_caches():
+    import copy
+
+    from transformers import DynamicCache
+
+    from resona_adapt.adapters.cache import attach
+
+    def state(rows: int) -> ResonaCacheState:
+        ids = torch.arange(rows * 5, dtype=torch.int32).view(rows, 5)
+        return ResonaCacheState(ids=ids, pad=torch.zeros(rows, dtype=torch.long), chunk_size=U, prefill_forward=0,
+                                forward_id=0, new_tokens=5)
+
+    cache = DynamicCache()
+    attach(cache, state(3))
+    cache.batch_select_indices(torch.tensor([2, 0]))
+    assert resona_cache(cache).ids[:, 0].tolist() == [10, 0]
+    cache.batch_repeat_interleave(2)
+    assert resona_cache(cache).ids[:, 0].tolist() == [10, 10, 0, 0]
+    twin = copy.deepcopy(cache)
+    twin.reorder_cache(torch.tensor([3, 2, 1, 0]))
+    assert resona_cache(twin).ids[:, 0].tolist() == [0, 0, 10, 10]
+    assert resona_cache(cache).ids[:, 0].tolist() == [10, 10, 0, 0]  # the original is untouched
+
+
+def test_cache_size_is_ids_plus_chunk_summaries():
+    model = make("mamba")
+    ids = torch.randint(0, VOCAB, (2, 27), generator=torch.Generator().manual_seed(9))
+    _, cache = stepwise_logits(model, ids, prefill=5)
+    state = resona_cache(cache)
+    B, L, E = 2, 27, CFG["search_dim"]
+    assert state.ids.dtype == torch.int32 and set(state.summaries) == {0, 2, 3}
+    assert state.nbytes() == B * L * 4 + len(LAYERS) * B * (L // U) * E * 4
+    # nothing transformer-sized: no keys, no values, no embeddings of the context
+    assert all(s.shape == (B, L // U, E) for s in state.summaries.values())
+
+
+def test_continuing_a_cache_filled_from_embeddings_is_a_clear_error():
+    model = make("mamba")
+    ids = torch.randint(0, VOCAB, (1, 9))
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(ids)
+        cache = model(inputs_embeds=emb, use_cache=True).cache_params
+        with pytest.raises(SurgeryError, match="inputs_embeds"):
+            model(ids[:, :1], cache_params=cache, use_cache=True)
+
+
+def test_a_decode_step_never_projects_context_tokens():
+    """The absorbed form: k_proj / v_proj are applied to weights, never to the k*U retrieved tokens,
+    and each step re-embeds only the selected chunks (plus a chunk that just completed)."""
+    from resona_adapt import resona_layers
+
+    model = make("mamba", top_k=2)
+    layers = resona_layers(model)
+    calls = []
+    for layer in layers.values():
+        for proj in (layer.resona.k_proj, layer.resona.v_proj):
+            proj.register_forward_hook(lambda *a: calls.append(1))
+    context = next(iter(layers.values())).context
+    embedded = []
+    original = context.embed
+    context.embed = lambda ids: (embedded.append(ids.numel()), original(ids))[1]
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        cache = model(ids[:, :21], use_cache=True).cache_params  # prefill: the full path projects
+        assert calls
+        calls.clear()
+        model(ids[:, 21:22], cache_params=cache, use_cache=True)  # first step: summaries of the 5 prompt chunks
+        embedded.clear()
+        for t in range(22, 30):
+            model(ids[:, t:t + 1], cache_params=cache, use_cache=True)
+    assert not calls
+    per_layer_step = 2 * U  # top_k chunks of U tokens
+    completed = 2 * len(layers) * U  # chunks 5 and 6 complete at lengths 24 and 28, once per layer
+    assert sum(embedded) == 8 * len(layers) * per_layer_step + completed

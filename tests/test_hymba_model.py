@@ -1,0 +1,108 @@
+"""resona-adapt's own Hymba: loads the official layout, meta tokens, attention masks, KV reuse, decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hymba_support import M, VOCAB, build_hymba, write_official_checkpoint
+from resona_adapt import load_model
+from resona_adapt.models.hymba import HymbaForCausalLM
+from resona_adapt.models.hymba.modeling import META, PAD, REAL
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+@pytest.mark.parametrize("with_lm_head", [False, True])
+def test_loads_a_checkpoint_in_the_official_layout(tmp_path, with_lm_head):
+    source = build_hymba()
+    ckpt = write_official_checkpoint(source, tmp_path / "hymba", with_lm_head=with_lm_head)
+    loaded = load_model(str(ckpt))
+    assert type(loaded) is HymbaForCausalLM and loaded.config.num_memory_tokens == M
+    assert loaded.config.kv_reuse_group == [[1, 2]] and loaded.config.global_attn_idx == [0, 3, 5]
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # tied
+    ids = torch.randint(3, VOCAB, (2, 15))
+    assert torch.equal(_logits(loaded, ids), _logits(source, ids))
+
+
+def test_kv_reuse_and_projection_sizes_follow_the_config():
+    model = build_hymba()
+    producer, consumer = model.model.layers[1].mamba, model.model.layers[2].mamba
+    # in_proj: queries (D) + keys (Hkv/H * D) + values (Hkv/H * 2D) + SSM input (2D) + gate (2D)
+    assert producer.in_proj.weight.shape == (32 + 16 + 32 + 64 + 64, 32)
+    assert consumer.in_proj.weight.shape == (32 + 64 + 64, 32) and consumer.reuse_kv
+    seen = {}
+    producer.self_attn.register_forward_hook(lambda m, a, k, out: seen.__setitem__("made", out[1]), with_kwargs=True)
+    consumer.self_attn.register_forward_hook(lambda m, a, k, out: seen.__setitem__("used", k["kv_last_layer"]),
+                                             with_kwargs=True)
+    _logits(model, torch.randint(3, VOCAB, (1, 9)))
+    assert seen["used"] is seen["made"]
+
+
+def test_attention_masks_window_meta_and_causality():
+    model = build_hymba()
+    kinds = torch.tensor([[META] * M + [REAL] * 10])
+    full, swa, _ = model.model._masks(kinds, None, 0)
+    L = M + 10
+    q, k = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    assert torch.equal(full[0, 0], k <= q)
+    expected = (k <= q) & ((q - k <= 6) | (k < M))
+    assert torch.equal(swa[0, 0], expected)
+    # a pad key is never seen, except by the pad query itself
+    kinds = torch.tensor([[PAD, PAD] + [META] * M + [REAL] * 8])
+    full, swa, _ = model.model._masks(kinds, None, 0)
+    assert not full[0, 0, 5:, :2].any() and full[0, 0, 1, 1]
+
+
+def test_meta_tokens_are_prepended_and_positions_count_them():
+    model = build_hymba()
+    ids = torch.randint(3, VOCAB, (1, 8))
+    base = _logits(model, ids)
+    assert base.shape == (1, 8, VOCAB)  # the meta tokens are not returned
+    with torch.no_grad():
+        model.model.memory_tokens.add_(1.0)
+    assert not torch.allclose(_logits(model, ids), base)  # ... but they are used
+    positions = []
+    rotary = model.model.layers[0].mamba.self_attn.rotary_emb
+    rotary.register_forward_hook(lambda m, args, out: positions.append(args[1]))
+    _logits(model, ids)
+    assert positions[0].tolist() == [list(range(M + 8))]
+
+
+def test_left_padding_keeps_the_real_tokens_exact():
+    model = build_hymba()
+    ids = torch.randint(3, VOCAB, (1, 7))
+    alone = _logits(model, ids)
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.tensor([[0, 0, 0] + [1] * 7])
+    out = _logits(model, padded, attention_mask=mask)
+    torch.testing.assert_close(out[:, 3:], alone, rtol=1e-5, atol=1e-5)  # other shapes: round-off only
+
+
+def test_cached_decoding_equals_one_full_forward():
+    model = build_hymba()
+    ids = torch.randint(3, VOCAB, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, :2] = 0  # the second row is left-padded
+    full = _logits(model, ids, attention_mask=mask, use_cache=False)
+    with torch.no_grad():
+        out = model(ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(7, 16):  # crosses the sliding window (6) and the reuse group
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1)[:, 2:], full[:, 2:], rtol=1e-5, atol=1e-5)
+    assert cache.seen_tokens == M + 16 and cache.real_tokens == 16 and cache.next_position.tolist() == [M + 16, M + 14]
+
+
+def test_generate_is_the_greedy_path():
+    model = build_hymba()
+    prompt = torch.randint(3, VOCAB, (2, 5))
+    out = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    ids = prompt
+    for _ in range(6):
+        ids = torch.cat([ids, _logits(model, ids, use_cache=False)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, ids)
