@@ -36,3 +36,39 @@ def run(fn, leaves, idx, d_out, U, **kw):
     names = [n for n, t in leaves.items() if t is not None]
     grads = torch.autograd.grad(out, [leaves[n] for n in names], d_out)
     return out, dict(zip(names, grads))
+
+
+def compile_for_sm80() -> int:
+    """Compile every Triton kernel of `triton_attention` for an sm_80 target (nothing runs); returns
+    how many compiled. Needs a process where ``TRITON_INTERPRET`` is off."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from resona_adapt.kernels import triton_attention as ta
+
+    assert not triton.knobs.runtime.interpret, "compile_for_sm80 needs TRITON_INTERPRET off"
+    count = 0
+    for x, D, U, flags in (("*fp16", 64, 64, True), ("*fp32", 6, 3, False)):
+        f, i = "*fp32", "*i64"
+        meta = dict(H=3, D=D, U=U, KS=2, BD=triton.next_power_of_2(D), BU=triton.next_power_of_2(U))
+        kernels = {
+            ta._fwd: ({"Q": x, "K": x, "V": x, "IDX": i, "BIAS": f, "POS": f, "SINK": f, "O": x, "LSE": f,
+                       "TQ": "i32", "TK": "i32", "scale": "fp32"}, dict(HAS_SINK=flags, HAS_POS=flags)),
+            ta._bwd_dq: ({"Q": x, "K": x, "V": x, "IDX": i, "BIAS": f, "POS": f, "DO": x, "LSE": f, "DELTA": f,
+                          "DQ": x, "DSLOT": f, "TQ": "i32", "TK": "i32", "scale": "fp32"}, dict(HAS_POS=flags)),
+            ta._bwd_dkv: ({"Q": x, "K": x, "V": x, "BIAS": f, "POS": f, "DO": x, "LSE": f, "DELTA": f, "DK": x,
+                           "DV": x, "DPOS": f, "CSR_PAIR": i, "CSR_OFF": i, "TQ": "i32", "TK": "i32", "NC": "i32",
+                           "scale": "fp32"}, dict(HAS_POS=flags)),
+        }
+        for fn, (signature, extra) in kernels.items():
+            jitted = triton.jit(fn)
+            consts = {**meta, **extra}
+            src = ASTSource(
+                fn=jitted, signature={**signature, **{k: "constexpr" for k in consts}},
+                constexprs={(jitted.arg_names.index(k),): v for k, v in consts.items()},
+            )
+            compiled = triton.compile(src, target=GPUTarget("cuda", 80, 32))
+            assert "ptx" in compiled.asm, fn.__name__
+            count += 1
+    return count

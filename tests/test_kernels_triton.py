@@ -4,14 +4,13 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors, which chec
 and indexing (not their speed), and are compiled for an sm_80 target (not run) so that the real
 compiler has accepted them too. With a GPU the same cases run compiled, on CUDA.
 
-``TRITON_INTERPRET`` is read when ``triton`` is first imported (``triton.language`` jits its own
-helpers then), so it cannot be switched on inside a pytest process that may already have imported
-triton (through fla or another test), and setting it for the whole run would change how every other
-test that touches triton behaves. The interpreted cases therefore run in a fresh child process that
-starts with ``TRITON_INTERPRET=1`` (``test_interpreted_cases_in_a_fresh_process``); in the parent
-they are marked as skipped *because the child runs them*, and the parent test fails if the child
-did not pass every one of them. Everything is skipped, with the reason, only when triton is not
-importable.
+Triton reads ``TRITON_INTERPRET`` when it is first imported (``triton.language`` jits its own
+helpers then), so one process either interprets or compiles. tests/conftest.py turns the
+interpreter on for the whole session on machines without a GPU (fla's tests need it too), so the
+cases run here directly and the compile check runs in a child process started without it. If the
+session was started without the interpreter and without a GPU, it is the other way round: the
+cases run in a child started with ``TRITON_INTERPRET=1``, and the tests marked skipped here name
+the test that ran them. Everything is skipped, with the reason, only when triton is not importable.
 """
 
 from __future__ import annotations
@@ -27,21 +26,23 @@ import torch
 
 from resona_adapt import ResonaConfig
 from resona_adapt.adapters import ResonaBranch
-from resona_adapt.kernels.dispatch import get_backend, triton_importable
+from resona_adapt.kernels.dispatch import get_backend, triton_importable, triton_interpreting
 from resona_adapt.kernels.reference import chunk_attention_ref
 
 from kernel_cases import make_inputs, run
 
-IN_CHILD = os.environ.get("RESONA_TRITON_CHILD") == "1"
 ON_GPU = torch.cuda.is_available()
+INTERPRETING = triton_interpreting()  # conftest sets it before anything imports triton
+RUN_HERE = ON_GPU or INTERPRETING
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+TESTS = Path(__file__).resolve().parent
 
 pytestmark = pytest.mark.skipif(
     not triton_importable(), reason="triton is not importable (install the extra: pip install -e '.[fla]')"
 )
 kernel_cases = pytest.mark.skipif(
-    not (IN_CHILD or ON_GPU),
-    reason="no GPU: run under TRITON_INTERPRET=1 in a child process by test_interpreted_cases_in_a_fresh_process",
+    not RUN_HERE,
+    reason="no GPU and no interpreter in this process: run by test_interpreted_cases_in_a_fresh_process",
 )
 
 # (B, T, H, d, U, K, sink, pos_bias): T not a multiple of U, K above the number of eligible chunks,
@@ -55,14 +56,13 @@ TOL = {torch.float32: dict(atol=2e-6, rtol=1e-5), torch.float16: dict(atol=4e-3,
 N_KERNEL_CASES = 2 * len(CASES) + 1  # the parametrised grid plus the branch test
 
 
-@pytest.mark.skipif(IN_CHILD or ON_GPU, reason="the cases run directly here")
+@pytest.mark.skipif(RUN_HERE, reason="the cases run directly in this process")
 def test_interpreted_cases_in_a_fresh_process():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "RESONA_TRITON_CHILD": "1"}
-    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-o", "addopts=", "-q", "-p", "no:cacheprovider",
          "-k", "not fresh_process and not compile"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+        cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=900,
     )
     tail = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, tail
@@ -121,42 +121,17 @@ def test_branch_through_the_dispatch_point_with_triton(monkeypatch):
     assert grads["triton"][1]["query_encoder.weight"].abs().sum() > 0
 
 
-@pytest.mark.skipif(IN_CHILD, reason="the parent process compiles; this one interprets")
 def test_kernels_compile_for_a_gpu_target():
-    """The interpreter accepts code the compiler rejects; compile every kernel for sm_80 (not run)."""
-    import triton
+    """The interpreter accepts code the compiler rejects: compile every kernel for sm_80 (not run),
+    in a child process without the interpreter when this one interprets."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="this triton build has no CUDA backend")
+    if not INTERPRETING:
+        from kernel_cases import compile_for_sm80
 
-    if triton.knobs.runtime.interpret:
-        pytest.skip("TRITON_INTERPRET=1 was set for the whole run: triton cannot compile in this process")
-    compiler = pytest.importorskip("triton.compiler")
-    backend_compiler = pytest.importorskip("triton.backends.compiler")
-
-    from resona_adapt.kernels import triton_attention as ta
-
-    try:
-        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
-    except ImportError:
-        pytest.skip("this triton build has no CUDA backend to compile for")
-    target = backend_compiler.GPUTarget("cuda", 80, 32)
-    ptrs = {"fp16": "*fp16", "fp32": "*fp32"}
-    for dt, (D, U, flags) in {"fp16": (64, 64, True), "fp32": (6, 3, False)}.items():
-        x, f, i = ptrs[dt], "*fp32", "*i64"
-        meta = dict(H=3, D=D, U=U, KS=2, BD=triton.next_power_of_2(D), BU=triton.next_power_of_2(U))
-        kernels = {
-            ta._fwd: ({"Q": x, "K": x, "V": x, "IDX": i, "BIAS": f, "POS": f, "SINK": f, "O": x, "LSE": f,
-                       "TQ": "i32", "TK": "i32", "scale": "fp32"}, dict(HAS_SINK=flags, HAS_POS=flags)),
-            ta._bwd_dq: ({"Q": x, "K": x, "V": x, "IDX": i, "BIAS": f, "POS": f, "DO": x, "LSE": f, "DELTA": f,
-                          "DQ": x, "DSLOT": f, "TQ": "i32", "TK": "i32", "scale": "fp32"}, dict(HAS_POS=flags)),
-            ta._bwd_dkv: ({"Q": x, "K": x, "V": x, "BIAS": f, "POS": f, "DO": x, "LSE": f, "DELTA": f, "DK": x,
-                           "DV": x, "DPOS": f, "CSR_PAIR": i, "CSR_OFF": i, "TQ": "i32", "TK": "i32", "NC": "i32",
-                           "scale": "fp32"}, dict(HAS_POS=flags)),
-        }
-        for fn, (signature, extra) in kernels.items():
-            jitted = triton.jit(fn)
-            consts = {**meta, **extra}
-            src = compiler.ASTSource(
-                fn=jitted, signature={**signature, **{k: "constexpr" for k in consts}},
-                constexprs={(jitted.arg_names.index(k),): v for k, v in consts.items()},
-            )
-            compiled = triton.compile(src, target=target)
-            assert "ptx" in compiled.asm, fn.__name__
+        assert compile_for_sm80() == 6
+        return
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, "-c", "from kernel_cases import compile_for_sm80; print(compile_for_sm80())"],
+                          cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("6"), proc.stdout[-3000:] + proc.stderr[-5000:]
