@@ -25,9 +25,18 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["by_query", "by_chunk"])
+def forward_path(request, monkeypatch):
+    """Both forwards of the CPU path on every case: chunk-major from chunk size 1, or never."""
+    import resona_adapt.kernels.torch_attention as ta
+
+    monkeypatch.setattr(ta, "CHUNK_MAJOR_MIN_SIZE", 1 if request.param == "by_chunk" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES)
-def test_torch_path_matches_reference_forward_and_every_gradient(case, dtype):
+def test_torch_path_matches_reference_forward_and_every_gradient(case, dtype, forward_path):
     B, T, H, d, U, K, sink, pos, tile = case
     leaves, idx, d_out = make_inputs(B, T, H, d, U, K, sink, pos, dtype)
     assert (idx[:, :U] == -1).all() and (idx == -1).any()  # the first chunk retrieves nothing
@@ -43,7 +52,7 @@ def test_torch_path_matches_reference_forward_and_every_gradient(case, dtype):
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
-def test_torch_path_bfloat16_follows_the_reference():
+def test_torch_path_bfloat16_follows_the_reference(forward_path):
     leaves, idx, d_out = make_inputs(2, 19, 2, 8, 4, 3, True, True, torch.bfloat16)
     ref_out, ref_grads = run(chunk_attention_ref, leaves, idx, d_out, 4)
     out, grads = run(chunk_attention_torch, leaves, idx, d_out, 4, query_tile=3)

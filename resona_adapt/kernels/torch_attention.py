@@ -17,6 +17,13 @@ that it costs little on a CPU:
   nothing of size ``T * k * U`` is kept for backward (no activation checkpointing needed) and the
   key/value gradients are accumulated in one buffer for the whole sequence.
 
+For chunks of at least `CHUNK_MAJOR_MIN_SIZE` tokens, forward and backward go chunk by chunk
+instead (`torch_by_chunk.ByChunk`): the (query, slot) pairs are sorted by chunk and each chunk's
+keys and values are read once, in place, for all the queries that selected it. That moves ``d``
+floats per pair instead of ``U * d``; it was 2-3x faster than the gather at 8k and 64k tokens
+(chunk 64). Its Python loop runs over chunks (``T / U`` iterations), so small chunks keep the
+tiled gather below.
+
 Shapes: q (B, Tq, H, d); k, v (B, T, H, d); idx, bias (B, Tq, K); sink_logit (H,); pos_bias (H, U).
 """
 
@@ -26,12 +33,15 @@ import torch
 from torch import Tensor
 
 from .reference import chunk_attention_ref
+from .torch_by_chunk import ByChunk, softmax_stats
 
 CPU_TILE_BYTES = 3 * 2**20
 """Bytes of gathered keys per query tile on CPU: small enough to stay in a last-level cache
 (measured on a 32 MiB L3: ~3 MiB was the fastest of 0.75 to 24 MiB)."""
 DEVICE_TILE_BYTES = 64 * 2**20
 """Bytes of gathered keys per query tile on accelerators, where launch overhead dominates."""
+CHUNK_MAJOR_MIN_SIZE = 16
+"""Chunk size from which the forward runs chunk by chunk (see the module docstring)."""
 
 
 def auto_query_tile(batch: int, top_k: int, chunk_size: int, heads: int, head_dim: int,
@@ -111,32 +121,40 @@ class _Tiles:
         return s.view(B, n, H, K * U)
 
 
+def _forward_by_query(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, bias: Tensor, sink_logit: Tensor | None,
+                      pos_bias: Tensor | None, chunk_size: int, query_tile: int | None) -> tuple[Tensor, Tensor]:
+    """Tiles of queries, their chunks gathered into reused buffers. Returns out (B, Tq, H, d), lse (B, Tq, H)."""
+    tiles = _Tiles(q, k, v, idx, bias, chunk_size, query_tile)
+    B, Tq, H, d = q.shape
+    out = q.new_empty(B, Tq, H, d)
+    lse = q.new_empty(B, Tq, H, dtype=tiles.f)
+    sink = sink_logit.to(tiles.f).view(1, 1, H) if sink_logit is not None else None
+    for t0, t1 in tiles.ranges():
+        n = t1 - t0
+        kg, vg = tiles.gather(tiles.rows(t0, t1))  # (B*n*H, K*U, d) x2
+        q_t = q[:, t0:t1].reshape(B * n * H, 1, d)
+        s = tiles.logits(q_t, kg, t0, t1, pos_bias)  # (B, n, H, KU)
+        m = s.amax(dim=-1)  # (B, n, H)
+        m = torch.where(torch.isfinite(m), m, 0.0)
+        p = s.sub_(m.unsqueeze(-1)).exp_()  # (B, n, H, KU), exp(logit - m)
+        lse_t = softmax_stats(m, p.sum(dim=-1), sink)  # (B, n, H)
+        lse[:, t0:t1] = lse_t
+        p.mul_(torch.exp(m - lse_t).unsqueeze(-1))  # exp(logit - lse): the attention weights
+        o = torch.bmm(p.to(vg.dtype).view(B * n * H, 1, -1), vg)  # (B*n*H, 1, d)
+        out[:, t0:t1] = o.view(B, n, H, d)
+    return out, lse
+
+
 class ChunkAttentionTorch(torch.autograd.Function):
-    """Autograd wrapper of the tiled CPU path; see the module docstring."""
+    """Autograd wrapper of the CPU path (by query or by chunk); see the module docstring."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, idx: Tensor, bias: Tensor, sink_logit: Tensor | None,
                 pos_bias: Tensor | None, chunk_size: int, query_tile: int | None) -> Tensor:
-        tiles = _Tiles(q, k, v, idx, bias, chunk_size, query_tile)
-        B, Tq, H, d = q.shape
-        out = q.new_empty(B, Tq, H, d)
-        lse = q.new_empty(B, Tq, H, dtype=tiles.f)
-        sink = sink_logit.to(tiles.f).view(1, 1, H) if sink_logit is not None else None
-        for t0, t1 in tiles.ranges():
-            n = t1 - t0
-            kg, vg = tiles.gather(tiles.rows(t0, t1))  # (B*n*H, K*U, d) x2
-            q_t = q[:, t0:t1].reshape(B * n * H, 1, d)
-            s = tiles.logits(q_t, kg, t0, t1, pos_bias)  # (B, n, H, KU)
-            m = s.amax(dim=-1)  # (B, n, H)
-            m = torch.maximum(m, sink) if sink is not None else torch.where(torch.isfinite(m), m, 0.0)
-            p = s.sub_(m.unsqueeze(-1)).exp_()  # (B, n, H, KU), unnormalised
-            denom = p.sum(dim=-1)  # (B, n, H)
-            if sink is not None:
-                denom = denom + torch.exp(sink - m)
-            p.div_(denom.clamp_min(torch.finfo(tiles.f).tiny).unsqueeze(-1))
-            lse[:, t0:t1] = torch.where(denom > 0, m + torch.log(denom), 0.0)
-            o = torch.bmm(p.to(vg.dtype).view(B * n * H, 1, -1), vg)  # (B*n*H, 1, d)
-            out[:, t0:t1] = o.view(B, n, H, d)
+        if chunk_size >= CHUNK_MAJOR_MIN_SIZE:
+            out, lse = ByChunk(q, k, v, idx, bias, pos_bias, chunk_size).forward(sink_logit)
+        else:
+            out, lse = _forward_by_query(q, k, v, idx, bias, sink_logit, pos_bias, chunk_size, query_tile)
         ctx.save_for_backward(q, k, v, idx, bias, sink_logit, pos_bias, out, lse)
         ctx.chunk_size, ctx.query_tile = chunk_size, query_tile
         return out
@@ -145,46 +163,59 @@ class ChunkAttentionTorch(torch.autograd.Function):
     def backward(ctx, d_out: Tensor):
         q, k, v, idx, bias, sink_logit, pos_bias, out, lse = ctx.saved_tensors
         U = ctx.chunk_size
-        tiles = _Tiles(q, k, v, idx, bias, U, ctx.query_tile)
-        B, Tq, H, d = q.shape
-        K, scale = tiles.K, d**-0.5
-        f = tiles.f  # softmax dtype; half-precision gradients are also accumulated in it
-        delta = (d_out.to(f) * out.to(f)).sum(-1)  # (B, Tq, H)
-        dq = torch.empty_like(q)
-        dkc = tiles.kc.new_zeros(tiles.kc.shape, dtype=f)  # (B*N*H, U*d)
-        dvc = tiles.vc.new_zeros(tiles.vc.shape, dtype=f)
-        dslot = q.new_zeros(B, Tq, K, dtype=f)
-        dpos = q.new_zeros(H, U, dtype=f)
-        outer = q.new_empty(tiles.kbuf.shape, dtype=f)  # per-tile (rows, U*d) key/value gradients
-        for t0, t1 in tiles.ranges():
-            n = t1 - t0
-            rows = tiles.rows(t0, t1)
-            kg, vg = tiles.gather(rows)  # (B*n*H, K*U, d) x2
-            q_t = q[:, t0:t1].reshape(B * n * H, 1, d)
-            do_t = d_out[:, t0:t1].reshape(B * n * H, 1, d).to(q.dtype)
-            s = tiles.logits(q_t, kg, t0, t1, pos_bias)  # (B, n, H, KU)
-            p = s.sub_(lse[:, t0:t1].unsqueeze(-1)).exp_()  # (B, n, H, KU) attention weights
-            dp = torch.bmm(do_t, vg.transpose(1, 2)).view(B, n, H, K * U).to(f)  # (B, n, H, KU)
-            ds = dp.sub_(delta[:, t0:t1].unsqueeze(-1)).mul_(p)  # (B, n, H, KU) d loss / d logit
-            ds5 = ds.view(B, n, H, K, U)
-            dslot[:, t0:t1] = ds5.sum(dim=(2, 4))
-            dpos += ds5.sum(dim=(0, 1, 3))
-            ds_q = ds.to(q.dtype).view(B * n * H, 1, K * U)
-            dq[:, t0:t1] = (torch.bmm(ds_q, kg) * scale).view(B, n, H, d)
-            m = rows.numel()
-            grad_g = outer[:m].view(B * n * H, K * U, d)  # gradient of the gathered keys, then values
-            torch.bmm(ds.view(B * n * H, K * U, 1), q_t.to(f), out=grad_g)
-            dkc.index_add_(0, rows, outer[:m], alpha=scale)
-            torch.bmm(p.view(B * n * H, K * U, 1), do_t.to(f), out=grad_g)
-            dvc.index_add_(0, rows, outer[:m])
-        dk = _from_head_major(dkc, k.shape, U, k.dtype)
-        dv = _from_head_major(dvc, v.shape, U, v.dtype)
+        f = torch.promote_types(q.dtype, torch.float32)  # softmax dtype; half grads accumulate in it
+        delta = (d_out.to(f) * out.to(f)).sum(-1)  # (B, Tq, H): sum_j p_j dO.v_j
+        if U >= CHUNK_MAJOR_MIN_SIZE:
+            dq, dk, dv, dslot, dpos = ByChunk(q, k, v, idx, bias, pos_bias, U).backward(d_out, lse, delta)
+        else:
+            dq, dk, dv, dslot, dpos = _backward_by_query(q, k, v, idx, bias, pos_bias, U, ctx.query_tile,
+                                                         d_out, lse, delta)
         d_sink = None
         if sink_logit is not None and ctx.needs_input_grad[5]:
-            p_sink = torch.exp(sink_logit.to(f).view(1, 1, H) - lse)  # (B, Tq, H)
+            p_sink = torch.exp(sink_logit.to(f).view(1, 1, -1) - lse)  # (B, Tq, H) the sink's weight
             d_sink = (-(p_sink * delta)).sum(dim=(0, 1)).to(sink_logit.dtype)
         d_pos = dpos.to(pos_bias.dtype) if pos_bias is not None else None
         return dq, dk, dv, None, dslot.to(bias.dtype), d_sink, d_pos, None, None
+
+
+def _backward_by_query(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, bias: Tensor, pos_bias: Tensor | None,
+                       chunk_size: int, query_tile: int | None, d_out: Tensor, lse: Tensor,
+                       delta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Tile by tile, recomputed from the log-sum-exp: dq, dk, dv, d(slot bias) (B, Tq, K), d(pos_bias) (H, U)."""
+    U = chunk_size
+    tiles = _Tiles(q, k, v, idx, bias, U, query_tile)
+    B, Tq, H, d = q.shape
+    K, scale, f = tiles.K, d**-0.5, tiles.f
+    dq = torch.empty_like(q)
+    dkc = tiles.kc.new_zeros(tiles.kc.shape, dtype=f)  # (B*N*H, U*d)
+    dvc = tiles.vc.new_zeros(tiles.vc.shape, dtype=f)
+    dslot = q.new_zeros(B, Tq, K, dtype=f)
+    dpos = q.new_zeros(H, U, dtype=f)
+    outer = q.new_empty(tiles.kbuf.shape, dtype=f)  # per-tile (rows, U*d) key/value gradients
+    for t0, t1 in tiles.ranges():
+        n = t1 - t0
+        rows = tiles.rows(t0, t1)
+        kg, vg = tiles.gather(rows)  # (B*n*H, K*U, d) x2
+        q_t = q[:, t0:t1].reshape(B * n * H, 1, d)
+        do_t = d_out[:, t0:t1].reshape(B * n * H, 1, d).to(q.dtype)
+        s = tiles.logits(q_t, kg, t0, t1, pos_bias)  # (B, n, H, KU)
+        p = s.sub_(lse[:, t0:t1].unsqueeze(-1)).exp_()  # (B, n, H, KU) attention weights
+        dp = torch.bmm(do_t, vg.transpose(1, 2)).view(B, n, H, K * U).to(f)  # (B, n, H, KU)
+        ds = dp.sub_(delta[:, t0:t1].unsqueeze(-1)).mul_(p)  # (B, n, H, KU) d loss / d logit
+        ds5 = ds.view(B, n, H, K, U)
+        dslot[:, t0:t1] = ds5.sum(dim=(2, 4))
+        dpos += ds5.sum(dim=(0, 1, 3))
+        ds_q = ds.to(q.dtype).view(B * n * H, 1, K * U)
+        dq[:, t0:t1] = (torch.bmm(ds_q, kg) * scale).view(B, n, H, d)
+        m = rows.numel()
+        grad_g = outer[:m].view(B * n * H, K * U, d)  # gradient of the gathered keys, then values
+        torch.bmm(ds.view(B * n * H, K * U, 1), q_t.to(f), out=grad_g)
+        dkc.index_add_(0, rows, outer[:m], alpha=scale)
+        torch.bmm(p.view(B * n * H, K * U, 1), do_t.to(f), out=grad_g)
+        dvc.index_add_(0, rows, outer[:m])
+    dk = _from_head_major(dkc, k.shape, U, k.dtype)
+    dv = _from_head_major(dvc, v.shape, U, v.dtype)
+    return dq, dk, dv, dslot, dpos
 
 
 def chunk_attention_torch(
