@@ -71,9 +71,9 @@ class ResonaConfig:
     )
     query_tile: int | None = field(
         default=None,
-        metadata={"help": "Queries per tile of the CPU attention path; None = sized automatically so "
-                  "that one tile's gathered keys stay within a few MiB (cache-resident). The Triton "
-                  "kernel does not tile."},
+        metadata={"help": "Queries per tile of the CPU attention's by-query path (chunks under 16 "
+                  "tokens); None = sized so that one tile's gathered keys stay within a few MiB. "
+                  "Larger chunks go chunk by chunk and the Triton kernel does not tile."},
     )
 
     def __post_init__(self) -> None:

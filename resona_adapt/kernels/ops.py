@@ -4,8 +4,8 @@ No (T x T) object is ever built:
 - the search runs in query tiles that hold (B, Tq, N) scores, sized to about 4 MiB; the choice
   is made without gradient and only the K kept scores per query are recomputed differentiably;
 - the attention over the selected chunks is one call to the backend, whose memory is linear in T
-  (the torch backend tiles queries internally and keeps only q, k, v and a log-sum-exp for
-  backward; the Triton kernel reads the selected chunks in place).
+  (the torch backend goes chunk by chunk, or tiles queries for small chunks, and keeps only q, k,
+  v and a log-sum-exp for backward; the Triton kernel reads the selected chunks in place).
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def retrieve(
 
     qs: (B, T, E) unit search queries (query t sits at position t); cs: (B, N, E) unit chunk
     embeddings, N = T // U; q: (B, T, H, d) read queries; k, v: (B, T, H, d) keys and values of
-    the context. ``query_tile`` sets the attention's queries per tile (None = sized to the
-    device; the Triton kernel does not tile). Returns (B, T, H, d), and the selected chunk
-    indices (B, T, K) if asked.
+    the context. ``query_tile`` sets the queries per tile of the torch backend's by-query path
+    (chunks under 16 tokens; None = sized to the device); the chunk-major path and the Triton
+    kernel do not tile. Returns (B, T, H, d), and the selected chunk indices (B, T, K) if asked.
     """
     be = get_backend(q.device, backend)
     idx, score = select_tiled(be, qs, cs, top_k, chunk_size)  # (B, T, K) x2
