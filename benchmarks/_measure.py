@@ -84,6 +84,11 @@ def median(times: list[tuple[float, float]], wall: bool = False) -> float:
     return statistics.median(t[1 if wall else 0] for t in times)
 
 
+def best(times: list[tuple[float, float]], wall: bool = False) -> float:
+    """The fastest round: other jobs on a shared machine only ever add time."""
+    return min(t[1 if wall else 0] for t in times)
+
+
 # -- peak memory in a fresh child process ------------------------------------------------------
 def _status() -> dict[str, int]:
     text = Path("/proc/self/status").read_text()
