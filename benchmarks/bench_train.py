@@ -5,8 +5,10 @@ chunk 64, top-k 2). One step = ``model(ids, labels=ids).loss.backward()`` (all l
 training), gradients cleared between steps. The base is timed as it would be fine-tuned (every
 parameter trainable); the retrofitted model as resona-adapt trains it (base frozen, only the
 branches trainable, gradients still flow back through the frozen layers). Also printed: the
-retrofitted step over the base *with its parameters frozen too* (the same backward through the
-activations, no weight gradients), which isolates the branches' own cost. Peak memory per step
+retrofitted step over the base *with its parameters frozen too*, its activations requiring
+gradient from the first layer's output on (where the retrofit's first branch makes them require
+it): the same backward through frozen layers, no weight gradients, which isolates the branches'
+own cost. Peak memory per step
 in a fresh process (see _measure.py).
 
     nice -n 10 python benchmarks/bench_train.py            # full: 1k tokens (Mamba2 also 2k)
@@ -39,8 +41,9 @@ def make_model(family: str, quick: bool, kind: str) -> torch.nn.Module:
         model = retrofitted(family, quick)
     else:
         model = build_lm(family, quick).requires_grad_(kind == "base")
-        if kind == "base_frozen":  # activations still need gradient: let the embedding output carry it
-            model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_())
+        if kind == "base_frozen":  # gradient flows from the first layer's output on, as in the retrofit
+            first = model.backbone.layers[0]  # (whose first branch sits in layer 0)
+            first.register_forward_hook(lambda m, i, o: (o[0] if isinstance(o, tuple) else o).requires_grad_())
     return model.train()
 
 
