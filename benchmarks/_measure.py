@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,19 +54,21 @@ def machine_line() -> str:
             f"{torch.get_num_threads()} thread(s); load average {load}")
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, float]:
-    """(CPU seconds, wall seconds) of one call."""
-    c0, w0 = time.process_time(), time.perf_counter()
+def timed(fn: Callable[[], object]) -> tuple[float, float, float]:
+    """(CPU seconds, wall seconds, user-mode CPU seconds) of one call. CPU time includes the
+    kernel's (page faults of fresh allocations); user time is the computation alone."""
+    c0, w0, u0 = time.process_time(), time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_utime
     fn()
-    return time.process_time() - c0, time.perf_counter() - w0
+    return (time.process_time() - c0, time.perf_counter() - w0,
+            resource.getrusage(resource.RUSAGE_SELF).ru_utime - u0)
 
 
-def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: bool = True) -> dict[str, list[tuple[float, float]]]:
-    """Time each candidate once per round, in alternating order; returns (cpu, wall) per round."""
+def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: bool = True) -> dict[str, list[tuple]]:
+    """Time each candidate once per round, in alternating order; returns (cpu, wall, user) per round."""
     if warmup:
         for fn in fns.values():
             fn()
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    times: dict[str, list[tuple]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
@@ -74,19 +77,18 @@ def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: bool = 
     return times
 
 
-def ratio(times: dict[str, list[tuple[float, float]]], num: str, den: str, wall: bool = False) -> float:
-    """Median over rounds of time[num] / time[den] (CPU time unless ``wall``)."""
-    i = 1 if wall else 0
+CPU, WALL, USER = 0, 1, 2
+
+
+def ratio(times: dict[str, list[tuple]], num: str, den: str, wall: bool = False, kind: int | None = None) -> float:
+    """Median over rounds of time[num] / time[den] (CPU time, wall-clock if ``wall``, or ``kind``)."""
+    i = kind if kind is not None else (WALL if wall else CPU)
     return statistics.median(a[i] / b[i] for a, b in zip(times[num], times[den]))
 
 
-def median(times: list[tuple[float, float]], wall: bool = False) -> float:
-    return statistics.median(t[1 if wall else 0] for t in times)
-
-
-def best(times: list[tuple[float, float]], wall: bool = False) -> float:
-    """The fastest round: other jobs on a shared machine only ever add time."""
-    return min(t[1 if wall else 0] for t in times)
+def median(times: list[tuple], wall: bool = False, kind: int | None = None) -> float:
+    i = kind if kind is not None else (WALL if wall else CPU)
+    return statistics.median(t[i] for t in times)
 
 
 # -- peak memory in a fresh child process ------------------------------------------------------

@@ -4,7 +4,9 @@ Used by `torch_attention` for chunks of at least ``CHUNK_MAJOR_MIN_SIZE`` tokens
 slot) pairs that selected a chunk are sorted together; per chunk, one batched matmul over heads
 gives the logits of all its pairs, ``(H, n, d) @ (H, d, U)``. Only ``d`` floats per pair move
 (the pair's query, output and gradients) instead of the ``U * d`` of gathering the chunk for every
-query, which keeps the working set small when the keys no longer fit in cache. The softmax spans a
+query, which keeps the working set small when the keys no longer fit in cache. Per-pair rows are
+gathered chunk by chunk, so no (pairs, H*d) tensor is allocated: on long inputs such tensors pass
+glibc's 32 MiB mmap threshold and every call would pay page faults for them again. The softmax spans a
 query's K chunks, so the forward takes two passes (per-chunk max and sum of exp, combined with the
 sink into a log-sum-exp per query; then the weighted values), and the backward one pass that writes
 each chunk's key/value gradients once. The Python loop runs over the selected chunks (at most
@@ -52,7 +54,7 @@ class ByChunk:
                 self.spans.append((c, start, start + n))
                 start += n
         self.rows = torch.div(self.order, K, rounding_mode="floor")  # (P,) query row in B*Tq
-        self.q_p = self.pairs(q)  # (P, H*d)
+        self.q2 = q.reshape(B * Tq, H * d)
         self.b_p = bias.reshape(-1).index_select(0, self.order).to(self.f)  # (P,) slot bias
         self.pos = pos_bias.to(self.f).view(H, 1, U) if pos_bias is not None else None
 
@@ -60,15 +62,16 @@ class ByChunk:
         """Per-query rows (B, Tq, ...) repeated for each of the query's pairs, in chunk order."""
         return x.reshape(self.shape[0] * self.shape[1], -1).index_select(0, self.rows)  # (P, ...)
 
-    def heads(self, x_p: Tensor, a: int, e: int) -> Tensor:
-        """(P, H*d) pair rows a:e -> (H, n, d)."""
+    def heads(self, x2: Tensor, a: int, e: int) -> Tensor:
+        """Rows (B*Tq, H*d) of the queries of pairs a:e, gathered per chunk (small, cache-resident:
+        no (P, H*d) tensor is ever allocated) -> (H, n, d)."""
         H, d = self.shape[2], self.shape[3]
-        return x_p[a:e].view(e - a, H, d).transpose(0, 1)
+        return x2.index_select(0, self.rows[a:e]).view(e - a, H, d).transpose(0, 1)
 
-    def logits(self, c: int, a: int, e: int) -> Tensor:
-        """Logits (H, n, U), in the softmax dtype, of pairs a:e (all of chunk c)."""
+    def logits(self, c: int, q_c: Tensor, a: int, e: int) -> Tensor:
+        """Logits (H, n, U), in the softmax dtype, of pairs a:e (all of chunk c), queries q_c (H, n, d)."""
         d = self.shape[3]
-        s = torch.bmm(self.heads(self.q_p, a, e), self.kc[c]).to(self.f)  # (H, n, U)
+        s = torch.bmm(q_c, self.kc[c]).to(self.f)  # (H, n, U)
         s.mul_(d**-0.5).add_(self.b_p[a:e].view(1, -1, 1))
         return s.add_(self.pos) if self.pos is not None else s
 
@@ -78,7 +81,7 @@ class ByChunk:
         K, f, P = self.K, self.f, self.order.numel()
         stats = self.q.new_empty(P, 2, H, dtype=f)  # per pair: [max, sum of exp] over the chunk's U logits
         for c, a, e in self.spans:
-            s = self.logits(c, a, e)  # (H, n, U)
+            s = self.logits(c, self.heads(self.q2, a, e), a, e)  # (H, n, U)
             m = s.amax(dim=-1)  # (H, n)
             stats[a:e, 0] = m.t()
             stats[a:e, 1] = s.sub_(m.unsqueeze(-1)).exp_().sum(dim=-1).t()
@@ -92,11 +95,12 @@ class ByChunk:
         sink = sink_logit.to(f).view(1, H) if sink_logit is not None else None
         lse = softmax_stats(m, denom, sink)  # (B*Tq, H)
         lse_p = lse.index_select(0, self.rows)  # (P, H)
-        o_p = self.q.new_empty(P, H, d, dtype=f)
+        out = self.q.new_zeros(B * Tq, H * d, dtype=f)
         for c, a, e in self.spans:
-            p = self.logits(c, a, e).sub_(lse_p[a:e].t().unsqueeze(-1)).exp_()  # (H, n, U) attention weights
-            o_p[a:e] = torch.bmm(p.to(self.v.dtype), self.vc[c]).transpose(0, 1)
-        out = self.q.new_zeros(B * Tq, H * d, dtype=f).index_add_(0, self.rows, o_p.view(P, H * d))  # sum over slots
+            p = self.logits(c, self.heads(self.q2, a, e), a, e)
+            p = p.sub_(lse_p[a:e].t().unsqueeze(-1)).exp_()  # (H, n, U) attention weights
+            o_c = torch.bmm(p.to(self.v.dtype), self.vc[c]).to(f)  # (H, n, d)
+            out.index_add_(0, self.rows[a:e], o_c.transpose(0, 1).reshape(e - a, H * d))  # summed over slots
         return out.view(B, Tq, H, d).to(self.q.dtype), lse.view(B, Tq, H)
 
     def backward(self, d_out: Tensor, lse: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -105,24 +109,24 @@ class ByChunk:
         B, Tq, H, d = self.shape
         K, U, N, f, P = self.K, self.U, self.N, self.f, self.order.numel()
         scale = d**-0.5
-        do_p = self.pairs(d_out.to(self.q.dtype))  # (P, H*d)
+        do2 = d_out.to(self.q.dtype).reshape(B * Tq, H * d)
         lse_p, delta_p = self.pairs(lse), self.pairs(delta)  # (P, H) x2
-        dq_p = self.q.new_empty(P, H, d, dtype=f)
+        dq = self.q.new_zeros(B * Tq, H * d, dtype=f)
         dkc = self.q.new_zeros(B * N, H, U, d, dtype=f)
         dvc = self.q.new_zeros(B * N, H, U, d, dtype=f)
         dslot_p = self.q.new_empty(P, dtype=f)
         dpos = self.q.new_zeros(H, U, dtype=f)
         for c, a, e in self.spans:
-            q_c, do_c = self.heads(self.q_p, a, e), self.heads(do_p, a, e)  # (H, n, d) x2
-            p = self.logits(c, a, e).sub_(lse_p[a:e].t().unsqueeze(-1)).exp_()  # (H, n, U)
+            q_c, do_c = self.heads(self.q2, a, e), self.heads(do2, a, e)  # (H, n, d) x2
+            p = self.logits(c, q_c, a, e).sub_(lse_p[a:e].t().unsqueeze(-1)).exp_()  # (H, n, U)
             dp = torch.bmm(do_c, self.vc[c].transpose(1, 2)).to(f)  # (H, n, U)
             ds = dp.sub_(delta_p[a:e].t().unsqueeze(-1)).mul_(p)  # (H, n, U) d loss / d logit
             dvc[c] = torch.bmm(p.transpose(1, 2), do_c.to(f))  # (H, U, d)
             dkc[c] = torch.bmm(ds.transpose(1, 2), q_c.to(f)).mul_(scale)  # (H, U, d)
-            dq_p[a:e] = torch.bmm(ds, self.kc[c].transpose(1, 2).to(f)).mul_(scale).transpose(0, 1)
+            dq_c = torch.bmm(ds, self.kc[c].transpose(1, 2).to(f)).mul_(scale)  # (H, n, d)
+            dq.index_add_(0, self.rows[a:e], dq_c.transpose(0, 1).reshape(e - a, H * d))
             dslot_p[a:e] = ds.sum(dim=(0, 2))
             dpos += ds.sum(dim=1)
-        dq = self.q.new_zeros(B * Tq, H * d, dtype=f).index_add_(0, self.rows, dq_p.view(P, H * d))
         dslot = self.q.new_zeros(B * Tq * K, dtype=f).index_copy_(0, self.order, dslot_p)
         return (dq.view(B, Tq, H, d).to(self.q.dtype), self._unchunk(dkc, self.k), self._unchunk(dvc, self.v),
                 dslot.view(B, Tq, K), dpos)
