@@ -77,8 +77,9 @@ class ResonaConfig:
     )
     query_tile: int | None = field(
         default=None,
-        metadata={"help": "Queries per tile in the full-sequence path; None = sized automatically so "
-                  "that one tile's gathered keys/values stay within about 64 MiB."},
+        metadata={"help": "Queries per tile of the CPU attention's by-query path (chunks under 16 "
+                  "tokens); None = sized so that one tile's gathered keys stay within a few MiB. "
+                  "Larger chunks go chunk by chunk and the Triton kernel does not tile."},
     )
 
     def __post_init__(self) -> None:

@@ -16,6 +16,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        xf = x.float()  # (..., D)
+        # vector_norm and an in-place weight product avoid two (..., D) temporaries: on long CPU
+        # inputs those fresh allocations (page faults) cost more than the arithmetic
+        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / x.shape[-1]  # (..., 1)
+        r = torch.rsqrt(ms + self.eps)  # (..., 1)
+        w = self.weight.float()
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return (xf * r * w).to(x.dtype)
+        return torch.mul(xf, r).mul_(w).to(x.dtype)

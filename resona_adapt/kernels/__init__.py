@@ -1,15 +1,20 @@
-"""Retrieval kernels: the pure-PyTorch reference (CPU path and oracle), fast paths, one dispatch point."""
+"""Retrieval kernels: the pure-PyTorch reference (the oracle), the tiled CPU path, Triton kernels
+(imported only when used), one dispatch point. See docs/kernels.md."""
 
-from .dispatch import available_backends, get_backend, register_backend
-from .ops import retrieve
+from .dispatch import Backend, available_backends, get_backend, register_backend
+from .ops import retrieve, select_tiled
 from .reference import chunk_attention_ref, chunk_means, select_chunks_ref
+from .torch_attention import chunk_attention_torch
 
 __all__ = [
+    "Backend",
     "available_backends",
     "chunk_attention_ref",
+    "chunk_attention_torch",
     "chunk_means",
     "get_backend",
     "register_backend",
     "retrieve",
     "select_chunks_ref",
+    "select_tiled",
 ]

@@ -1,47 +1,52 @@
-"""The entry point the adapters call: tiled, causal chunk-and-search plus knowledge integration.
+"""The entry point the adapters call: causal chunk-and-search, then knowledge integration.
 
-Queries are processed in tiles so that no (T x T) object is ever built and peak memory stays
-bounded: one tile holds (B, Tq, N) scores and (B, Tq, K*U, H, d) gathered keys and values. In
-training with more than one tile, each tile is checkpointed (recomputed in backward), so the
-memory saved for backward grows like O(T) activations, not O(T * K * U).
+No (T x T) object is ever built:
+- the search runs in query tiles that hold (B, Tq, N) scores, sized to about 4 MiB; the choice
+  is made without gradient and only the K kept scores per query are recomputed differentiably;
+- the attention over the selected chunks is one call to the backend, whose memory is linear in T
+  (the torch backend goes chunk by chunk, or tiles queries for small chunks, and keeps only q, k,
+  v and a log-sum-exp for backward; the Triton kernel reads the selected chunks in place).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from .dispatch import Backend, get_backend
+from .torch_attention import auto_query_tile
 
-TILE_BUDGET_BYTES = 64 * 2**20
+SCORE_TILE_BYTES = 4 * 2**20
 
-
-def auto_query_tile(batch: int, top_k: int, chunk_size: int, heads: int, head_dim: int) -> int:
-    """Queries per tile so that one tile's gathered keys and values fit in about 64 MiB."""
-    per_query = batch * top_k * chunk_size * heads * (2 * head_dim + 2) * 4
-    return max(16, min(4096, TILE_BUDGET_BYTES // max(per_query, 1)))
+__all__ = ["auto_query_tile", "retrieve", "select_tiled"]
 
 
-def _tile(
-    backend: Backend,
-    qs: Tensor,
-    cs: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    q_pos: Tensor,
-    top_k: int,
-    chunk_size: int,
-    score_scale: float,
-    sink_logit: Tensor | None,
-    pos_bias: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    idx, score = backend.select_chunks(qs, cs, top_k, chunk_size, q_pos)  # (B, Tq, K) x2
-    out = backend.chunk_attention(
-        q, k, v, idx, score * score_scale, chunk_size, sink_logit=sink_logit, pos_bias=pos_bias
-    )  # (B, Tq, H, d)
-    return out, idx
+def select_tiled(backend: Backend, qs: Tensor, cs: Tensor, top_k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Causal top-k chunks of every query of a sequence, in query tiles.
+
+    qs: (B, T, E) unit search queries (query t at position t); cs: (B, N, E) unit chunk embeddings.
+    Returns idx (B, T, K) long (-1 = empty slot) and score (B, T, K), K = min(top_k, N).
+    """
+    B, T, _ = qs.shape
+    N = cs.shape[1]
+    K = min(top_k, N)
+    tile = max(chunk_size, SCORE_TILE_BYTES // max(1, 4 * B * N))
+    idxs: list[Tensor] = []
+    scores: list[Tensor] = []
+    for t0 in range(0, T, tile):
+        t1 = min(T, t0 + tile)
+        n_needed = min(N, t1 // chunk_size)  # chunks any query of this tile may see
+        q_pos = torch.arange(t0, t1, device=qs.device)  # (Tq,)
+        idx, score = backend.select_chunks(qs[:, t0:t1], cs[:, :n_needed], top_k, chunk_size, q_pos)  # (B, Tq, <=K)
+        pad = K - idx.shape[-1]
+        idxs.append(F.pad(idx, (0, pad), value=-1) if pad else idx)
+        scores.append(F.pad(score, (0, pad)) if pad else score)
+    if not idxs:
+        return qs.new_zeros(B, 0, K, dtype=torch.long), qs.new_zeros(B, 0, K)
+    if len(idxs) == 1:
+        return idxs[0], scores[0]
+    return torch.cat(idxs, dim=1), torch.cat(scores, dim=1)  # (B, T, K) x2
 
 
 def retrieve(
@@ -64,34 +69,14 @@ def retrieve(
 
     qs: (B, T, E) unit search queries (query t sits at position t); cs: (B, N, E) unit chunk
     embeddings, N = T // U; q: (B, T, H, d) read queries; k, v: (B, T, H, d) keys and values of
-    the context. Returns (B, T, H, d), and the selected chunk indices (B, T, K) if asked.
+    the context. ``query_tile`` sets the queries per tile of the torch backend's by-query path
+    (chunks under 16 tokens; None = sized to the device); the chunk-major path and the Triton
+    kernel do not tile. Returns (B, T, H, d), and the selected chunk indices (B, T, K) if asked.
     """
-    B, T, H, d = q.shape
-    N = cs.shape[1]
     be = get_backend(q.device, backend)
-    tile = query_tile or auto_query_tile(B, min(top_k, max(N, 1)), chunk_size, H, d)
-    use_ckpt = torch.is_grad_enabled() and T > tile
-    outs: list[Tensor] = []
-    idxs: list[Tensor] = []
-    for t0 in range(0, T, tile):
-        t1 = min(T, t0 + tile)
-        n_needed = min(N, t1 // chunk_size)  # chunks any query of this tile may see
-        ctx_len = n_needed * chunk_size
-        q_pos = torch.arange(t0, t1, device=q.device)  # (Tq,)
-        args = (
-            qs[:, t0:t1], cs[:, :n_needed], q[:, t0:t1], k[:, :ctx_len], v[:, :ctx_len], q_pos,
-        )
-        extra = (top_k, chunk_size, score_scale, sink_logit, pos_bias)
-        if use_ckpt:
-            out, idx = checkpoint(_tile, be, *args, *extra, use_reentrant=False)
-        else:
-            out, idx = _tile(be, *args, *extra)
-        outs.append(out)  # (B, Tq, H, d)
-        if return_indices:
-            idxs.append(idx)
-    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]  # (B, T, H, d)
-    if not return_indices:
-        return out
-    K = max((i.shape[-1] for i in idxs), default=0)
-    idx = torch.cat([torch.nn.functional.pad(i, (0, K - i.shape[-1]), value=-1) for i in idxs], dim=1)
-    return out, idx  # (B, T, H, d), (B, T, K)
+    idx, score = select_tiled(be, qs, cs, top_k, chunk_size)  # (B, T, K) x2
+    out = be.chunk_attention(
+        q, k, v, idx, score * score_scale, chunk_size, sink_logit=sink_logit, pos_bias=pos_bias,
+        query_tile=query_tile,
+    )  # (B, T, H, d)
+    return (out, idx) if return_indices else out

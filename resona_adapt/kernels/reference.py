@@ -1,4 +1,7 @@
-"""Pure-PyTorch reference of Resona's retrieval: the CPU path and the oracle for every fast kernel.
+"""Pure-PyTorch reference of Resona's retrieval: the oracle every fast path is tested against.
+
+Written to be obviously right, not fast (the CPU path is `torch_attention.py`); the selection here
+is also what every backend uses.
 
 Shape key:
     B batch, T context length, Tq queries in a tile, N = T // U complete chunks, U chunk size,
@@ -41,16 +44,19 @@ def select_chunks_ref(
     if K == 0:
         empty = q.new_zeros(B, Tq, 0)
         return empty.long(), empty
-    s = torch.matmul(q, c.transpose(1, 2))  # (B, Tq, N)
-    n_eligible = torch.div(q_pos, chunk_size, rounding_mode="floor")  # (Tq,) or (B, Tq)
-    chunk_ids = torch.arange(N, device=q.device)  # (N,)
-    eligible = chunk_ids < n_eligible.unsqueeze(-1)  # (Tq, N) or (B, Tq, N)
-    s = s.masked_fill(~eligible, float("-inf"))  # (B, Tq, N)
-    top_s, idx = s.topk(K, dim=-1)  # (B, Tq, K)
-    valid = torch.isfinite(top_s)  # (B, Tq, K)
-    idx = idx.masked_fill(~valid, -1)
-    score = top_s.masked_fill(~valid, 0.0)
-    return idx, score
+    with torch.no_grad():  # the choice is hard: no gradient through the (B, Tq, N) scores
+        s = torch.matmul(q, c.transpose(1, 2))  # (B, Tq, N)
+        n_eligible = torch.div(q_pos, chunk_size, rounding_mode="floor")  # (Tq,) or (B, Tq)
+        chunk_ids = torch.arange(N, device=q.device)  # (N,)
+        eligible = chunk_ids < n_eligible.unsqueeze(-1)  # (Tq, N) or (B, Tq, N)
+        s = s.masked_fill_(~eligible, float("-inf"))  # (B, Tq, N)
+        top_s, idx = s.topk(K, dim=-1)  # (B, Tq, K)
+        valid = torch.isfinite(top_s)  # (B, Tq, K)
+        idx = idx.masked_fill_(~valid, -1)
+    # the kept scores again, differentiable and cheap: K dot products per query, not N
+    picked = torch.gather(c, 1, idx.clamp(min=0).view(B, Tq * K, 1).expand(-1, -1, c.shape[-1]))  # (B, Tq*K, E)
+    score = torch.matmul(picked.view(B, Tq, K, -1), q.unsqueeze(-1)).squeeze(-1)  # (B, Tq, K)
+    return idx, score.masked_fill(~valid, 0.0)
 
 
 def _safe_softmax(logits: Tensor) -> Tensor:
@@ -90,14 +96,15 @@ def chunk_attention_ref(
     kg = k.reshape(B * T, H, d).index_select(0, flat).view(B, Tq, K * U, H, d)  # (B, Tq, KU, H, d)
     vg = v.reshape(B * T, H, d).index_select(0, flat).view(B, Tq, K * U, H, d)  # (B, Tq, KU, H, d)
 
-    logits = torch.einsum("bqhd,bqjhd->bhqj", q, kg).float() * (d**-0.5)  # (B, H, Tq, KU)
-    logits = logits.view(B, H, Tq, K, U) + bias.float().view(B, 1, Tq, K, 1)  # (B, H, Tq, K, U)
+    f = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32
+    logits = torch.einsum("bqhd,bqjhd->bhqj", q, kg).to(f) * (d**-0.5)  # (B, H, Tq, KU)
+    logits = logits.view(B, H, Tq, K, U) + bias.to(f).view(B, 1, Tq, K, 1)  # (B, H, Tq, K, U)
     if pos_bias is not None:
-        logits = logits + pos_bias.float().view(1, H, 1, 1, U)
+        logits = logits + pos_bias.to(f).view(1, H, 1, 1, U)
     logits = logits.masked_fill(~valid.view(B, 1, Tq, K, 1), float("-inf"))
     logits = logits.view(B, H, Tq, K * U)  # (B, H, Tq, KU)
     if sink_logit is not None:
-        sink = sink_logit.float().view(1, H, 1, 1).expand(B, H, Tq, 1)  # (B, H, Tq, 1)
+        sink = sink_logit.to(f).view(1, H, 1, 1).expand(B, H, Tq, 1)  # (B, H, Tq, 1)
         logits = torch.cat([sink, logits], dim=-1)  # (B, H, Tq, 1+KU)
     p = _safe_softmax(logits)
     if sink_logit is not None:

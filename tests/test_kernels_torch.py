@@ -1,0 +1,160 @@
+"""The CPU path (`torch_attention`) against the reference oracle, the tiled search, and the dispatch point."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resona_adapt import ResonaConfig
+from resona_adapt.adapters import ResonaBranch
+from resona_adapt.kernels import dispatch
+from resona_adapt.kernels.ops import retrieve, select_tiled
+from resona_adapt.kernels.reference import chunk_attention_ref, select_chunks_ref
+from resona_adapt.kernels.torch_attention import chunk_attention_torch
+
+from kernel_cases import make_inputs, run
+
+# (B, T, H, d, U, K, sink, pos_bias, query_tile): T not a multiple of U, K above the number of
+# eligible chunks, the first chunk (nothing eligible), several heads, batch > 1, tiles that split T
+CASES = [
+    (2, 19, 2, 8, 4, 3, True, True, 5),
+    (1, 13, 3, 4, 4, 8, False, True, None),
+    (2, 23, 1, 6, 3, 2, True, False, 1),
+    (3, 9, 2, 8, 2, 1, False, False, 4),
+]
+
+
+@pytest.fixture(params=["by_query", "by_chunk"])
+def forward_path(request, monkeypatch):
+    """Both forwards of the CPU path on every case: chunk-major from chunk size 1, or never."""
+    import resona_adapt.kernels.torch_attention as ta
+
+    monkeypatch.setattr(ta, "CHUNK_MAJOR_MIN_SIZE", 1 if request.param == "by_chunk" else 10**9)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_torch_path_matches_reference_forward_and_every_gradient(case, dtype, forward_path):
+    B, T, H, d, U, K, sink, pos, tile = case
+    leaves, idx, d_out = make_inputs(B, T, H, d, U, K, sink, pos, dtype)
+    assert (idx[:, :U] == -1).all() and (idx == -1).any()  # the first chunk retrieves nothing
+    ref_out, ref_grads = run(chunk_attention_ref, leaves, idx, d_out, U)
+    out, grads = run(chunk_attention_torch, leaves, idx, d_out, U, query_tile=tile)
+    tol = dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out, ref_out, **tol)
+    assert set(grads) == set(ref_grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], **tol, msg=lambda m: f"d{name}: {m}")
+    if not sink:  # nothing eligible and no sink: exactly zero, and finite gradients
+        assert (out[:, :U] == 0).all()
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_torch_path_bfloat16_follows_the_reference(forward_path):
+    leaves, idx, d_out = make_inputs(2, 19, 2, 8, 4, 3, True, True, torch.bfloat16)
+    ref_out, ref_grads = run(chunk_attention_ref, leaves, idx, d_out, 4)
+    out, grads = run(chunk_attention_torch, leaves, idx, d_out, 4, query_tile=3)
+    torch.testing.assert_close(out, ref_out, atol=3e-2, rtol=3e-2)
+    for name, grad in grads.items():
+        assert grad.dtype == leaves[name].dtype
+        torch.testing.assert_close(grad.float(), ref_grads[name].float(), atol=6e-2, rtol=6e-2)
+
+
+def test_selection_score_gradient_equals_the_dense_scores_gradient():
+    torch.manual_seed(0)
+    q = F.normalize(torch.randn(2, 11, 6, dtype=torch.float64), dim=-1).requires_grad_()
+    c = F.normalize(torch.randn(2, 4, 6, dtype=torch.float64), dim=-1).requires_grad_()
+    idx, score = select_chunks_ref(q, c, 3, 2, torch.arange(11))
+    w = torch.randn_like(score)
+    gq, gc = torch.autograd.grad((score * w).sum(), (q, c))
+    dense = torch.matmul(q, c.transpose(1, 2))  # (B, T, N): the straightforward formulation
+    picked = torch.gather(dense, 2, idx.clamp(min=0)) * (idx >= 0)
+    eq, ec = torch.autograd.grad((picked * w).sum(), (q, c))
+    torch.testing.assert_close(score, picked.detach())
+    torch.testing.assert_close(gq, eq)
+    torch.testing.assert_close(gc, ec)
+
+
+def test_tiled_search_equals_one_tile(monkeypatch):
+    torch.manual_seed(0)
+    qs = F.normalize(torch.randn(2, 70, 8), dim=-1)
+    cs = F.normalize(torch.randn(2, 70 // 4, 8), dim=-1)
+    whole = select_chunks_ref(qs, cs, 3, 4, torch.arange(70))
+    import resona_adapt.kernels.ops as ops
+
+    monkeypatch.setattr(ops, "SCORE_TILE_BYTES", 1)  # one chunk of queries per tile
+    tiled = select_tiled(dispatch.TORCH, qs, cs, 3, 4)
+    assert torch.equal(tiled[0], whole[0])
+    torch.testing.assert_close(tiled[1], whole[1])
+
+
+def test_retrieve_torch_backend_equals_reference_ops():
+    torch.manual_seed(0)
+    B, T, H, d, U, E = 2, 30, 2, 8, 4, 8
+    qs = F.normalize(torch.randn(B, T, E), dim=-1)
+    cs = F.normalize(torch.randn(B, T // U, E), dim=-1)
+    q, k, v = (torch.randn(B, T, H, d) for _ in range(3))
+    sink, pos = torch.randn(H), torch.randn(H, U)
+    out, idx = retrieve(qs, cs, q, k, v, top_k=2, chunk_size=U, score_scale=8.0, sink_logit=sink,
+                        pos_bias=pos, query_tile=4, backend="torch", return_indices=True)
+    ref_idx, score = select_chunks_ref(qs, cs, 2, U, torch.arange(T))
+    assert torch.equal(idx, ref_idx)
+    ref = chunk_attention_ref(q, k, v, ref_idx, score * 8.0, U, sink_logit=sink, pos_bias=pos)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+
+
+def test_training_keeps_nothing_of_size_t_times_k_times_u_for_backward():
+    """What autograd saves for backward grows like T * D, not T * k * U * H * d."""
+    T, D = 2048, 32
+    torch.manual_seed(0)
+    branch = ResonaBranch(D, ResonaConfig(chunk_size=64, top_k=2, num_heads=2, head_dim=16, search_dim=16))
+    branch.train()
+    h, x = torch.randn(1, T, D), torch.randn(1, T, D)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = branch(h, x, torch.zeros_like(h))
+    y.square().mean().backward()
+    gathered = T * 2 * 64 * 2 * 16  # T * k * U * H * d: what a per-query gather would hold
+    assert max(saved) <= 4 * T * D < gathered / 8, max(saved)
+    assert branch.query_encoder.weight.grad is not None
+
+
+def test_dispatch_defaults_and_errors(monkeypatch):
+    monkeypatch.delenv("RESONA_KERNEL", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert dispatch.get_backend(torch.device("cpu")).name == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.get_backend(torch.device("cpu")).name == "torch"  # the interpreter is never automatic
+    monkeypatch.setenv("RESONA_KERNEL", "torch")
+    assert dispatch.get_backend(torch.device("cpu")).name == "torch"
+    monkeypatch.setenv("RESONA_KERNEL", "nope")
+    with pytest.raises(ValueError, match="not a known backend"):
+        dispatch.get_backend(torch.device("cpu"))
+    monkeypatch.setenv("RESONA_KERNEL", "fla")
+    with pytest.raises(ValueError, match="sink"):
+        dispatch.get_backend(torch.device("cpu"))
+    monkeypatch.setenv("RESONA_KERNEL", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="RESONA_KERNEL=torch"):
+        dispatch.get_backend(torch.device("cpu"))
+    assert "torch" in dispatch.available_backends() and "triton" in dispatch.available_backends()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dense_paper_formulation_matches_reference(case):
+    """The benchmark's dense (T x T mask) baseline computes the same thing."""
+    from resona_adapt.kernels.dense import chunk_attention_dense
+
+    B, T, H, d, U, K, sink, pos, _ = case
+    leaves, idx, _ = make_inputs(B, T, H, d, U, K, sink, pos, torch.float64)
+    args = (leaves["q"], leaves["k"], leaves["v"], idx, leaves["bias"], U)
+    kw = dict(sink_logit=leaves["sink_logit"], pos_bias=leaves["pos_bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(chunk_attention_dense(*args, **kw), chunk_attention_ref(*args, **kw))
