@@ -103,3 +103,24 @@ def test_builtin_model_generates_ids(runner):
                               "--ignore-eos"])
     assert res.exit_code == 0, res.output
     assert len(res.stdout.split()) == 4 and "not retrofitted" in res.stderr
+
+
+def test_generate_decodes_incrementally_even_when_the_config_says_no_cache(runner, checkpoint, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import resona_adapt.adapters.layer as layer_module
+
+    path = tmp_path / "nocache"
+    shutil.copytree(checkpoint, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["use_cache"] = False  # as Hymba's released config does
+    (path / "config.json").write_text(json.dumps(cfg))
+    calls = []
+    real = layer_module.cached_branch_forward
+    monkeypatch.setattr(layer_module, "cached_branch_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = runner.invoke(cli, ["generate", "--model", str(path), "--prompt-ids", "3,1,4,1,5,9,2,6",
+                              "--max-new-tokens", "6", "--ignore-eos"])
+    assert res.exit_code == 0, res.output
+    assert [int(t) for t in res.stdout.split()] == greedy(checkpoint, [3, 1, 4, 1, 5, 9, 2, 6], 6)
+    assert len(calls) >= 2 * 6  # two Resona layers went through the cached path at every step

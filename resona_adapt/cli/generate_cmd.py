@@ -150,7 +150,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, prompt: str | No
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(input_ids.to(device), attention_mask=torch.ones_like(input_ids).to(device),
-                             streamer=streamer, **kwargs)
+                             streamer=streamer, use_cache=True, **kwargs)  # incremental, whatever the config says
     elapsed = time.perf_counter() - start
     n_new = out.shape[1] - input_ids.shape[1]
     app.terminal.info(f"{n_new} new tokens in {elapsed:.2f} s ({n_new / max(elapsed, 1e-9):.1f} tokens/s, "
