@@ -105,22 +105,24 @@ def test_builtin_model_generates_ids(runner):
     assert len(res.stdout.split()) == 4 and "not retrofitted" in res.stderr
 
 
-def test_generate_decodes_incrementally_even_when_the_config_says_no_cache(runner, checkpoint, tmp_path, monkeypatch):
-    import json
-    import shutil
+def test_generate_decodes_incrementally_even_when_the_config_says_no_cache(runner, tmp_path, monkeypatch):
+    """Hymba's released config says ``use_cache: false``; the CLI must still decode step by step."""
+    from hymba_support import build_hymba
 
     import resona_adapt.adapters.layer as layer_module
 
-    path = tmp_path / "nocache"
-    shutil.copytree(checkpoint, path)
-    cfg = json.loads((path / "config.json").read_text())
-    cfg["use_cache"] = False  # as Hymba's released config does
-    (path / "config.json").write_text(json.dumps(cfg))
+    model = build_hymba()
+    assert model.config.use_cache is False
+    retrofit(model, layers=[0, 1], config=ResonaConfig(**CFG))
+    randomize_resona(model)
+    path = tmp_path / "hymba-resona"
+    model.save_pretrained(path)
     calls = []
     real = layer_module.cached_branch_forward
     monkeypatch.setattr(layer_module, "cached_branch_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    res = runner.invoke(cli, ["generate", "--model", str(path), "--prompt-ids", "3,1,4,1,5,9,2,6",
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    res = runner.invoke(cli, ["generate", "--model", str(path), "--prompt-ids", ",".join(map(str, prompt)),
                               "--max-new-tokens", "6", "--ignore-eos"])
     assert res.exit_code == 0, res.output
-    assert [int(t) for t in res.stdout.split()] == greedy(checkpoint, [3, 1, 4, 1, 5, 9, 2, 6], 6)
-    assert len(calls) >= 2 * 6  # two Resona layers went through the cached path at every step
+    assert [int(t) for t in res.stdout.split()] == greedy(path, prompt, 6)
+    assert len(calls) >= 2 * 6  # both Resona layers went through the cached path at every step
