@@ -9,8 +9,9 @@ forward's (<= 1e-4, fp32) (`check_generate`) -> save / load round trip with the 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -55,19 +56,26 @@ def hf_generate(model: nn.Module, prompt: torch.Tensor, n: int, **kw) -> tuple[t
     return out.sequences, torch.stack(out.logits, dim=1).float()
 
 
-def check_generate(model: nn.Module, prompt: torch.Tensor, n: int = NEW_TOKENS,
-                   generate: Generate = hf_generate) -> None:
-    """generate() == the argmax path of uncached full forwards; each step's logits == the full forward's
-    (<= 1e-4); and the Resona decode path really ran: every layer's state followed every fed token."""
+@contextmanager
+def recorded_caches(model: nn.Module) -> Iterator[dict[int, object]]:
+    """Within the block, {layer index: the cache object each Resona layer received in its last call}."""
     caches: dict[int, object] = {}
     hooks = [layer.register_forward_pre_hook(
         lambda m, args, kwargs, i=i: caches.__setitem__(i, m.cache_in_call(args, kwargs)), with_kwargs=True)
         for i, layer in resona_layers(model).items()]
     try:
-        seq, steps = generate(model, prompt, n)
+        yield caches
     finally:
         for h in hooks:
             h.remove()
+
+
+def check_generate(model: nn.Module, prompt: torch.Tensor, n: int = NEW_TOKENS,
+                   generate: Generate = hf_generate) -> None:
+    """generate() == the argmax path of uncached full forwards; each step's logits == the full forward's
+    (<= 1e-4); and the Resona decode path really ran: every layer's state followed every fed token."""
+    with recorded_caches(model) as caches:
+        seq, steps = generate(model, prompt, n)
     T = prompt.shape[1]
     full = logits(model, seq)[:, T - 1:-1].float()  # (B, n, V): one full forward over prompt + continuation
     assert torch.equal(seq[:, T:], full.argmax(-1)), "generate() left the argmax path of full forwards"

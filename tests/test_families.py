@@ -13,7 +13,7 @@ import inspect
 import pytest
 import torch
 
-from matrix import CFG, check_family, check_generate, logits, randomize_resona
+from matrix import CFG, check_family, check_generate, logits, randomize_resona, recorded_caches
 from resona_adapt import ResonaConfig, ResonaConfigError, resona_layers, retrofit
 from resona_adapt.retrofit import retrofit_state
 from resona_adapt.surgery import discover
@@ -108,12 +108,8 @@ def test_recorded_cache_keyword_carries_the_models_cache(family):
     model = build_family(family)
     retrofit(model, config=ResonaConfig(**CFG))
     spec = retrofit_state(model).discovery.spec
-    seen = {}
-    for i, layer in resona_layers(model).items():
-        layer.register_forward_pre_hook(
-            lambda m, args, kwargs, i=i: seen.__setitem__(i, m.cache_in_call(args, kwargs)), with_kwargs=True)
     ids = torch.randint(3, 64, (1, 8))
-    with torch.no_grad():
+    with recorded_caches(model) as seen, torch.no_grad():
         cache = getattr(model(ids, use_cache=True), spec.model_cache_kwarg, None)
         if cache is None:  # RecurrentGemma does not return its cache: give it one, as generate() does
             from transformers import DynamicCache

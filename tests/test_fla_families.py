@@ -58,15 +58,11 @@ def test_fla_cache_keyword_carries_the_models_cache(family):
     """fla mixers receive the model's fla Cache as ``past_key_values``."""
     import torch
 
-    from matrix import CFG
-    from resona_adapt import ResonaConfig, resona_layers, retrofit
+    from matrix import CFG, recorded_caches
+    from resona_adapt import ResonaConfig, retrofit
 
     model = build_fla(family)
     retrofit(model, config=ResonaConfig(**CFG))
-    seen = {}
-    for i, layer in resona_layers(model).items():
-        layer.register_forward_pre_hook(
-            lambda m, args, kwargs, i=i: seen.__setitem__(i, m.cache_in_call(args, kwargs)), with_kwargs=True)
-    with torch.no_grad():
+    with recorded_caches(model) as seen, torch.no_grad():
         out = model(torch.randint(3, VOCAB, (1, 8)), use_cache=True)
     assert seen and all(received is out.past_key_values for received in seen.values())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hymba_support import M, VOCAB, build_hymba, write_official_checkpoint
-from matrix import CFG, U, check_family, check_generate, logits, randomize_resona
+from matrix import CFG, U, check_family, check_generate, logits, randomize_resona, recorded_caches
 from resona_adapt import ResonaConfig, SurgeryError, load_model, load_retrofitted, resona_layers, retrofit, unretrofit
 from resona_adapt.adapters import AttentionSwap, ResonaLayer
 from resona_adapt.surgery import discover, spec_for
@@ -158,10 +158,6 @@ def test_cache_keyword_carries_the_hymba_cache():
     """The hybrid-head block receives the model's HymbaCache as ``past_key_value``."""
     model = build_hymba()
     retrofit(model, config=ResonaConfig(**CFG))
-    seen = {}
-    for i, layer in resona_layers(model).items():
-        layer.register_forward_pre_hook(
-            lambda m, args, kwargs, i=i: seen.__setitem__(i, m.cache_in_call(args, kwargs)), with_kwargs=True)
-    with torch.no_grad():
+    with recorded_caches(model) as seen, torch.no_grad():
         out = model(torch.randint(3, VOCAB, (1, 8)), use_cache=True)
     assert sorted(seen) == [0, 3, 5] and all(c is out.past_key_values for c in seen.values())
