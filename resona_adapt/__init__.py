@@ -9,6 +9,10 @@
 
 __version__ = "0.1.0"
 
+from .compat import warn_if_untested_transformers  # noqa: E402
+
+warn_if_untested_transformers()
+
 from .adapters.cache import resona_cache  # noqa: E402
 from .config import MIX_MODES, ResonaConfig  # noqa: E402
 from .errors import CheckpointError, ModelNotFoundError, ResonaConfigError, ResonaError, SurgeryError  # noqa: E402
