@@ -5,7 +5,9 @@ transformers 5.24 renamed the generation-cache keyword of every model and of ``g
 and flash-linear-attention 0.6's models still use the old names, so incremental decoding through
 hybrids, fla models and Hymba goes wrong there (seen 2026-12-02 on 5.24.0: RecurrentGemma's
 generate() stops with "received no generation cache", fla's models and Hymba leave the argmax path
-of full forwards, and the hybrids' cache-keyword tests fail). ``pyproject.toml`` caps transformers
+of full forwards, and the hybrids' cache-keyword tests fail). fla 0.6.0's own models are broken
+there without any retrofit: a tiny GLA's greedy generate() differs from the argmax of its full
+forwards on 5.24.0 and equals it on 5.23.0. ``pyproject.toml`` caps transformers
 below 5.24 until that migration lands.
 """
 
