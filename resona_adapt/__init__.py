@@ -9,9 +9,9 @@
 
 __version__ = "0.1.0"
 
-from .compat import warn_if_untested_transformers  # noqa: E402
+from .compat import warn_if_incompatible  # noqa: E402
 
-warn_if_untested_transformers()
+warn_if_incompatible()
 
 from .adapters.cache import resona_cache  # noqa: E402
 from .config import MIX_MODES, ResonaConfig  # noqa: E402

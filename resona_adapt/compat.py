@@ -1,43 +1,52 @@
-"""The transformers releases resona-adapt is tested with, and a clear warning outside them.
+"""Known incompatibilities between the installed libraries, and a clear warning when one is present.
 
 transformers 5.24 renamed the generation-cache keyword of every model and of ``generate()`` to
-``cache`` (from ``past_key_values`` / ``cache_params``). resona-adapt's family records, its Hymba
-and flash-linear-attention 0.6's models still use the old names, so incremental decoding through
-hybrids, fla models and Hymba goes wrong there (seen 2026-12-02 on 5.24.0: RecurrentGemma's
-generate() stops with "received no generation cache", fla's models and Hymba leave the argmax path
-of full forwards, and the hybrids' cache-keyword tests fail). fla 0.6.0's own models are broken
-there without any retrofit: a tiny GLA's greedy generate() differs from the argmax of its full
-forwards on 5.24.0 and equals it on 5.23.0. ``pyproject.toml`` caps transformers
-below 5.24 until that migration lands.
+``cache`` (from ``past_key_values`` / ``cache_params`` / ``past_key_value``). resona-adapt reads
+either name (`surgery.cache_args.cache_from_kwargs`, `models.hymba`), tested on 5.23 and 5.24.
+flash-linear-attention 0.6's models still take ``past_key_values`` only, so under 5.24 their
+``generate()`` runs every step without its cache and gives wrong tokens, with or without a retrofit
+(seen 2026-12-02: a tiny GLA, not retrofitted, generates other tokens than the argmax of its full
+forwards on 5.24.0 and the same tokens on 5.23.0). The ``fla`` extra therefore asks for
+transformers below 5.24.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
-TESTED_BELOW: tuple[int, int] = (5, 24)
-"""The first transformers release (major, minor) resona-adapt is not tested with."""
+FLA_BREAKS_FROM: tuple[int, int] = (5, 24)
+"""The first transformers release (major, minor) under which fla's models generate wrong tokens."""
 
 
-def transformers_version_problem(version: str) -> str | None:
-    """A message naming the problem and the way out when ``version`` is not a tested release, else None."""
+def _at_least(version: str, release: tuple[int, int]) -> bool:
     match = re.match(r"(\d+)\.(\d+)", version)
-    if match is None or (int(match[1]), int(match[2])) < TESTED_BELOW:
+    return match is not None and (int(match[1]), int(match[2])) >= release
+
+
+def known_incompatibility(transformers_version: str, fla_installed: bool) -> str | None:
+    """A message naming the problem and the way out, or None when the combination is fine."""
+    if not (fla_installed and _at_least(transformers_version, FLA_BREAKS_FROM)):
         return None
+    cap = f"{FLA_BREAKS_FROM[0]}.{FLA_BREAKS_FROM[1]}"
     return (
-        f"transformers {version} is newer than resona-adapt is tested with (below "
-        f"{TESTED_BELOW[0]}.{TESTED_BELOW[1]}): it renamed the generation-cache keyword to `cache`, and "
-        "generate() of retrofitted hybrids, flash-linear-attention models and Hymba can give wrong tokens. "
-        f'Install a tested release: pip install "transformers<{TESTED_BELOW[0]}.{TESTED_BELOW[1]}"'
+        f"transformers {transformers_version} passes the generation cache as `cache`, which "
+        "flash-linear-attention's models do not read: their generate() gives wrong tokens (retrofitted "
+        f'or not). Use fla models with transformers below {cap}: pip install "transformers<{cap}" '
+        "(the fla extra of resona-adapt asks for it); other families work with either."
     )
 
 
-def warn_if_untested_transformers() -> None:
-    """Warn once, at import, when the installed transformers is not a tested release."""
+def warn_if_incompatible(transformers_version: str | None = None, fla_installed: bool | None = None) -> None:
+    """Warn (at import) when the installed libraries are a known-bad combination."""
     import warnings
 
-    import transformers
+    if transformers_version is None:
+        import transformers
 
-    problem = transformers_version_problem(transformers.__version__)
+        transformers_version = transformers.__version__
+    if fla_installed is None:
+        fla_installed = importlib.util.find_spec("fla") is not None
+    problem = known_incompatibility(transformers_version, fla_installed)
     if problem is not None:
         warnings.warn(problem, UserWarning, stacklevel=3)

@@ -13,10 +13,10 @@ import inspect
 import pytest
 import torch
 
-from matrix import CFG, check_family, check_generate, logits, randomize_resona, recorded_caches
+from matrix import CFG, check_family, check_generate, hf_cache_name, logits, randomize_resona, recorded_caches
 from resona_adapt import ResonaConfig, ResonaConfigError, resona_layers, retrofit
 from resona_adapt.retrofit import retrofit_state
-from resona_adapt.surgery import discover
+from resona_adapt.surgery import cache_argument, discover
 from tiny_families import CONFIGS, build_family
 
 FAMILIES = sorted(CONFIGS)
@@ -56,14 +56,14 @@ def test_hybrids_pick_only_recurrent_layers_unless_allowed(family):
         with pytest.raises(ResonaConfigError, match=f"layer {mlp} is a mlp layer"):
             retrofit(model, layers=[mlp], config=ResonaConfig(**CFG))
     # allowed explicitly: the attention module is wrapped, still function-preserving, and it generates
-    # right: it receives the cache under its own keyword (past_key_values), read from its signature
+    # right: it receives the cache under its own keyword (past_key_values; 5.24: cache), read from its signature
     ids = torch.randint(3, 64, (1, 12))
     model.requires_grad_(False)
     base = logits(model, ids)
     retrofit(model, layers=[attn], config=ResonaConfig(**CFG), allow_kinds=("recurrent", "attention"))
     assert sorted(resona_layers(model)) == [attn]
     assert torch.equal(logits(model, ids), base)
-    assert resona_layers(model)[attn].cache_kwarg == "past_key_values"
+    assert resona_layers(model)[attn].cache_kwarg == hf_cache_name("past_key_values")
     randomize_resona(model)
     check_generate(model, ids[:, :7])
 
@@ -117,7 +117,9 @@ def test_recorded_cache_keyword_carries_the_models_cache(family):
             cache = DynamicCache(config=model.config)
             model(ids, use_cache=True, **{spec.model_cache_kwarg: cache})
     assert cache is not None and seen
-    assert spec.model_cache_kwarg in inspect.signature(retrofit_state(model).discovery.backbone.forward).parameters
+    backbone = retrofit_state(model).discovery.backbone
+    model_cache, _ = cache_argument(backbone, spec.model_cache_kwarg)  # what the retrofit's hook reads
+    assert model_cache in inspect.signature(backbone.forward).parameters
     for i, received in seen.items():
         if family == "xlstm":
             assert spec.cache_arg_index == 1 and received is cache.rnn_state[i]

@@ -12,7 +12,7 @@ import torch
 from conftest import build_tiny
 from fla_support import FLA_INSTALLED, SKIP_REASON, build_fla
 from hymba_support import build_hymba
-from matrix import CFG, check_generate, hf_generate, randomize_resona
+from matrix import CFG, check_generate, hf_cache_name, hf_generate, randomize_resona
 from resona_adapt import ResonaConfig, SurgeryError, resona_cache, resona_layers, retrofit
 from resona_adapt.adapters.cache import STATE_ATTR, ResonaCacheState
 from tiny_families import build_family
@@ -96,7 +96,7 @@ def test_unknown_architecture_finds_its_cache_from_the_signatures(monkeypatch):
     retrofit(model, config=ResonaConfig(**CFG))
     randomize_resona(model)
     recorded = {(layer.cache_kwarg, layer.cache_arg_index) for layer in resona_layers(model).values()}
-    assert recorded == {("cache_params", 1)}
+    assert recorded == {(hf_cache_name("cache_params"), 1)}
     check_generate(model, torch.randint(3, VOCAB, (2, 7)))
 
 

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import SurgeryError
+from ..surgery.cache_args import RENAMED
 from .cache import ResonaCacheState, cache_has_history
 
 
@@ -139,6 +140,8 @@ def install_hooks(context: ResonaContext, backbone: nn.Module, embedding: nn.Mod
     def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = _bound_arguments(sig, args, kwargs)
         cache = _argument(sig, bound, cache_kwarg) if cache_kwarg else None
+        if cache is None and cache_kwarg in RENAMED:  # the caller used another of transformers' names
+            cache = next((c for name in RENAMED if (c := _argument(sig, bound, name)) is not None), None)
         context.begin(bound.get("input_ids"), bound.get("inputs_embeds"), bound.get("attention_mask"), cache)
 
     def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SurgeryError
+from ..surgery.cache_args import cache_from_kwargs
 from .branch import ResonaBranch
 from .context import ResonaContext
 from .decode import cached_branch_forward
@@ -76,7 +77,7 @@ class ResonaLayer(nn.Module):
         """The generation cache object this call of the mixer received (None when there is none)."""
         if self.cache_arg_index is not None and len(args) > self.cache_arg_index:
             return args[self.cache_arg_index]
-        return kwargs.get(self.cache_kwarg) if self.cache_kwarg else None
+        return cache_from_kwargs(kwargs, self.cache_kwarg)
 
     def cached_output(self, args: tuple, kwargs: dict, h: Tensor, y: Tensor | None) -> Tensor | None:
         """The branch output of a decoding step (mixed into ``y``, or unmixed when ``y`` is None), or

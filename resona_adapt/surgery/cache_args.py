@@ -5,7 +5,9 @@ The family's `ArchSpec` records it (``cache_kwarg`` / ``cache_arg_index`` for th
 that parameter; otherwise (architectures the registry does not know, or an attention module a
 hybrid passes the cache under another name) the first of `CACHE_PARAMETERS` in the signature is
 used, with its position, so a positional call is found too. The result is recorded on each
-Resona layer at retrofit time: `ResonaLayer.cache_in_call` is the only lookup at run time.
+Resona layer at retrofit time: `ResonaLayer.cache_in_call` is the only lookup at run time. Where
+the module takes ``**kwargs``, the caller may use another of transformers' names for the cache than
+the record (5.24 renamed them all to ``cache``): `cache_from_kwargs` looks under those too.
 """
 
 from __future__ import annotations
@@ -18,6 +20,23 @@ CACHE_PARAMETERS: tuple[str, ...] = (
     "past_key_values", "cache_params", "past_key_value", "inference_params", "state", "cache", "layer_past",
 )
 """Parameter names that carry a generation cache in transformers, fla, mamba-ssm and RWKV-style code."""
+
+RENAMED: tuple[str, ...] = ("cache", "past_key_values", "cache_params", "past_key_value")
+"""transformers' names for one and the same cache object: up to 5.23 ``past_key_values`` /
+``cache_params`` / ``past_key_value``, from 5.24 ``cache``. A module that takes ``**kwargs`` may be
+handed either, whatever the family's record says."""
+
+
+def cache_from_kwargs(kwargs: dict, recorded: str | None) -> object | None:
+    """The cache in a call's keyword arguments: under ``recorded``, else (when ``recorded`` is one of
+    transformers' names and absent) under another of them; None when there is none."""
+    if recorded is None:
+        return None
+    if recorded in kwargs:
+        return kwargs[recorded]
+    if recorded in RENAMED:
+        return next((kwargs[name] for name in RENAMED if kwargs.get(name) is not None), None)
+    return None
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 

@@ -18,7 +18,7 @@ class HymbaConfig(PretrainedConfig):
     """Hymba: hybrid-head blocks (attention + SSM heads in parallel), meta tokens, KV sharing, SWA."""
 
     model_type = "hymba"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

@@ -33,6 +33,10 @@ from .cache import HymbaCache
 from .configuration import HymbaConfig
 from .layers import HymbaBlock, HymbaDecoderLayer, HymbaRMSNorm, HymbaRope
 
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""The output field, and the keyword generate() uses, for the cache: ``cache`` from transformers 5.24
+on, ``past_key_values`` before. The forwards accept both keywords."""
+
 PAD, META, REAL = 0, 1, 2  # kind of each position of the packed sequence
 
 
@@ -137,10 +141,13 @@ class HymbaModel(HymbaPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: HymbaCache | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, T_seen + T) over input tokens
-        only (meta tokens are handled here). Returns hidden states (B, T, D) of the input tokens."""
+        only (meta tokens are handled here). Returns hidden states (B, T, D) of the input tokens.
+        ``cache`` is ``past_key_values`` under transformers 5.24's name."""
+        past_key_values = past_key_values if past_key_values is not None else cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -181,8 +188,8 @@ class HymbaModel(HymbaPreTrainedModel):
             past_key_values.next_position = (start if start is not None else 0) + (kinds != PAD).sum(dim=1)
         if output_hidden_states:
             all_hidden.append(hidden)
-        out = BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None,
-                                      hidden_states=tuple(all_hidden) if output_hidden_states else None)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=tuple(all_hidden) if output_hidden_states
+                                      else None, **{CACHE_FIELD: past_key_values if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
 
 
@@ -224,8 +231,10 @@ class HymbaForCausalLM(HymbaPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: HymbaCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
+        past_key_values = past_key_values if past_key_values is not None else cache  # 5.24's name
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
@@ -239,14 +248,17 @@ class HymbaForCausalLM(HymbaPreTrainedModel, GenerationMixin):
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device),
                 ignore_index=-100,
             )
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                                        hidden_states=out.hidden_states)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
         return result if return_dict is not False else result.to_tuple()
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, past_key_values: HymbaCache | None = None,
                                       attention_mask: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                                      use_cache: bool = True, **kwargs: Any) -> dict[str, Any]:
-        """Feed only the tokens the cache has not seen; positions and meta tokens are the model's business."""
+                                      use_cache: bool = True, cache: HymbaCache | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """Feed only the tokens the cache has not seen; positions and meta tokens are the model's business.
+        ``cache``: transformers 5.24's name for ``past_key_values``."""
+        past_key_values = past_key_values if past_key_values is not None else cache
         seen = past_key_values.real_tokens if isinstance(past_key_values, HymbaCache) else 0
         inputs: dict[str, Any] = {"attention_mask": attention_mask, "past_key_values": past_key_values,
                                   "use_cache": use_cache}
