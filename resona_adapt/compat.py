@@ -15,6 +15,12 @@ from __future__ import annotations
 import importlib.util
 import re
 
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+CACHE_FIELD: str = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+"""The installed transformers' name for the generation cache in model outputs and in the keyword
+``generate()`` passes: ``cache`` from 5.24 on, ``past_key_values`` before."""
+
 FLA_BREAKS_FROM: tuple[int, int] = (5, 24)
 """The first transformers release (major, minor) under which fla's models generate wrong tokens."""
 

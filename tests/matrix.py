@@ -17,16 +17,14 @@ import torch
 from torch import nn
 
 from resona_adapt import ResonaConfig, load_retrofitted, resona_cache, resona_layers, retrofit
+from resona_adapt.compat import CACHE_FIELD
 from resona_adapt.retrofit import retrofit_state
-from transformers.modeling_outputs import BaseModelOutputWithPast
-
-CACHE_RENAMED = "cache" in BaseModelOutputWithPast.__dataclass_fields__
-"""transformers 5.24 renamed every model's cache parameter (past_key_values, cache_params, ...) to cache."""
 
 
 def hf_cache_name(before_5_24: str) -> str:
-    """The name of a transformers module's cache parameter that was ``before_5_24`` up to 5.23."""
-    return "cache" if CACHE_RENAMED else before_5_24
+    """The name of a transformers module's cache parameter that was ``before_5_24`` up to 5.23
+    (5.24 renamed every model's cache parameter to ``cache``)."""
+    return "cache" if CACHE_FIELD == "cache" else before_5_24
 
 CFG = dict(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16)
 U = CFG["chunk_size"]

@@ -7,6 +7,7 @@ import torch
 
 from hymba_support import M, VOCAB, build_hymba, write_official_checkpoint
 from resona_adapt import load_model
+from resona_adapt.compat import CACHE_FIELD
 from resona_adapt.models.hymba import HymbaForCausalLM
 from resona_adapt.models.hymba.modeling import META, PAD, REAL
 
@@ -107,3 +108,15 @@ def test_generate_is_the_greedy_path():
     for _ in range(6):
         ids = torch.cat([ids, _logits(model, ids, use_cache=False)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, ids)
+
+
+def test_cache_mask_sizes_cover_the_whole_kept_history():
+    """transformers' mask helpers ask the cache how many key positions the next step sees."""
+    model = build_hymba()
+    ids = torch.randint(3, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    cache = getattr(out, CACHE_FIELD)
+    kept = next(k for k in cache.key_cache if k is not None).shape[-2]  # meta tokens + 7 positions
+    for layer in range(model.config.num_hidden_layers):
+        assert cache.get_mask_sizes(1, layer) == (kept + 1, 0)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import SurgeryError
-from ..surgery.cache_args import RENAMED
+from ..surgery.cache_args import cache_from_kwargs
 from .cache import ResonaCacheState, cache_has_history
 
 
@@ -120,13 +120,11 @@ def _bound_arguments(sig: inspect.Signature, args: tuple, kwargs: dict) -> dict[
         return dict(kwargs)
 
 
-def _argument(sig: inspect.Signature, bound: dict[str, Any], name: str) -> Any:
-    """Argument ``name`` of a bound call, also when the signature takes it through ``**kwargs``."""
-    if name in bound:
-        return bound[name]
+def _named_arguments(sig: inspect.Signature, bound: dict[str, Any]) -> dict[str, Any]:
+    """A bound call's arguments by name, with those the signature takes through ``**kwargs`` merged in."""
     var = next((p.name for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
     extra = bound.get(var) if var else None
-    return extra.get(name) if isinstance(extra, dict) else None
+    return {**extra, **bound} if isinstance(extra, dict) else bound
 
 
 def install_hooks(context: ResonaContext, backbone: nn.Module, embedding: nn.Module,
@@ -139,9 +137,7 @@ def install_hooks(context: ResonaContext, backbone: nn.Module, embedding: nn.Mod
 
     def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
         bound = _bound_arguments(sig, args, kwargs)
-        cache = _argument(sig, bound, cache_kwarg) if cache_kwarg else None
-        if cache is None and cache_kwarg in RENAMED:  # the caller used another of transformers' names
-            cache = next((c for name in RENAMED if (c := _argument(sig, bound, name)) is not None), None)
+        cache = cache_from_kwargs(_named_arguments(sig, bound), cache_kwarg)
         context.begin(bound.get("input_ids"), bound.get("inputs_embeds"), bound.get("attention_mask"), cache)
 
     def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

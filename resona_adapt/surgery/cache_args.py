@@ -29,14 +29,11 @@ handed either, whatever the family's record says."""
 
 def cache_from_kwargs(kwargs: dict, recorded: str | None) -> object | None:
     """The cache in a call's keyword arguments: under ``recorded``, else (when ``recorded`` is one of
-    transformers' names and absent) under another of them; None when there is none."""
-    if recorded is None:
-        return None
-    if recorded in kwargs:
-        return kwargs[recorded]
-    if recorded in RENAMED:
-        return next((kwargs[name] for name in RENAMED if kwargs.get(name) is not None), None)
-    return None
+    transformers' names and holds nothing) under another of them; None when there is none."""
+    cache = kwargs.get(recorded) if recorded else None
+    if cache is not None or recorded not in RENAMED:
+        return cache
+    return next((kwargs[name] for name in RENAMED if kwargs.get(name) is not None), None)
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 

@@ -39,8 +39,10 @@ class HymbaCache(DynamicCache):
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.seen_tokens
 
-    def get_mask_sizes(self, *args, **kwargs):  # pragma: no cover - the model builds its own masks
-        raise NotImplementedError("HymbaCache is used by resona-adapt's Hymba, which builds its own masks")
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """(kv_length, kv_offset) for transformers' mask helpers: the full history is kept (the sliding
+        window is a mask, not a trim), so every layer sees all positions so far plus the new ones."""
+        return self.seen_tokens + query_length, 0
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, cache_kwargs=None) -> tuple[Tensor, Tensor]:
         """Append (B, kvH, q, d) keys/values of layer ``layer_idx``; returns the full history."""

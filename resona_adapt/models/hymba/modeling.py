@@ -29,13 +29,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ...compat import CACHE_FIELD  # the forwards accept both keywords; outputs use the installed one
 from .cache import HymbaCache
 from .configuration import HymbaConfig
 from .layers import HymbaBlock, HymbaDecoderLayer, HymbaRMSNorm, HymbaRope
-
-CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
-"""The output field, and the keyword generate() uses, for the cache: ``cache`` from transformers 5.24
-on, ``past_key_values`` before. The forwards accept both keywords."""
 
 PAD, META, REAL = 0, 1, 2  # kind of each position of the packed sequence
 
@@ -234,10 +231,9 @@ class HymbaForCausalLM(HymbaPreTrainedModel, GenerationMixin):
         cache: HymbaCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
-        past_key_values = past_key_values if past_key_values is not None else cache  # 5.24's name
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            past_key_values=past_key_values, cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_hidden_states=output_hidden_states, return_dict=True,
         )
         hidden = out.last_hidden_state  # (B, T, D)
