@@ -62,6 +62,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--phase", action="append", default=None, help="FRACTION:SEQ_LEN:KV[,KV] (repeatable)")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--filler", default=None, help="training filler: N or LO-HI random tokens before each example")
+    ap.add_argument("--neighbor-chunks", type=int, default=None)
+    ap.add_argument("--key-shift", type=int, choices=(0, 1), default=None)
+    ap.add_argument("--eval-filler", default="0,1,2,3", help="filler values to evaluate (comma list)")
     ap.add_argument("--eval-examples", type=int, default=None, help="test examples per point (256; 64 with --quick)")
     ap.add_argument("--grid", default=None, help="e.g. 64x8,256x64 (default: the full grid, or 3 points with --quick)")
     ap.add_argument("--log-every", type=int, default=50)
@@ -75,9 +79,13 @@ def main() -> None:
 
     recipe = MQAR_QUICK_RECIPE if args.quick else MQAR_RECIPE
     cfg_over = {k: getattr(args, k) for k in ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim",
-                                              "search_dim", "score_scale", "lr_multiplier", "chunk_pool")
+                                              "search_dim", "score_scale", "lr_multiplier", "chunk_pool",
+                                              "neighbor_chunks")
                 if getattr(args, k) is not None}
-    rec_over = {k: getattr(args, k) for k in ("base_lr", "steps", "batch_size", "seed") if getattr(args, k) is not None}
+    if args.key_shift is not None:
+        cfg_over["key_shift"] = bool(args.key_shift)
+    rec_over = {k: getattr(args, k) for k in ("base_lr", "steps", "batch_size", "seed", "filler")
+                if getattr(args, k) is not None}
     if args.layers is not None:
         rec_over["layers"] = tuple(int(i) for i in args.layers.split(","))
     if args.phase:
@@ -89,9 +97,15 @@ def main() -> None:
     else:
         grid = QUICK_GRID if args.quick else GRID
 
+    fillers = [f.strip() for f in args.eval_filler.split(",")]
+
+    def measure(m):
+        return [r for f in fillers for r in evaluate_mqar(m, grid, num_examples=args.eval_examples, batch_size=32,
+                                                           seed=0, filler=f)]
+
     model = load_model(args.base).requires_grad_(False)
     t0 = time.time()
-    base = evaluate_mqar(model, grid, num_examples=args.eval_examples, batch_size=32, seed=0)
+    base = measure(model)
     base_s = time.time() - t0
     retrofit(model, layers=list(recipe.layers) if recipe.layers else None, config=recipe.config)
     n_params = sum(p.numel() for _, p in resona_parameters(model))
@@ -108,12 +122,13 @@ def main() -> None:
     fit_mqar(model, recipe, on_step=on_step)
     train_s = time.time() - start
     print(f"search top-1 hits at 256/64 after training: {search_hits(model)}")
-    retro = evaluate_mqar(model, grid, num_examples=args.eval_examples, batch_size=32, seed=0)
+    retro = measure(model)
     print(f"trained {recipe.steps} steps in {train_s:.0f}s ({train_s / recipe.steps:.2f} s/step)")
-    print("| seq_len | kv_pairs | base acc | retrofit acc | base strict | retrofit strict |")
-    print("|---|---|---|---|---|---|")
+    print("| filler | seq_len | kv_pairs | base acc | retrofit acc | base strict | retrofit strict |")
+    print("|---|---|---|---|---|---|---|")
     for b, r in zip(base, retro):
-        print(f"| {b.seq_len} | {b.kv_pairs} | {b.accuracy:.3f} | {r.accuracy:.3f} | {b.strict:.3f} | {r.strict:.3f} |")
+        print(f"| {b.filler} | {b.seq_len} | {b.kv_pairs} | {b.accuracy:.3f} | {r.accuracy:.3f} | {b.strict:.3f} "
+              f"| {r.strict:.3f} |")
     fails = [(b.seq_len, b.kv_pairs) for b, r in zip(base, retro) if b.accuracy < 0.5 and r.accuracy < 0.95]
     print("acceptance (retrofit >= 0.95 wherever base < 0.5):", "PASS" if not fails else f"FAIL at {fails}")
     if args.json_out:

@@ -22,6 +22,8 @@ MIX_MODES = ("residual", "gated", "paper", "paper-dynamic")
 """
 
 FUNCTION_PRESERVING_MIXES = ("residual", "gated")
+LEGACY_DEFAULTS = {"neighbor_chunks": 0, "key_shift": False}
+"""Values of fields added after 0.1.0 for a saved configuration that lacks them (it was trained without)."""
 CHUNK_POOLS = ("mean", "weighted")
 
 
@@ -63,6 +65,17 @@ class ResonaConfig:
         metadata={"help": "How a chunk's embeddings are pooled into its search summary: 'mean', or "
                   "'weighted' (softmax of a learned logit per position within the chunk; starts as the mean)."},
     )
+    neighbor_chunks: int = field(
+        default=1,
+        metadata={"help": "Each selected chunk is read together with the next `neighbor_chunks` chunks that are "
+                  "complete before the query, so a fact that straddles a chunk boundary (a key at the end of "
+                  "one chunk, its value at the start of the next) is read whole. 0 = the selected chunks only."},
+    )
+    key_shift: bool = field(
+        default=True,
+        metadata={"help": "Read keys also see the previous token (k_j = W_k x_j + W_p x_(j-1)), so the read can "
+                  "find 'the token after the one I hold' wherever it sits in a chunk (copying, recall)."},
+    )
     mix: str = field(default="residual", metadata={"help": f"Mixing mode, one of {MIX_MODES}."})
     alpha: float = field(default=0.5, metadata={"help": "Weight a of Ym in the paper mixes (0 < a < 1)."})
     lr_multiplier: float = field(
@@ -90,6 +103,11 @@ class ResonaConfig:
 
         positive_int("chunk_size")
         positive_int("top_k")
+        n = self.neighbor_chunks
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 4:
+            raise ResonaConfigError(f"ResonaConfig.neighbor_chunks must be an integer from 0 to 4, got {n!r}")
+        if not isinstance(self.key_shift, bool):
+            raise ResonaConfigError(f"ResonaConfig.key_shift must be true or false, got {self.key_shift!r}")
         for name in ("train_top_k", "query_tile", "num_heads", "head_dim", "search_dim"):
             if getattr(self, name) is not None:
                 positive_int(name)
@@ -143,6 +161,16 @@ class ResonaConfig:
                 f"unknown ResonaConfig field(s) {unknown}; known fields: {sorted(known)}"
             )
         return cls(**data)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> "ResonaConfig":
+        """The configuration a checkpoint recorded. Checkpoints store every field; one written before a
+        field existed was trained without it, so the field takes its `LEGACY_DEFAULTS` value, not the
+        current default (which would change what the trained branch computes)."""
+        if not isinstance(data, dict):
+            raise ResonaConfigError(f"a saved Resona configuration must be an object of field: value, got {data!r}")
+        legacy = {name: value for name, value in LEGACY_DEFAULTS.items() if name not in data}
+        return cls.from_dict({**legacy, **data})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

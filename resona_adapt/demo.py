@@ -43,7 +43,7 @@ def recipe_datasets(recipe: RetrofitRecipe, vocab_size: int):
         share = max(1, round(total * phase.fraction / len(phase.kv_pairs)))
         for pairs in phase.kv_pairs:
             parts.append(mqar_dataset(vocab_size, phase.seq_len, share, seed=TRAIN_SEED_BASE + 700_000 + pairs,
-                                      num_kv_pairs=pairs))
+                                      num_kv_pairs=pairs, filler=recipe.filler))
     return ConcatDataset(parts)
 
 

@@ -178,7 +178,7 @@ def retrofit_from_section(model: nn.Module, section: dict[str, Any]) -> nn.Modul
     """Retrofit ``model`` exactly as a saved ``resona`` section describes (extra keys, such as a
     record of how the model was trained, are kept in the state and written out again)."""
     retrofit(
-        model, layers=list(section["layers"]), config=ResonaConfig.from_dict(section["config"]),
+        model, layers=list(section["layers"]), config=ResonaConfig.from_saved(section["config"]),
         block_path=section.get("block_path"), mixer_attr=section.get("mixer_attr"),
         allow_kinds=tuple(section.get("allow_kinds", ("recurrent",))),
     )

@@ -46,6 +46,7 @@ class RetrofitRecipe:
     warmup: float = 0.05
     clip: float = 1.0
     phases: tuple[Phase, ...] = (Phase(1.0, 256, (32, 64)),)
+    filler: str = "0"  # random tokens before each training example: N, or LO-HI per example
     seed: int = 0
     notes: str = field(default="", compare=False)
 
@@ -145,7 +146,7 @@ def fit_mqar(
                 b.config.train_top_k = phase.train_top_k or k
             pairs = phase.kv_pairs[int(torch.randint(len(phase.kv_pairs), (1,), generator=g))]
             data = mqar(recipe.batch_size, phase.seq_len, pairs, vocab,
-                        seed=TRAIN_SEED_BASE + 500_000 + recipe.seed * 100_000 + step)
+                        seed=TRAIN_SEED_BASE + 500_000 + recipe.seed * 100_000 + step, filler=recipe.filler)
             for group in opt.param_groups:
                 group["lr"] = recipe.lr_at(step)
             loss = mqar_loss(model, data.inputs, data.labels)

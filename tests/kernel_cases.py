@@ -5,17 +5,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from resona_adapt.kernels.reference import select_chunks_ref
+from resona_adapt.kernels.reference import add_neighbors, select_chunks_ref
 
 
-def make_inputs(B, T, H, d, U, K, sink, pos, dtype, seed=0, device=None):
+def make_inputs(B, T, H, d, U, K, sink, pos, dtype, seed=0, device=None, neighbors=0):
     """Leaves (q, k, v, bias, sink_logit, pos_bias; requires_grad), chunk indices from a real causal
-    search, and an upstream gradient. q, k, v in ``dtype``; bias, sink and pos_bias in float32."""
+    search (with ``neighbors``: and their neighbour slots, empty slots between full ones), and an
+    upstream gradient. q, k, v in ``dtype``; bias, sink and pos_bias in float32."""
     g = torch.Generator().manual_seed(seed)
     N = T // U
     qs = F.normalize(torch.randn(B, T, 8, generator=g), dim=-1)
     cs = F.normalize(torch.randn(B, N, 8, generator=g), dim=-1)
     idx, score = select_chunks_ref(qs, cs, K, U, torch.arange(T))
+    idx, score = add_neighbors(idx, score, torch.arange(T), U, neighbors)
     leaves = {
         "q": torch.randn(B, T, H, d, generator=g).to(dtype),
         "k": torch.randn(B, T, H, d, generator=g).to(dtype),

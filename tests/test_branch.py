@@ -27,14 +27,20 @@ def make_branch(seed: int = 0, **cfg) -> ResonaBranch:
 
 
 def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Yr, one query at a time, straight from METHOD.md: eligible chunks end strictly before t."""
+    """Yr, one query at a time, straight from METHOD.md: eligible chunks end strictly before t; each
+    chosen chunk is read with its next `neighbor_chunks` chunks that also end before t (each chunk once);
+    with key_shift a key also sees the previous position's embedding."""
     cfg = branch.config
     U, H, dh = cfg.chunk_size, cfg.num_heads, cfg.head_dim
     B, T, _ = h.shape
     h_hat, x_hat = branch.norm_h(h), branch.norm_x(x)
     out = torch.zeros(B, T, H * dh)
     for b in range(B):
-        k = branch.k_proj(x_hat[b]).view(T, H, dh)
+        k = branch.k_proj(x_hat[b])
+        if cfg.key_shift:
+            prev = torch.cat([torch.zeros(1, x_hat.shape[-1]), x_hat[b, :-1]])  # position -1: nothing
+            k = k + branch.k_prev_proj(prev)
+        k = k.view(T, H, dh)
         v = branch.v_proj(x_hat[b]).view(T, H, dh)
         for t in range(T):
             q_s = F.normalize(branch.query_encoder(h_hat[b, t]), dim=-1)
@@ -49,14 +55,20 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
                     summary = F.normalize(branch.context_encoder(pooled), dim=-1)
                     scored.append((float(q_s @ summary), c, q_s @ summary))
             scored.sort(key=lambda s: -s[0])
-            chosen = scored[:top_k]
+            chosen = [(c, score) for _, c, score in scored[:top_k]]
+            read = {c for c, _ in chosen}
+            for i in range(1, cfg.neighbor_chunks + 1):
+                for c, score in list(chosen[:top_k]):
+                    if (c + i + 1) * U <= t and c + i not in read:
+                        read.add(c + i)
+                        chosen.append((c + i, score))
             q = branch.q_proj(h_hat[b, t]).view(H, dh)
             for head in range(H):
                 logits, values = [], []
                 if branch.sink_logit is not None:
                     logits.append(branch.sink_logit[head])
                     values.append(torch.zeros(dh))
-                for _, c, score in chosen:
+                for c, score in chosen:
                     for j in range(U):
                         pos = c * U + j
                         logits.append(q[head] @ k[pos, head] / math.sqrt(dh) + cfg.score_scale * score
@@ -71,8 +83,9 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
 
 @pytest.mark.parametrize("top_k, T, sink, pool", [(1, 19, True, "mean"), (2, 21, True, "mean"), (3, 16, False, "mean"),
                                                   (8, 13, True, "mean"), (2, 21, True, "weighted")])
-def test_matches_dense_reference(top_k, T, sink, pool):
-    branch = make_branch(top_k=top_k, sink=sink, chunk_pool=pool)
+@pytest.mark.parametrize("neighbors, shift", [(0, False), (1, True), (2, True), (1, False)])
+def test_matches_dense_reference(top_k, T, sink, pool, neighbors, shift):
+    branch = make_branch(top_k=top_k, sink=sink, chunk_pool=pool, neighbor_chunks=neighbors, key_shift=shift)
     h, x = torch.randn(2, T, D), torch.randn(2, T, D)
     with torch.no_grad():
         fast = branch.retrieve(h, x)

@@ -54,3 +54,24 @@ def test_unknown_json_field_is_named():
 
 def test_mix_modes_listed():
     assert set(MIX_MODES) == {"residual", "gated", "paper", "paper-dynamic"}
+
+
+def test_boundary_fields_default_on_and_saved_configs_without_them_keep_their_behaviour():
+    from resona_adapt import ResonaConfig
+
+    cfg = ResonaConfig()
+    assert cfg.neighbor_chunks == 1 and cfg.key_shift is True
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("neighbor_chunks", "key_shift")}
+    assert ResonaConfig.from_dict(old).neighbor_chunks == 1  # a user's file: today's defaults
+    legacy = ResonaConfig.from_saved(old)  # a checkpoint written before the fields existed
+    assert legacy.neighbor_chunks == 0 and legacy.key_shift is False
+    assert ResonaConfig.from_saved(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("field, value", [("neighbor_chunks", -1), ("neighbor_chunks", 5), ("neighbor_chunks", True),
+                                          ("key_shift", 1)])
+def test_boundary_fields_are_validated(field, value):
+    from resona_adapt import ResonaConfig, ResonaConfigError
+
+    with pytest.raises(ResonaConfigError, match=field):
+        ResonaConfig(**{field: value})

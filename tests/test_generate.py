@@ -252,7 +252,9 @@ def test_a_decode_step_never_projects_context_tokens():
         for t in range(22, 30):
             model(ids[:, t:t + 1], cache_params=cache, use_cache=True)
     assert not calls
-    per_layer_step = 2 * U  # top_k chunks of U tokens
+    cfg = next(iter(layers.values())).resona.config
+    # top_k chunks and their neighbours, U tokens each plus the token before (shifted keys)
+    per_layer_step = 2 * (1 + cfg.neighbor_chunks) * (U + int(cfg.key_shift))
     completed = 2 * len(layers) * U  # chunks 5 and 6 complete at lengths 24 and 28, once per layer
     assert sum(embedded) == 8 * len(layers) * per_layer_step + completed
 

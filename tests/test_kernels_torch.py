@@ -34,11 +34,12 @@ def forward_path(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("neighbors", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES)
-def test_torch_path_matches_reference_forward_and_every_gradient(case, dtype, forward_path):
+def test_torch_path_matches_reference_forward_and_every_gradient(case, dtype, forward_path, neighbors):
     B, T, H, d, U, K, sink, pos, tile = case
-    leaves, idx, d_out = make_inputs(B, T, H, d, U, K, sink, pos, dtype)
+    leaves, idx, d_out = make_inputs(B, T, H, d, U, K, sink, pos, dtype, neighbors=neighbors)
     assert (idx[:, :U] == -1).all() and (idx == -1).any()  # the first chunk retrieves nothing
     ref_out, ref_grads = run(chunk_attention_ref, leaves, idx, d_out, U)
     out, grads = run(chunk_attention_torch, leaves, idx, d_out, U, query_tile=tile)

@@ -46,3 +46,35 @@ def test_bad_arguments(kwargs):
     args = dict(num_examples=2, seq_len=64, num_kv_pairs=8, vocab_size=128) | kwargs
     with pytest.raises(ValueError):
         mqar(**args)
+
+
+@pytest.mark.parametrize("filler, bos", [(1, None), (3, None), ("0-3", None), ((2, 2), 0), (0, 5)])
+def test_filler_and_bos_shift_the_same_pairs(filler, bos):
+    V, T, P = 128, 64, 8
+    plain = mqar(40, T, P, V, seed=3)
+    shifted = mqar(40, T, P, V, seed=3, filler=filler, bos_id=bos)
+    lo, hi = shifted.filler
+    lead = int(bos is not None)
+    assert shifted.inputs.shape == shifted.labels.shape == (40, T + hi + lead)
+    if bos is not None:
+        assert (shifted.inputs[:, 0] == bos).all()
+    offsets = set()
+    for b in range(40):
+        start = (shifted.labels[b] != IGNORE).nonzero()[0, 0].item() - (plain.labels[b] != IGNORE).nonzero()[0, 0].item()
+        offsets.add(start - lead)
+        assert lo <= start - lead <= hi
+        assert torch.equal(shifted.inputs[b, start:start + T], plain.inputs[b])  # the same example, moved
+        assert torch.equal(shifted.labels[b, start:start + T], plain.labels[b])
+        assert (shifted.labels[b, :start] == IGNORE).all() and (shifted.labels[b, start + T:] == IGNORE).all()
+    assert offsets == set(range(lo, hi + 1))  # a range draws every count
+
+
+@pytest.mark.parametrize("filler", [-1, "3-1", "a", "1-2-3", (1,), True])
+def test_bad_filler_is_refused(filler):
+    with pytest.raises(ValueError, match="filler"):
+        mqar(2, 64, 8, 128, filler=filler)
+
+
+def test_bos_outside_the_vocabulary_is_refused():
+    with pytest.raises(ValueError, match="bos_id"):
+        mqar(2, 64, 8, 128, bos_id=128)

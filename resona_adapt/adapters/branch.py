@@ -12,6 +12,10 @@ Design (see docs/method.md for why):
   tokens; with a sink slot whose value is zero, absolute logits matter, so the read loss trains the
   search encoders even with ``top_k = 1`` (hard top-k alone passes them no gradient).
 - ``pos_bias`` (H, U) lets each head prefer a position within a chunk (the value next to a key).
+- Boundary robustness: each selected chunk is read together with the next ``neighbor_chunks``
+  complete chunks, and with ``key_shift`` the read keys also see the previous token
+  (``k_j = W_k x̂_j + W_p x̂_{j-1}``), so "the token after the one I hold" is found wherever the chunk
+  boundaries fall (docs/method.md, "Where chunk boundaries fall").
 - In the function-preserving mixes the output projection (``residual``) or the gate (``gated``)
   starts at zero, so the retrofitted model's outputs equal the base model's at injection.
 """
@@ -52,6 +56,8 @@ class ResonaBranch(nn.Module):
         self.q_proj = nn.Linear(d_model, H * dh, bias=False, **kw)
         self.k_proj = nn.Linear(d_model, H * dh, bias=False, **kw)
         self.v_proj = nn.Linear(d_model, H * dh, bias=False, **kw)
+        # key_shift: keys also see the previous token's embedding
+        self.k_prev_proj = nn.Linear(d_model, H * dh, bias=False, **kw) if config.key_shift else None
         self.o_proj = nn.Linear(H * dh, out_dim or d_model, bias=False, **kw)  # out_dim: Hymba's attention width
         self.sink_logit = nn.Parameter(torch.zeros(H, **kw)) if config.sink else None
         self.pos_bias = nn.Parameter(torch.zeros(H, U, **kw))
@@ -70,6 +76,8 @@ class ResonaBranch(nn.Module):
         nn.init.zeros_(self.q_proj.weight)
         nn.init.normal_(self.k_proj.weight, std=self.d_model**-0.5)
         nn.init.normal_(self.v_proj.weight, std=self.d_model**-0.5)
+        if self.k_prev_proj is not None:
+            nn.init.normal_(self.k_prev_proj.weight, std=self.d_model**-0.5)
         if self.config.mix == "residual":
             nn.init.zeros_(self.o_proj.weight)
         else:
@@ -97,6 +105,15 @@ class ResonaBranch(nn.Module):
             means = torch.einsum("bnud,u->bnd", chunks, w)  # (B, N, D)
         return F.normalize(self.context_encoder(means).float(), dim=-1)
 
+    def keys(self, x_hat: Tensor) -> Tensor:
+        """x_hat: (B, T, D) normalised embeddings of consecutive positions from the first one -> read
+        keys (B, T, H*d); with ``key_shift`` each also sees the previous position (zero before the first)."""
+        k = self.k_proj(x_hat)  # (B, T, H*d)
+        if self.k_prev_proj is not None:
+            prev = torch.cat([x_hat.new_zeros(x_hat.shape[0], 1, x_hat.shape[2]), x_hat[:, :-1]], dim=1)  # (B, T, D)
+            k = k + self.k_prev_proj(prev)
+        return k
+
     def heads(self, t: Tensor) -> Tensor:
         """(B, T, H*d) -> (B, T, H, d)."""
         return t.view(*t.shape[:-1], self.config.num_heads, self.config.head_dim)
@@ -109,13 +126,13 @@ class ResonaBranch(nn.Module):
         qs = self.search_queries(h_hat)  # (B, T, E)
         cs = self.chunk_embeddings(x_hat)  # (B, N, E)
         q = self.heads(self.q_proj(h_hat))  # (B, T, H, d)
-        k = self.heads(self.k_proj(x_hat))  # (B, T, H, d)
+        k = self.heads(self.keys(x_hat))  # (B, T, H, d)
         v = self.heads(self.v_proj(x_hat))  # (B, T, H, d)
         out = retrieve(
             qs, cs, q, k, v,
             top_k=cfg.k_for(self.training), chunk_size=cfg.chunk_size, score_scale=cfg.score_scale,
             sink_logit=self.sink_logit, pos_bias=self.pos_bias, query_tile=cfg.query_tile,
-            return_indices=return_indices,
+            neighbors=cfg.neighbor_chunks, return_indices=return_indices,
         )
         attn, idx = out if return_indices else (out, None)
         y_r = self.o_proj(attn.reshape(*attn.shape[:2], -1).to(self.o_proj.weight.dtype))  # (B, T, D)

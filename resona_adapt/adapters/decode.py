@@ -10,14 +10,10 @@ A forward that hands the wrapped mixer a generation cache goes through `cached_b
   ids to the shared state. Each layer then (1) computes the unit embeddings of chunks that have
   completed since its last step, once, by re-embedding their ids; (2) scores its cached chunk
   embeddings with the new queries, keeps the top-k over chunks that end strictly before each query
-  (counted from each row's first real token); (3) gathers those chunks' ids, re-embeds them, and
-  attends in the *absorbed* form::
-
-      logit[h, j] = (W_k,h^T q_h) . x̂_j / sqrt(d) + score_scale * s[chunk(j)] + pos_bias[h, j mod U]
-      out_h       = W_v,h (sum_j p[h, j] x̂_j)
-
-  which equals ``q_h . (W_k,h x̂_j)`` and ``sum_j p[h, j] (W_v,h x̂_j)`` of the full path, but costs
-  O(H * D * (d + k*U)) per query instead of projecting k*U tokens through k_proj and v_proj.
+  (counted from each row's first real token), adds their complete neighbours
+  (`kernels.add_neighbors`); (3) gathers those chunks' ids (and the token before each, for shifted
+  keys), re-embeds them, and attends in the *absorbed* form (`kernels.absorbed_attention`), which
+  equals the full path's attention but never projects the k*U tokens through k_proj and v_proj.
 
 Shape key: B batch, Tn new tokens, L positions seen (pads included), N cached chunks, U chunk size,
 K chunks kept, H heads, d head dim, D model width, E search dim.
@@ -31,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SurgeryError
-from ..kernels.reference import select_chunks_ref
+from ..kernels import absorbed_attention, add_neighbors, select_chunks_ref
 from .branch import ResonaBranch
 from .cache import ResonaCacheState, attach, resona_cache
 from .context import ResonaContext
@@ -178,8 +174,9 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
     else:
         qs = branch.search_queries(h_hat)  # (B, Tn, E)
         idx, score = select_chunks_ref(qs, summaries, K, U, q_pos)  # (B, Tn, K) x2
+        idx, score = add_neighbors(idx, score, q_pos, U, cfg.neighbor_chunks)  # (B, Tn, K') x2
         q = branch.heads(branch.q_proj(h_hat))  # (B, Tn, H, d)
-        tile = max(1, QUERY_TILE_BUDGET // max(1, B * K * U * D))
+        tile = max(1, QUERY_TILE_BUDGET // max(1, B * idx.shape[-1] * (U + 1) * D))
         parts = [
             _absorbed_attention(branch, state, q[:, t0:t0 + tile], idx[:, t0:t0 + tile],
                                 score[:, t0:t0 + tile] * cfg.score_scale, embed)
@@ -192,38 +189,28 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
 
 def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor, idx: Tensor, bias: Tensor,
                         embed: Callable[[Tensor], Tensor]) -> Tensor:
-    """q: (B, Tq, H, d); idx, bias: (B, Tq, K) -> (B, Tq, H*d), attention over the selected chunks' tokens."""
+    """q: (B, Tq, H, d); idx, bias: (B, Tq, K) -> (B, Tq, H*d), attention over the selected chunks' tokens
+    (`kernels.absorbed_attention`), from their re-embedded ids."""
     cfg = branch.config
     U, H, dh = cfg.chunk_size, cfg.num_heads, cfg.head_dim
     B, Tq, K = idx.shape
     D = branch.d_model
     Q = B * Tq
     valid = idx >= 0  # (B, Tq, K)
-    pos = (state.pad.view(B, 1, 1, 1) + idx.clamp(min=0).unsqueeze(-1) * U
-           + torch.arange(U, device=idx.device))  # (B, Tq, K, U)
-    pos = pos.clamp(max=state.length - 1)  # empty slots (masked below) may point past a short row
-    ids = state.ids.gather(1, pos.view(B, -1)).long()  # (B, Tq*K*U)
-    x_hat = branch.norm_x(embed(ids)).view(Q, K * U, D)  # (Q, KU, D)
-    w_k = branch.k_proj.weight.view(H, dh, D)  # (H, d, D)
-    w_v = branch.v_proj.weight.view(H, dh, D)  # (H, d, D)
-    qk = torch.bmm(q.reshape(Q, H, dh).transpose(0, 1), w_k)  # W_k,h^T q_h  (H, Q, D)
-    logits = torch.bmm(qk.transpose(0, 1), x_hat.transpose(1, 2)).float() * dh**-0.5  # (Q, H, KU)
-    logits = (logits.view(Q, H, K, U) + bias.float().view(Q, 1, K, 1)
-              + branch.pos_bias.float().view(1, H, 1, U))  # (Q, H, K, U)
-    logits = logits.masked_fill(~valid.view(Q, 1, K, 1), float("-inf")).view(Q, H, K * U)
-    if branch.sink_logit is not None:  # a finite logit in every row: the plain softmax is safe
-        sink = branch.sink_logit.float().view(1, H, 1).expand(Q, H, 1)
-        p = torch.softmax(torch.cat([sink, logits], dim=-1), dim=-1)[..., 1:]  # the sink's value is zero
-    else:
-        p = _safe_softmax(logits)  # (Q, H, KU)
-    mixed = torch.bmm(p.to(x_hat.dtype), x_hat)  # sum_j p_hj x̂_j  (Q, H, D)
-    out = torch.bmm(mixed.transpose(0, 1), w_v.transpose(1, 2))  # W_v,h mixed_h  (H, Q, d)
-    return out.transpose(0, 1).reshape(B, Tq, H * dh)
-
-
-def _safe_softmax(logits: Tensor) -> Tensor:
-    """Softmax over the last dim; rows that are all -inf give zeros, not NaN."""
-    m = logits.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(logits - m)
-    return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+    shift = branch.k_prev_proj is not None
+    # each slot's tokens, and with shifted keys the token before them: a window of U (+1) positions
+    first = idx.clamp(min=0).unsqueeze(-1) * U - int(shift)  # (B, Tq, K, 1), real position of the window start
+    pos = state.pad.view(B, 1, 1, 1) + first + torch.arange(U + int(shift), device=idx.device)  # (B, Tq, K, W)
+    pos = pos.clamp(min=0, max=state.length - 1)  # empty slots (masked) may point past a short row
+    ids = state.ids.gather(1, pos.view(B, -1)).long()  # (B, Tq*K*W)
+    x_win = branch.norm_x(embed(ids)).view(Q, K, U + int(shift), D)  # (Q, K, W, D)
+    x_prev = None
+    if shift:  # the token before a row's first token is nothing: zeros, as in the full path
+        before_row = (torch.arange(U, device=idx.device) == 0) & (first.view(Q, K, 1) < 0)  # (Q, K, U)
+        x_prev = x_win[:, :, :-1].masked_fill(before_row.unsqueeze(-1), 0.0)  # (Q, K, U, D)
+    out = absorbed_attention(
+        q.reshape(Q, H, dh), x_win[:, :, int(shift):], valid.view(Q, K), bias.view(Q, K),
+        branch.k_proj.weight, branch.v_proj.weight, x_prev=x_prev,
+        w_prev=branch.k_prev_proj.weight if shift else None, sink_logit=branch.sink_logit, pos_bias=branch.pos_bias,
+    )  # (Q, H*d)
+    return out.view(B, Tq, H * dh)

@@ -71,6 +71,10 @@ def _tokenizer(model_name: str, tokenizer_path: str | None, trust_remote_code: b
 @click.option("--seq-len", default="64,128,256,512", show_default=True, help="MQAR sequence lengths.")
 @click.option("--kv-pairs", default="8,16,32,64", show_default=True, help="MQAR key-value pairs (4 x pairs <= length).")
 @click.option("--examples", default=256, show_default=True, type=int, help="MQAR test examples per grid point.")
+@click.option("--filler", default="0", show_default=True,
+              help="MQAR: random tokens in front of every example, so the pairs do not line up with the chunks: "
+                   "N, or LO-HI drawn per example; a comma list scores each (e.g. 0,1,2,3).")
+@click.option("--bos-id", type=int, default=None, help="MQAR: a BOS token id put first in every example.")
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--context", default="1k,2k,4k", show_default=True, help="NIAH context lengths in tokens (512, 1k, ...).")
 @click.option("--needle", type=click.Choice(("number", "word", "uuid", "multivalue")), default="number",
@@ -95,7 +99,8 @@ def _tokenizer(model_name: str, tokenizer_path: str | None, trust_remote_code: b
               help="Write a plot of score against length (MQAR, NIAH; needs matplotlib).")
 @click.pass_obj
 def command(app: App, model_name: str, trust_remote_code: bool, block_path: str | None, mixer_attr: str | None,
-            task: str, seq_len: str, kv_pairs: str, examples: int, batch_size: int, context: str, needle: str,
+            task: str, seq_len: str, kv_pairs: str, examples: int, filler: str, bos_id: int | None, batch_size: int,
+            context: str, needle: str,
             samples: int, haystack: str | None, data: str | None, tokenizer_path: str | None,
             max_new_tokens: int | None, max_length: int, stride: int, baseline: str | None, rag_layer: int | None,
             with_base: bool, seed: int, as_json: bool, plot_path: str | None) -> None:
@@ -115,6 +120,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         require_matplotlib()
     if task in ("qa", "ppl") and data is None:
         raise ResonaError(f"--task {task} needs --data ({'a JSON-lines QA file' if task == 'qa' else 'a text file'})")
+    fillers = _fillers(filler) if task == "mqar" else None
     if task == "ppl" and baseline:
         raise ResonaError("the prompt baselines apply to recall tasks (mqar, niah, qa), not to perplexity")
     with app.terminal.status(f"loading {model_name}"):
@@ -133,7 +139,10 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     opts = dict(seq_len=_ints(seq_len, "--seq-len") if task == "mqar" else None,
                 kv_pairs=_ints(kv_pairs, "--kv-pairs") if task == "mqar" else None, examples=examples,
                 batch_size=batch_size, context=context, needle=needle, samples=samples, haystack=haystack,
-                data=data, max_new_tokens=max_new_tokens, max_length=max_length, stride=stride, seed=seed)
+                data=data, max_new_tokens=max_new_tokens, max_length=max_length, stride=stride, seed=seed,
+                filler=fillers, bos_id=bos_id)
+    if task == "mqar" and bos_id is not None and not 0 <= bos_id < int(model.config.vocab_size):
+        raise ResonaError(f"--bos-id {bos_id} is outside the model's vocabulary (0..{int(model.config.vocab_size) - 1})")
     variants = ["model"] + (["base"] if retrofitted and with_base else []) + ([baseline] if baseline else [])
     try:
         if task == "mqar":
@@ -171,8 +180,22 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     _print_table(app, result)
 
 
+def _fillers(text: str) -> list[str]:
+    """``"0,1,2-3"`` -> ["0", "1", "2-3"], each checked (`tasks.mqar.parse_filler`)."""
+    from ..errors import ResonaError
+    from ..tasks.mqar import parse_filler
+
+    specs = [part.strip() for part in text.split(",")]
+    for spec in specs:
+        try:
+            parse_filler(spec)
+        except ValueError as exc:
+            raise ResonaError(f"--filler {text!r}: {exc}") from None
+    return specs
+
+
 COLUMNS = {
-    "mqar": (("seq_len", "seq_len"), ("kv_pairs", "kv_pairs")),
+    "mqar": (("seq_len", "seq_len"), ("kv_pairs", "kv_pairs"), ("filler", "filler")),
     "niah": (("context_len", "context"), ("needle", "needle")),
 }
 METRICS = {"mqar": ("accuracy", "strict"), "niah": ("score",), "qa": ("f1", "exact_match", "bleu", "rouge_l", "meteor"),

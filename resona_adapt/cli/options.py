@@ -25,7 +25,7 @@ def model_options(f: Callable) -> Callable:
 
 
 CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "chunk_pool",
-                 "mix", "alpha", "replace_attention")
+                 "neighbor_chunks", "key_shift", "mix", "alpha", "replace_attention")
 
 
 def resona_config_options(f: Callable) -> Callable:
@@ -39,6 +39,9 @@ def resona_config_options(f: Callable) -> Callable:
         elif name == "chunk_pool":
             f = click.option(flag, type=click.Choice(CHUNK_POOLS), default=None,
                              help=f"Chunk summary for the search (default {defaults.chunk_pool}).")(f)
+        elif name == "key_shift":
+            f = click.option("--key-shift/--no-key-shift", default=None,
+                             help="Read keys also see the previous token (default on).")(f)
         elif name == "replace_attention":
             f = click.option(flag, is_flag=True, default=None,
                              help="Hybrid-head models (Hymba): replace the chosen layers' attention heads with the "

@@ -24,6 +24,10 @@ from .options import CONFIG_FIELDS, build_config, model_options, resona_config_o
 @click.option("--task", default=None, help="Built-in synthetic task instead of --data (needs no tokenizer): mqar.")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per example (task) / maximum (data).")
 @click.option("--kv-pairs", type=int, default=32, show_default=True, help="MQAR key-value pairs per example.")
+@click.option("--filler", default="0", show_default=True,
+              help="MQAR: random tokens in front of every example (N, or LO-HI drawn per example, e.g. 0-3), so "
+                   "training does not depend on where chunk boundaries fall.")
+@click.option("--bos-id", type=int, default=None, help="MQAR: a BOS token id put first in every example.")
 @click.option("--num-examples", type=int, default=None,
               help="Task examples to generate (default: one per example the run consumes, at most 20,000).")
 @click.option("--eval-examples", type=int, default=256, show_default=True, help="Task examples in the eval split.")
@@ -57,7 +61,8 @@ from .options import CONFIG_FIELDS, build_config, model_options, resona_config_o
 @resona_config_options
 @click.pass_obj
 def command(app: App, model_name: str, trust_remote_code: bool, block_path: str | None, mixer_attr: str | None,
-            data: str | None, eval_data: str | None, task: str | None, seq_len: int, kv_pairs: int,
+            data: str | None, eval_data: str | None, task: str | None, seq_len: int, kv_pairs: int, filler: str,
+            bos_id: int | None,
             num_examples: int | None, eval_examples: int, tokenizer: str | None, lr: float,
             lr_multiplier: float | None, unfreeze_layers: str | None, weight_decay: float, warmup_ratio: float,
             max_grad_norm: float, steps: int, batch_size: int, grad_accum: int, eval_every: int | None,
@@ -103,7 +108,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         consumed = steps * batch_size * grad_accum * world
         n_train = num_examples or min(consumed, 20_000)
         train_ds, eval_ds = task_datasets(task, model_vocab_size(model), seq_len, n_train, eval_examples, seed=seed,
-                                          num_kv_pairs=kv_pairs)
+                                          num_kv_pairs=kv_pairs, filler=filler, bos_id=bos_id)
     else:
         tok = load_tokenizer(tokenizer or getattr(model, "name_or_path", None), model_name)
         train_ds = load_text_dataset(data, tok, seq_len)

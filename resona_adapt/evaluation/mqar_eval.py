@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ..tasks.mqar import IGNORE, mqar, mqar_accuracy
+from ..tasks.mqar import IGNORE, mqar, mqar_accuracy, parse_filler, prepend_filler
 
 TRAIN_SEED_BASE = 1_000_000
 """Training batches use seeds >= this; test sets use smaller ones, so they never overlap."""
@@ -21,13 +21,17 @@ TRAIN_SEED_BASE = 1_000_000
 
 @dataclass
 class MQARResult:
-    """One grid point: ``accuracy`` (Zoology's per-example mean) and ``strict`` (every value right)."""
+    """One grid point: ``accuracy`` (Zoology's per-example mean) and ``strict`` (every value right).
+    ``filler``: random tokens in front of each example ("0", "3", or "0-3" drawn per example);
+    ``bos_id``: the token put first, if any."""
 
     seq_len: int
     kv_pairs: int
     accuracy: float
     strict: float
     examples: int
+    filler: str = "0"
+    bos_id: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,15 +79,21 @@ def evaluate_mqar(
     seed: int = 0,
     transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     progress: Callable[[int], None] | None = None,
+    filler: int | tuple[int, int] | str = 0,
+    bos_id: int | None = None,
 ) -> list[MQARResult]:
     """MQAR accuracy of ``model`` at each (seq_len, kv_pairs) of ``grid``, on seeded test sets.
 
     transform: optional ``(inputs, labels) -> (inputs, labels)`` applied to each test set before the
         model sees it (the prompt baselines use it). progress: called with the number of examples
-        just scored, for progress bars.
+        just scored, for progress bars. filler, bos_id: random tokens (a count, or "LO-HI" per example)
+        and a BOS token put in front of every example after ``transform``, so that the pairs do not
+        line up with any chunk grid (`tasks.mqar.prepend_filler`); the pairs are the same as without.
     The model is put in eval mode and restored to its previous mode afterwards.
     """
     vocab = vocab_size or model_vocab_size(model)
+    lo, hi = parse_filler(filler)
+    spec = str(lo) if lo == hi else f"{lo}-{hi}"
     was_training = model.training
     model.eval()
     results = []
@@ -91,6 +101,9 @@ def evaluate_mqar(
         for seq_len, pairs in grid:
             data = mqar(num_examples, seq_len, pairs, vocab, seed=test_seed(seed, seq_len, pairs))
             inputs, labels = (transform(data.inputs, data.labels) if transform else (data.inputs, data.labels))
+            if hi or bos_id is not None:
+                g = torch.Generator().manual_seed(test_seed(seed, seq_len, pairs) + 1)
+                inputs, labels = prepend_filler(inputs, labels, (lo, hi), bos_id, vocab, g)
             preds = torch.empty_like(labels)
             for i in range(0, inputs.shape[0], batch_size):
                 sl = slice(i, i + batch_size)
@@ -98,7 +111,8 @@ def evaluate_mqar(
                 if progress is not None:
                     progress(int(inputs[sl].shape[0]))
             acc = mqar_accuracy(preds, labels)
-            results.append(MQARResult(seq_len, pairs, acc["accuracy"], acc["strict"], int(inputs.shape[0])))
+            results.append(MQARResult(seq_len, pairs, acc["accuracy"], acc["strict"], int(inputs.shape[0]), spec,
+                                      bos_id))
     finally:
         model.train(was_training)
     return results

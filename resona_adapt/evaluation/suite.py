@@ -25,7 +25,8 @@ def variant_context(model: nn.Module, variant: str) -> contextlib.AbstractContex
 
 
 def mqar_total(opts: dict, variants: Sequence[str]) -> int:
-    return len(parse_grid(opts["seq_len"], opts["kv_pairs"])) * opts["examples"] * len(variants)
+    fillers = len(opts.get("filler") or [0])
+    return len(parse_grid(opts["seq_len"], opts["kv_pairs"])) * opts["examples"] * len(variants) * fillers
 
 
 def run_mqar(model: nn.Module, variants: Sequence[str], opts: dict, rag_layer: int | None = None,
@@ -33,6 +34,9 @@ def run_mqar(model: nn.Module, variants: Sequence[str], opts: dict, rag_layer: i
     grid = parse_grid(opts["seq_len"], opts["kv_pairs"])
     if not grid:
         raise ValueError("no valid (seq_len, kv_pairs) pair: MQAR needs 4 x kv_pairs <= seq_len")
+    if "rag-append" in variants and (any(opts.get("filler") or []) or opts.get("bos_id") is not None):
+        raise ValueError("the rag-append baseline inserts chunks after the pairs at their aligned positions; run it "
+                         "without --filler/--bos-id")
     rows = []
     for variant in variants:
         transform = None
@@ -46,12 +50,14 @@ def run_mqar(model: nn.Module, variants: Sequence[str], opts: dict, rag_layer: i
                 return baselines.rag_mqar(model, inputs, labels, pairs, layer=rag_layer)
         # RAG-append selects with the live branches (in the transform) and answers with the base
         answer_model = _Bypassing(model) if variant == "rag-append" else model
-        ctx = variant_context(model, variant) if variant in ("base", "jrt-prompt") else contextlib.nullcontext()
-        with ctx:
-            results = evaluate_mqar(answer_model, grid, num_examples=opts["examples"],
-                                    batch_size=opts["batch_size"], vocab_size=int(model.config.vocab_size),
-                                    seed=opts["seed"], transform=transform, progress=progress)
-        rows += [{"variant": variant, **r.to_dict()} for r in results]
+        bypass = variant in ("base", "jrt-prompt")
+        for filler in opts.get("filler") or [0]:
+            with variant_context(model, variant) if bypass else contextlib.nullcontext():
+                results = evaluate_mqar(answer_model, grid, num_examples=opts["examples"],
+                                        batch_size=opts["batch_size"], vocab_size=int(model.config.vocab_size),
+                                        seed=opts["seed"], transform=transform, progress=progress, filler=filler,
+                                        bos_id=opts.get("bos_id"))
+            rows += [{"variant": variant, **r.to_dict()} for r in results]
     return rows
 
 

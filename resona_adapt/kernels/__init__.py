@@ -1,13 +1,16 @@
 """Retrieval kernels: the pure-PyTorch reference (the oracle), the tiled CPU path, Triton kernels
 (imported only when used), one dispatch point. See docs/kernels.md."""
 
+from .absorbed import absorbed_attention
 from .dispatch import Backend, available_backends, get_backend, register_backend
 from .ops import retrieve, select_tiled
-from .reference import chunk_attention_ref, chunk_means, select_chunks_ref
+from .reference import add_neighbors, chunk_attention_ref, chunk_means, select_chunks_ref
 from .torch_attention import chunk_attention_torch
 
 __all__ = [
     "Backend",
+    "absorbed_attention",
+    "add_neighbors",
     "available_backends",
     "chunk_attention_ref",
     "chunk_attention_torch",

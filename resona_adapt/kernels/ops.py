@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dispatch import Backend, get_backend
+from .reference import add_neighbors
 from .torch_attention import auto_query_tile
 
 SCORE_TILE_BYTES = 4 * 2**20
@@ -62,6 +63,7 @@ def retrieve(
     sink_logit: Tensor | None = None,
     pos_bias: Tensor | None = None,
     query_tile: int | None = None,
+    neighbors: int = 0,
     backend: str | None = None,
     return_indices: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -71,12 +73,16 @@ def retrieve(
     embeddings, N = T // U; q: (B, T, H, d) read queries; k, v: (B, T, H, d) keys and values of
     the context. ``query_tile`` sets the queries per tile of the torch backend's by-query path
     (chunks under 16 tokens; None = sized to the device); the chunk-major path and the Triton
-    kernel do not tile. Returns (B, T, H, d), and the selected chunk indices (B, T, K) if asked.
+    kernel do not tile. ``neighbors``: each selected chunk is read with the next ``neighbors``
+    complete chunks (`reference.add_neighbors`). Returns (B, T, H, d), and the selected chunk
+    indices (B, T, K) if asked (the search's choice, without the neighbours).
     """
     be = get_backend(q.device, backend)
     idx, score = select_tiled(be, qs, cs, top_k, chunk_size)  # (B, T, K) x2
+    read_idx, score = add_neighbors(idx, score, torch.arange(q.shape[1], device=q.device), chunk_size,
+                                    neighbors)  # (B, T, K*(1+neighbors)) x2
     out = be.chunk_attention(
-        q, k, v, idx, score * score_scale, chunk_size, sink_logit=sink_logit, pos_bias=pos_bias,
+        q, k, v, read_idx, score * score_scale, chunk_size, sink_logit=sink_logit, pos_bias=pos_bias,
         query_tile=query_tile,
     )  # (B, T, H, d)
     return (out, idx) if return_indices else out

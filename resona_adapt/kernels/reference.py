@@ -59,6 +59,32 @@ def select_chunks_ref(
     return idx, score.masked_fill(~valid, 0.0)
 
 
+def add_neighbors(idx: Tensor, score: Tensor, q_pos: Tensor, chunk_size: int, neighbors: int) -> tuple[Tensor, Tensor]:
+    """Read each selected chunk together with the next ``neighbors`` chunks.
+
+    idx: (B, Tq, K) selected chunks (-1 = empty slot); score: (B, Tq, K) their search scores;
+    q_pos: (Tq,) or (B, Tq) long, the position of each query. Returns (B, Tq, K * (1 + neighbors))
+    indices and scores: the selection first, then, for every selected chunk ``c`` and ``i`` in
+    ``1..neighbors``, the slot ``c + i`` with ``c``'s score. A neighbour slot is empty (-1, score 0)
+    when its chunk is not complete before the query (``(c + i + 1) * U > t``, the same causal rule as
+    the selection) or when the chunk is already in the selection or an earlier slot (no chunk is read
+    twice). So a fact that straddles a chunk boundary is read whole once either half is selected.
+    """
+    if neighbors == 0 or idx.shape[-1] == 0:
+        return idx, score
+    B, Tq, K = idx.shape
+    n_done = torch.div(q_pos, chunk_size, rounding_mode="floor").expand(B, Tq).unsqueeze(-1)  # (B, Tq, 1)
+    slots, scores = [idx], [score]
+    for i in range(1, neighbors + 1):
+        nb = torch.where(idx >= 0, idx + i, torch.full_like(idx, -1))  # (B, Tq, K)
+        seen = torch.cat(slots, dim=-1)  # (B, Tq, K*i)
+        dup = (nb.unsqueeze(-1) == seen.unsqueeze(-2)).any(dim=-1)  # (B, Tq, K)
+        ok = (nb >= 0) & (nb < n_done) & ~dup
+        slots.append(nb.masked_fill(~ok, -1))
+        scores.append(score.masked_fill(~ok, 0.0))
+    return torch.cat(slots, dim=-1), torch.cat(scores, dim=-1)  # (B, Tq, K*(1+n)) x2
+
+
 def _safe_softmax(logits: Tensor) -> Tensor:
     """Softmax over the last dim that returns zeros (not NaN) for rows that are all -inf."""
     m = logits.amax(dim=-1, keepdim=True)

@@ -6,6 +6,12 @@ the example); then every key is asked once, at query slots placed after the cont
 power-law gaps (``power_a`` = 0.01 favours short gaps); every other position holds a random token.
 Labels follow next-token convention: ``labels[t]`` is the value to predict after the query key at
 ``t``, and -100 elsewhere. Seeded: the same arguments give the same tensors.
+
+Real input rarely starts with the first key: ``filler`` puts random tokens in front of every example
+(a fixed count, or a count drawn per example from a range, the shorter examples then padded with
+random tokens at the end so that every row has ``seq_len + max filler`` tokens), and ``bos_id`` a
+beginning-of-sequence token before everything. Either shifts the pairs against any chunk grid; the
+pairs, values and queries are those of the same seed without them.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ class MQARData:
     labels: Tensor
     seq_len: int
     num_kv_pairs: int
+    filler: tuple[int, int] = (0, 0)
+    bos_id: int | None = None
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -39,8 +47,17 @@ def mqar(
     seed: int = 0,
     power_a: float = 0.01,
     random_non_queries: bool = True,
+    filler: int | tuple[int, int] | str = 0,
+    bos_id: int | None = None,
 ) -> MQARData:
-    """Generate MQAR examples (see the module docstring)."""
+    """Generate MQAR examples (see the module docstring).
+
+    filler: random tokens before each example: a count, or ``(lo, hi)`` / ``"lo-hi"`` for a count drawn
+    per example. bos_id: a token put first (after it come the filler and the example).
+    """
+    lo, hi = parse_filler(filler)
+    if bos_id is not None and not 0 <= int(bos_id) < vocab_size:
+        raise ValueError(f"MQAR bos_id {bos_id} is outside the vocabulary (0..{vocab_size - 1})")
     if seq_len % 2:
         raise ValueError(f"MQAR seq_len must be even, got {seq_len}")
     if vocab_size <= seq_len:
@@ -73,7 +90,49 @@ def mqar(
     if random_non_queries:
         noise = torch.randint(vocab_size, inputs.shape, generator=g)
         inputs = torch.where(inputs == 0, noise, inputs)
-    return MQARData(inputs, labels, seq_len, num_kv_pairs)
+    if hi or bos_id is not None:
+        inputs, labels = prepend_filler(inputs, labels, (lo, hi), bos_id, vocab_size, g)
+    return MQARData(inputs, labels, seq_len, num_kv_pairs, (lo, hi), bos_id)
+
+
+def parse_filler(filler: int | tuple[int, int] | str) -> tuple[int, int]:
+    """``3`` -> (3, 3); ``(0, 3)`` or ``"0-3"`` -> (0, 3): the range of filler tokens per example."""
+    try:
+        if isinstance(filler, str):
+            parts = filler.strip().split("-")
+            lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (None, None)
+        elif isinstance(filler, (tuple, list)) and len(filler) == 2:
+            lo, hi = int(filler[0]), int(filler[1])
+        elif isinstance(filler, int) and not isinstance(filler, bool):
+            lo = hi = filler
+        else:
+            lo = hi = None
+    except (TypeError, ValueError):
+        lo = hi = None
+    if lo is None or hi is None or not 0 <= lo <= hi:
+        raise ValueError(f"MQAR filler must be a count N >= 0 or a range LO-HI with 0 <= LO <= HI, got {filler!r}")
+    return lo, hi
+
+
+def prepend_filler(inputs: Tensor, labels: Tensor, filler: int | tuple[int, int] | str, bos_id: int | None,
+                   vocab_size: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Place each example (N, T) after a BOS (if given) and LO..HI random filler tokens drawn from ``g``, in
+    rows of T + HI (+1) tokens; a row with fewer filler tokens ends with random ones (never labelled)."""
+    lo, hi = parse_filler(filler)
+    if bos_id is not None and not 0 <= int(bos_id) < vocab_size:
+        raise ValueError(f"MQAR bos_id {bos_id} is outside the vocabulary (0..{vocab_size - 1})")
+    N, T = inputs.shape
+    lead = int(bos_id is not None)
+    width = lead + hi + T
+    out = torch.randint(vocab_size, (N, width), generator=g)  # filler everywhere, then the example on top
+    out_labels = torch.full((N, width), IGNORE, dtype=torch.long)
+    if bos_id is not None:
+        out[:, 0] = bos_id
+    counts = torch.randint(lo, hi + 1, (N,), generator=g) if hi > lo else torch.full((N,), lo)  # (N,)
+    cols = lead + counts.view(N, 1) + torch.arange(T).view(1, T)  # (N, T)
+    out.scatter_(1, cols, inputs)
+    out_labels.scatter_(1, cols, labels)
+    return out, out_labels
 
 
 def mqar_accuracy(predictions: Tensor, labels: Tensor) -> dict[str, float]:

@@ -1,0 +1,49 @@
+"""The decode-time pieces of the retrieval maths: neighbour slots and the absorbed attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resona_adapt.kernels import absorbed_attention, add_neighbors, chunk_attention_ref
+
+
+def test_neighbors_follow_the_causal_rule_and_never_repeat_a_chunk():
+    U = 4
+    idx = torch.tensor([[[2, 0], [1, 2], [3, -1]]])  # (1, 3, 2): queries at t = 16, 15, 16
+    score = torch.tensor([[[0.5, 0.25], [0.75, 0.5], [0.9, 0.0]]])
+    q_pos = torch.tensor([16, 15, 16])
+    out, s = add_neighbors(idx, score, q_pos, U, 1)
+    # t=16: chunks 0..3 are complete; 2 -> 3, 0 -> 1 (both complete before 16)
+    assert out[0, 0].tolist() == [2, 0, 3, 1] and s[0, 0].tolist() == [0.5, 0.25, 0.5, 0.25]
+    # t=15: chunk 3 ends at 16 > 15, so 2 has no neighbour; 1 -> 2 is already selected
+    assert out[0, 1].tolist() == [1, 2, -1, -1] and s[0, 1, 2:].tolist() == [0.0, 0.0]
+    # t=16: 3 -> 4 does not exist yet; an empty slot has no neighbour
+    assert out[0, 2].tolist() == [3, -1, -1, -1]
+    two, _ = add_neighbors(idx, score, q_pos, U, 2)
+    assert two[0, 0].tolist() == [2, 0, 3, 1, -1, -1]  # 2 -> 4 is not complete, 0 -> 2 is selected
+    same, same_s = add_neighbors(idx, score, q_pos, U, 0)
+    assert same is idx and same_s is score
+
+
+@pytest.mark.parametrize("shift, sink, pos", [(False, True, True), (True, True, True), (True, False, False)])
+def test_absorbed_form_equals_projecting_every_token(shift, sink, pos):
+    g = torch.Generator().manual_seed(0)
+    Q, K, U, D, H, d = 5, 3, 4, 12, 2, 6
+    x, x_prev = torch.randn(Q, K, U, D, generator=g), torch.randn(Q, K, U, D, generator=g)
+    w_k, w_v, w_p = (torch.randn(H * d, D, generator=g) for _ in range(3))
+    q, bias = torch.randn(Q, H, d, generator=g), torch.randn(Q, K, generator=g)
+    valid = torch.rand(Q, K, generator=g) > 0.3
+    valid[0] = False  # a query with nothing to read
+    sink_logit = torch.randn(H, generator=g) if sink else None
+    pos_bias = torch.randn(H, U, generator=g) if pos else None
+    got = absorbed_attention(q, x, valid, bias, w_k, w_v, x_prev=x_prev if shift else None,
+                             w_prev=w_p if shift else None, sink_logit=sink_logit, pos_bias=pos_bias)
+    k = x @ w_k.T + (x_prev @ w_p.T if shift else 0)  # (Q, K, U, H*d): what the full path projects
+    v = x @ w_v.T
+    idx = torch.where(valid, torch.arange(K).expand(Q, K), torch.full((Q, K), -1)).view(Q, 1, K)
+    want = chunk_attention_ref(q.view(Q, 1, H, d), k.reshape(Q, K * U, H, d), v.reshape(Q, K * U, H, d), idx,
+                               bias.view(Q, 1, K), U, sink_logit=sink_logit, pos_bias=pos_bias)
+    torch.testing.assert_close(got, want.reshape(Q, H * d), atol=1e-5, rtol=1e-5)
+    if not sink:
+        assert (got[0] == 0).all()
