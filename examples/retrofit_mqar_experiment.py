@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from resona_adapt import load_model, resona_parameters, retrofit
+from resona_adapt import load_model, resona_layers, resona_parameters, retrofit
 from resona_adapt.evaluation import evaluate_mqar, parse_grid
 from resona_adapt.recipes import MQAR_QUICK_RECIPE, MQAR_RECIPE, fit_mqar, parse_phases
 
@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--neighbor-chunks", type=int, default=None)
     ap.add_argument("--key-shift", type=int, choices=(0, 1), default=None)
     ap.add_argument("--eval-filler", default="0,1,2,3", help="filler values to evaluate (comma list)")
+    ap.add_argument("--eval-top-k", default=None, help="also evaluate the trained model at these top_k (comma list)")
+    ap.add_argument("--save", default=None, help="write the trained model here (merged checkpoint)")
     ap.add_argument("--eval-examples", type=int, default=None, help="test examples per point (256; 64 with --quick)")
     ap.add_argument("--grid", default=None, help="e.g. 64x8,256x64 (default: the full grid, or 3 points with --quick)")
     ap.add_argument("--log-every", type=int, default=50)
@@ -129,12 +131,23 @@ def main() -> None:
     for b, r in zip(base, retro):
         print(f"| {b.filler} | {b.seq_len} | {b.kv_pairs} | {b.accuracy:.3f} | {r.accuracy:.3f} | {b.strict:.3f} "
               f"| {r.strict:.3f} |")
+    if args.save:
+        model.save_pretrained(args.save)
+    by_k = {}
+    for k in [int(v) for v in args.eval_top_k.split(",")] if args.eval_top_k else []:
+        for layer in resona_layers(model).values():
+            layer.resona.config.top_k = k
+        by_k[k] = [r.to_dict() for r in measure(model)]
+        for r in by_k[k]:
+            print(f"top_k {k}: filler {r['filler']} {r['seq_len']}/{r['kv_pairs']}: accuracy {r['accuracy']:.3f} "
+                  f"strict {r['strict']:.3f}", flush=True)
     fails = [(b.seq_len, b.kv_pairs) for b, r in zip(base, retro) if b.accuracy < 0.5 and r.accuracy < 0.95]
     print("acceptance (retrofit >= 0.95 wherever base < 0.5):", "PASS" if not fails else f"FAIL at {fails}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump({"recipe": recipe.to_dict(), "train_seconds": train_s, "trainable_params": n_params,
-                       "base": [r.to_dict() for r in base], "retrofit": [r.to_dict() for r in retro]}, f, indent=2)
+                       "base": [r.to_dict() for r in base], "retrofit": [r.to_dict() for r in retro],
+                       "retrofit_by_top_k": by_k}, f, indent=2)
 
 
 if __name__ == "__main__":

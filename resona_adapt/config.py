@@ -22,7 +22,7 @@ MIX_MODES = ("residual", "gated", "paper", "paper-dynamic")
 """
 
 FUNCTION_PRESERVING_MIXES = ("residual", "gated")
-LEGACY_DEFAULTS = {"neighbor_chunks": 0, "key_shift": False}
+LEGACY_DEFAULTS = {"neighbor_chunks": 0, "read_shift": 0, "key_shift": False}
 """Values of fields added after 0.1.0 for a saved configuration that lacks them (it was trained without)."""
 CHUNK_POOLS = ("mean", "weighted")
 
@@ -66,10 +66,16 @@ class ResonaConfig:
                   "'weighted' (softmax of a learned logit per position within the chunk; starts as the mean)."},
     )
     neighbor_chunks: int = field(
-        default=1,
+        default=0,
         metadata={"help": "Each selected chunk is read together with the next `neighbor_chunks` chunks that are "
                   "complete before the query, so a fact that straddles a chunk boundary (a key at the end of "
                   "one chunk, its value at the start of the next) is read whole. 0 = the selected chunks only."},
+    )
+    read_shift: int = field(
+        default=1,
+        metadata={"help": "1: a selected chunk is read as the tokens that follow its tokens (positions shifted by "
+                  "one), so the search finds where the current context occurred and the read returns what came "
+                  "next; 0: the chunk's own tokens."},
     )
     key_shift: bool = field(
         default=True,
@@ -106,6 +112,8 @@ class ResonaConfig:
         n = self.neighbor_chunks
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 4:
             raise ResonaConfigError(f"ResonaConfig.neighbor_chunks must be an integer from 0 to 4, got {n!r}")
+        if self.read_shift not in (0, 1) or isinstance(self.read_shift, bool):
+            raise ResonaConfigError(f"ResonaConfig.read_shift must be 0 or 1, got {self.read_shift!r}")
         if not isinstance(self.key_shift, bool):
             raise ResonaConfigError(f"ResonaConfig.key_shift must be true or false, got {self.key_shift!r}")
         for name in ("train_top_k", "query_tile", "num_heads", "head_dim", "search_dim"):

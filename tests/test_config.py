@@ -56,20 +56,21 @@ def test_mix_modes_listed():
     assert set(MIX_MODES) == {"residual", "gated", "paper", "paper-dynamic"}
 
 
-def test_boundary_fields_default_on_and_saved_configs_without_them_keep_their_behaviour():
+def test_boundary_fields_defaults_and_saved_configs_without_them_keep_their_behaviour():
     from resona_adapt import ResonaConfig
 
     cfg = ResonaConfig()
-    assert cfg.neighbor_chunks == 1 and cfg.key_shift is True
-    old = {k: v for k, v in cfg.to_dict().items() if k not in ("neighbor_chunks", "key_shift")}
-    assert ResonaConfig.from_dict(old).neighbor_chunks == 1  # a user's file: today's defaults
+    assert (cfg.read_shift, cfg.key_shift, cfg.neighbor_chunks) == (1, True, 0)
+    new_fields = ("neighbor_chunks", "read_shift", "key_shift")
+    old = {k: v for k, v in cfg.to_dict().items() if k not in new_fields}
+    assert ResonaConfig.from_dict(old).read_shift == 1  # a user's file: today's defaults
     legacy = ResonaConfig.from_saved(old)  # a checkpoint written before the fields existed
-    assert legacy.neighbor_chunks == 0 and legacy.key_shift is False
+    assert (legacy.read_shift, legacy.key_shift, legacy.neighbor_chunks) == (0, False, 0)
     assert ResonaConfig.from_saved(cfg.to_dict()) == cfg
 
 
 @pytest.mark.parametrize("field, value", [("neighbor_chunks", -1), ("neighbor_chunks", 5), ("neighbor_chunks", True),
-                                          ("key_shift", 1)])
+                                          ("key_shift", 1), ("read_shift", 2), ("read_shift", True)])
 def test_boundary_fields_are_validated(field, value):
     from resona_adapt import ResonaConfig, ResonaConfigError
 

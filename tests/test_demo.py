@@ -15,10 +15,14 @@ def test_demo_quick_beats_the_base(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     rows = data["rows"]
-    assert [(r["seq_len"], r["kv_pairs"]) for r in rows] == [(64, 8), (256, 32)]
+    assert [(r["seq_len"], r["kv_pairs"], r["filler"]) for r in rows] == [(64, 8, "0"), (256, 32, "0"),
+                                                                            (64, 8, "1"), (256, 32, "1")]
+    assert all({"base_strict", "retrofitted_strict", "reloaded_strict"} <= set(r) for r in rows)
     assert data["function_preserving"] and data["reload_matches"]  # measured, not asserted by the demo itself
     weak = [r for r in rows if r["base"] < 0.5]
-    assert weak and all(r["retrofitted"] > r["base"] + 0.2 for r in weak), rows
+    # aligned pairs and pairs shifted across the chunk boundaries alike
+    assert {r["filler"] for r in weak} == {"0", "1"}
+    assert all(r["retrofitted"] > r["base"] + 0.2 for r in weak), rows
     assert data["beats_base"] and data["layers"] == [0, 2, 3]
     assert (out / "config.json").is_file() and (out / "resona.safetensors").is_file()
 

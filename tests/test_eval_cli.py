@@ -58,6 +58,29 @@ def test_mqar_json_has_model_base_and_baseline_rows(checkpoints):
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["examples"] == 4 for r in data["results"])
 
 
+def test_mqar_filler_and_bos_are_scored_per_filler_with_strict(checkpoints):
+    res = run(["--model", str(checkpoints / "retro"), "--task", "mqar", "--seq-len", "32", "--kv-pairs", "4",
+               "--examples", "4", "--filler", "0,1,0-3", "--bos-id", "1", "--baseline", "jrt-prompt", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["results"]
+    assert [(r["variant"], r["filler"]) for r in rows] == [(v, f) for v in ("model", "base", "jrt-prompt")
+                                                          for f in ("0", "1", "0-3")]
+    assert all(r["bos_id"] == 1 and 0.0 <= r["strict"] <= r["accuracy"] <= 1.0 for r in rows)
+    table = run(["--model", str(checkpoints / "retro"), "--task", "mqar", "--seq-len", "32", "--kv-pairs", "4",
+                 "--examples", "4", "--filler", "1"])
+    assert table.exit_code == 0 and "filler" in table.stdout and "model strict" in table.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--filler", "3-1"], "--filler"), (["--filler", "x"], "--filler"), (["--bos-id", "999"], "--bos-id"),
+    (["--filler", "1", "--baseline", "rag-append"], "rag-append"),
+])
+def test_mqar_bad_filler_or_bos_is_one_line(checkpoints, args, message):
+    res = run(["--model", str(checkpoints / "retro"), "--task", "mqar", "--seq-len", "32", "--kv-pairs", "4",
+               "--examples", "2", *args])
+    assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+
+
 def test_mqar_table(checkpoints):
     res = run(["--model", str(checkpoints / "base"), "--task", "mqar", "--seq-len", "32", "--kv-pairs", "4",
                "--examples", "4", "--baseline", "jrt-prompt"])

@@ -132,7 +132,7 @@ class ResonaBranch(nn.Module):
             qs, cs, q, k, v,
             top_k=cfg.k_for(self.training), chunk_size=cfg.chunk_size, score_scale=cfg.score_scale,
             sink_logit=self.sink_logit, pos_bias=self.pos_bias, query_tile=cfg.query_tile,
-            neighbors=cfg.neighbor_chunks, return_indices=return_indices,
+            neighbors=cfg.neighbor_chunks, read_shift=cfg.read_shift, return_indices=return_indices,
         )
         attn, idx = out if return_indices else (out, None)
         y_r = self.o_proj(attn.reshape(*attn.shape[:2], -1).to(self.o_proj.weight.dtype))  # (B, T, D)

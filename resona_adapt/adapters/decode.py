@@ -173,8 +173,9 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
         attn = h_hat.new_zeros(B, Tn, H * dh)
     else:
         qs = branch.search_queries(h_hat)  # (B, Tn, E)
-        idx, score = select_chunks_ref(qs, summaries, K, U, q_pos)  # (B, Tn, K) x2
-        idx, score = add_neighbors(idx, score, q_pos, U, cfg.neighbor_chunks)  # (B, Tn, K') x2
+        sel_pos = q_pos - cfg.read_shift  # a shifted read must end before the query too
+        idx, score = select_chunks_ref(qs, summaries, K, U, sel_pos)  # (B, Tn, K) x2
+        idx, score = add_neighbors(idx, score, sel_pos, U, cfg.neighbor_chunks)  # (B, Tn, K') x2
         q = branch.heads(branch.q_proj(h_hat))  # (B, Tn, H, d)
         tile = max(1, QUERY_TILE_BUDGET // max(1, B * idx.shape[-1] * (U + 1) * D))
         parts = [
@@ -198,8 +199,8 @@ def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor
     Q = B * Tq
     valid = idx >= 0  # (B, Tq, K)
     shift = branch.k_prev_proj is not None
-    # each slot's tokens, and with shifted keys the token before them: a window of U (+1) positions
-    first = idx.clamp(min=0).unsqueeze(-1) * U - int(shift)  # (B, Tq, K, 1), real position of the window start
+    # each slot's tokens (from c*U + read_shift), and with shifted keys the token before them: U (+1) positions
+    first = idx.clamp(min=0).unsqueeze(-1) * U + cfg.read_shift - int(shift)  # (B, Tq, K, 1), real position
     pos = state.pad.view(B, 1, 1, 1) + first + torch.arange(U + int(shift), device=idx.device)  # (B, Tq, K, W)
     pos = pos.clamp(min=0, max=state.length - 1)  # empty slots (masked) may point past a short row
     ids = state.ids.gather(1, pos.view(B, -1)).long()  # (B, Tq*K*W)

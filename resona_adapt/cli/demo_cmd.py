@@ -33,12 +33,13 @@ def command(app: App, quick: bool, output: str, examples: int | None, threads: i
         return
     rows = result["rows"]
     app.terminal.table(
-        f"MQAR accuracy, {result['base_model']} (frozen) vs retrofitted at layers "
-        f"{','.join(map(str, result['layers']))} ({result['trainable_params']:,} trained parameters, "
-        f"{result['train_seconds']:.0f} s of training)",
-        ["tokens", "kv pairs", "base", "after retrofit (untrained)", "retrofitted + trained", "reloaded"],
-        [[r["seq_len"], r["kv_pairs"], f"{r['base']:.3f}", f"{r['injected']:.3f}", f"{r['retrofitted']:.3f}",
-          f"{r['reloaded']:.3f}"] for r in rows],
+        f"MQAR accuracy / strict (every value of an example right), {result['base_model']} (frozen) vs retrofitted "
+        f"at layers {','.join(map(str, result['layers']))} ({result['trainable_params']:,} trained parameters, "
+        f"{result['train_seconds']:.0f} s of training); filler = random tokens before the pairs",
+        ["tokens", "kv pairs", "filler", "base", "after retrofit (untrained)", "retrofitted + trained", "reloaded"],
+        [[r["seq_len"], r["kv_pairs"], r["filler"], f"{r['base']:.3f} / {r['base_strict']:.3f}",
+          f"{r['injected']:.3f} / {r['injected_strict']:.3f}", f"{r['retrofitted']:.3f} / {r['retrofitted_strict']:.3f}",
+          f"{r['reloaded']:.3f} / {r['reloaded_strict']:.3f}"] for r in rows],
     )
     t = app.terminal
     t.info(("function-preserving at injection: yes" if result["function_preserving"]

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from . import baselines
+from ..tasks.mqar import parse_filler
 from .mqar_eval import evaluate_mqar, parse_grid
 from .niah import NIAHSample, evaluate_niah, parse_context_lengths
 from .qa import load_qa_jsonl, qa_prompt
@@ -34,7 +35,8 @@ def run_mqar(model: nn.Module, variants: Sequence[str], opts: dict, rag_layer: i
     grid = parse_grid(opts["seq_len"], opts["kv_pairs"])
     if not grid:
         raise ValueError("no valid (seq_len, kv_pairs) pair: MQAR needs 4 x kv_pairs <= seq_len")
-    if "rag-append" in variants and (any(opts.get("filler") or []) or opts.get("bos_id") is not None):
+    shifted = any(parse_filler(f) != (0, 0) for f in opts.get("filler") or [0])
+    if "rag-append" in variants and (shifted or opts.get("bos_id") is not None):
         raise ValueError("the rag-append baseline inserts chunks after the pairs at their aligned positions; run it "
                          "without --filler/--bos-id")
     rows = []

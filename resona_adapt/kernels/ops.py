@@ -23,10 +23,13 @@ SCORE_TILE_BYTES = 4 * 2**20
 __all__ = ["auto_query_tile", "retrieve", "select_tiled"]
 
 
-def select_tiled(backend: Backend, qs: Tensor, cs: Tensor, top_k: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+def select_tiled(backend: Backend, qs: Tensor, cs: Tensor, top_k: int, chunk_size: int,
+                 delay: int = 0) -> tuple[Tensor, Tensor]:
     """Causal top-k chunks of every query of a sequence, in query tiles.
 
     qs: (B, T, E) unit search queries (query t at position t); cs: (B, N, E) unit chunk embeddings.
+    ``delay``: chunks must end ``delay`` positions earlier (the query at t selects as if it sat at
+    t - delay; a read shifted by ``delay`` then still ends before t).
     Returns idx (B, T, K) long (-1 = empty slot) and score (B, T, K), K = min(top_k, N).
     """
     B, T, _ = qs.shape
@@ -38,7 +41,7 @@ def select_tiled(backend: Backend, qs: Tensor, cs: Tensor, top_k: int, chunk_siz
     for t0 in range(0, T, tile):
         t1 = min(T, t0 + tile)
         n_needed = min(N, t1 // chunk_size)  # chunks any query of this tile may see
-        q_pos = torch.arange(t0, t1, device=qs.device)  # (Tq,)
+        q_pos = torch.arange(t0, t1, device=qs.device) - delay  # (Tq,)
         idx, score = backend.select_chunks(qs[:, t0:t1], cs[:, :n_needed], top_k, chunk_size, q_pos)  # (B, Tq, <=K)
         pad = K - idx.shape[-1]
         idxs.append(F.pad(idx, (0, pad), value=-1) if pad else idx)
@@ -64,6 +67,7 @@ def retrieve(
     pos_bias: Tensor | None = None,
     query_tile: int | None = None,
     neighbors: int = 0,
+    read_shift: int = 0,
     backend: str | None = None,
     return_indices: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -74,15 +78,24 @@ def retrieve(
     the context. ``query_tile`` sets the queries per tile of the torch backend's by-query path
     (chunks under 16 tokens; None = sized to the device); the chunk-major path and the Triton
     kernel do not tile. ``neighbors``: each selected chunk is read with the next ``neighbors``
-    complete chunks (`reference.add_neighbors`). Returns (B, T, H, d), and the selected chunk
-    indices (B, T, K) if asked (the search's choice, without the neighbours).
+    complete chunks (`reference.add_neighbors`). ``read_shift`` (0 or 1): a chunk ``c`` is read as
+    the ``U`` positions that follow each of its tokens, ``[c*U + s, (c+1)*U + s)``, and is eligible
+    when that window ends before the query, ``(c+1)*U + s <= t``. Returns (B, T, H, d), and the
+    selected chunk indices (B, T, K) if asked (the search's choice, without the neighbours).
     """
     be = get_backend(q.device, backend)
-    idx, score = select_tiled(be, qs, cs, top_k, chunk_size)  # (B, T, K) x2
-    read_idx, score = add_neighbors(idx, score, torch.arange(q.shape[1], device=q.device), chunk_size,
-                                    neighbors)  # (B, T, K*(1+neighbors)) x2
+    idx, score = select_tiled(be, qs, cs, top_k, chunk_size, delay=read_shift)  # (B, T, K) x2
+    q_pos = torch.arange(q.shape[1], device=q.device) - read_shift  # (T,)
+    read_idx, score = add_neighbors(idx, score, q_pos, chunk_size, neighbors)  # (B, T, K*(1+neighbors)) x2
+    if read_shift:  # slot c of the kernels reads positions [c*U + s, (c+1)*U + s)
+        k, v = shift_left(k, read_shift), shift_left(v, read_shift)  # (B, T, H, d) x2
     out = be.chunk_attention(
         q, k, v, read_idx, score * score_scale, chunk_size, sink_logit=sink_logit, pos_bias=pos_bias,
         query_tile=query_tile,
     )  # (B, T, H, d)
     return (out, idx) if return_indices else out
+
+
+def shift_left(t: Tensor, n: int) -> Tensor:
+    """(B, T, ...) -> the same with position j holding t[:, j + n]; the last n positions are zeros."""
+    return torch.cat([t[:, n:], t.new_zeros(t.shape[0], min(n, t.shape[1]), *t.shape[2:])], dim=1)
