@@ -9,7 +9,8 @@ repository). The released code runs with its CUDA-only pieces replaced by PyTorc
 functions, flex/flash attention off). Both models get the same tiny random weights (fp32) and the
 script prints the largest |logit difference| of each check (tolerance 1e-5):
 
-- full forwards with meta tokens, global and sliding-window layers and a KV-reuse group, and config
+- full forwards with meta tokens, global and sliding-window layers and a KV-reuse group (also from
+  inputs_embeds, with labels, with output_hidden_states, with explicit position_ids), and config
   variants (KV reuse every 2nd layer, no sliding window, q/k norms, rope types, no inner norms, biases,
   relu2 MLP, num_experts > 1);
 - left padding: the port's padded rows against the released model on each row alone (the released
@@ -143,6 +144,23 @@ def run_checks(mod: Any, remote_dir: Path) -> list[dict[str, Any]]:
     pair = Pair(mod)
     record("full forward: meta tokens, global + sliding-window layers, KV group [1, 2]",
            max_diff(logits(pair.port, ids), logits(pair.released, ids)))
+    with torch.no_grad():
+        emb = pair.port.model.embed_tokens(ids)
+        ours, theirs = pair.port(inputs_embeds=emb).logits, pair.released(inputs_embeds=emb).logits
+        record("inputs_embeds instead of input_ids", max_diff(ours, theirs))
+        ours, theirs = pair.port(ids, labels=ids), pair.released(ids, labels=ids)
+        record("loss with labels", abs(ours.loss.item() - theirs.loss.item()))
+        ours = pair.port(ids, output_hidden_states=True).hidden_states
+        theirs = pair.released(ids, output_hidden_states=True).hidden_states
+        record("output_hidden_states: every entry (meta tokens included)",
+               max(max_diff(a, b) if a.shape == b.shape else float("inf") for a, b in zip(ours, theirs))
+               if len(ours) == len(theirs) else float("inf"))
+    given = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+    try:
+        record("explicit position_ids 0..T-1 on the first forward", max_diff(
+            logits(pair.port, ids, position_ids=given), logits(pair.released, ids, position_ids=given)))
+    except RuntimeError as exc:
+        record("explicit position_ids 0..T-1 on the first forward", float("inf"), note=f"{type(exc).__name__}: {exc}")
     variants: list[tuple[str, dict[str, Any], int]] = [
         ("KV reuse every 2nd layer (kv_reuse_every_i_layer=2)", {"kv_reuse_group": None, "kv_reuse_every_i_layer": 2}, 20),
         ("no sliding window (every layer global)", {"sliding_window": None, "global_attn_idx": None}, 20),

@@ -199,3 +199,22 @@ def test_num_experts_in_the_config_builds_one_mlp_like_the_released_code():
     many.load_state_dict(one.state_dict())
     ids = torch.randint(3, VOCAB, (2, 9))
     assert torch.equal(_logits(many, ids), _logits(one, ids))
+
+
+def test_position_ids_on_the_first_forward_are_the_models_own():
+    """Given position ids cover the input tokens only; the first forward also runs the meta tokens and
+    numbers all of them itself, as NVIDIA's code does (it used to fail with a shape error)."""
+    model = build_hymba()
+    ids = torch.randint(3, VOCAB, (2, 9))
+    given = torch.arange(9)[None].expand(2, -1)
+    assert torch.equal(_logits(model, ids, position_ids=given), _logits(model, ids))
+
+
+def test_hidden_states_cover_the_meta_tokens_in_every_entry():
+    model = build_hymba()
+    ids = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        out = model.model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert all(h.shape == (2, M + 9, model.config.hidden_size) for h in out.hidden_states)
+    assert torch.equal(out.hidden_states[-1][:, M:], out.last_hidden_state)  # the final norm's output
