@@ -58,20 +58,31 @@ def test_mamba_ssm_matrix(tmp_path, kind):
         load_model(str(out))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_retrofitted_mamba_ssm_equals_transformers_through_the_converter(tmp_path, kind):
+CONVERTER_CASES = [
+    ("mamba1", {}),
+    ("mamba2", {}),
+    ("mamba1", {"vocab_size": 50, "tie_embeddings": False, "fused_add_norm": False, "residual_in_fp32": False,
+                "ssm_cfg": {**real.MAMBA1_SSM, "dt_rank": 3, "bias": True, "conv_bias": False}}),
+    ("mamba2", {"ssm_cfg": {**real.MAMBA2_SSM, "ngroups": 2, "dt_limit": [0.01, 0.05], "chunk_size": 4, "headdim": 8}}),
+]
+
+
+@pytest.mark.parametrize("kind,overrides", CONVERTER_CASES)
+def test_retrofitted_mamba_ssm_equals_transformers_through_the_converter(tmp_path, kind, overrides):
     """A retrofitted real MambaLMHeadModel saved in its own layout, read by load_model as transformers'
-    Mamba/Mamba2 with the same branches: same logits (fp32; the scans differ in summation order)."""
+    Mamba/Mamba2 with the same branches: same logits (fp32; the scans differ in summation order).
+    Also: padded vocabulary, untied head, unfused norms, dt rank, biases, groups, dt limits, a chunk
+    that does not divide the length."""
     from matrix import randomize_resona
     from resona_adapt.loading import load_model
 
-    model = real.build(kind, seed=3)
+    model = real.build(kind, seed=3, **overrides)
     retrofit(model, config=ResonaConfig(**CFG))
     randomize_resona(model)
     model.save_pretrained(tmp_path / "out")
     hf = load_model(str(tmp_path / "out"))
     assert type(hf).__name__ == ("MambaForCausalLM" if kind == "mamba1" else "Mamba2ForCausalLM")
-    ids = torch.randint(3, 64, (2, 21), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, 50, (2, 21), generator=torch.Generator().manual_seed(1))
     ours, theirs = logits(model, ids), logits(hf, ids)
     assert ours.shape == theirs.shape
     err = (ours - theirs).abs().max().item()
