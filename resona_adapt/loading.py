@@ -152,6 +152,10 @@ def load_base_model(path: str | Path, *, dtype: torch.dtype | None = None, trust
             + (f"tensors of another shape {sorted(mismatched)[:5]}" if mismatched else "")
             + " (a checkpoint of another model, or an incomplete copy)"
         )
+    if raw.get("model_type") == "hymba" and trust_remote_code:
+        from .models.hymba.remote import restore_rotary_tables
+
+        restore_rotary_tables(model)  # transformers 5 leaves the remote code's rotary tables uninitialised
     return model.eval()
 
 

@@ -120,3 +120,101 @@ def test_cache_mask_sizes_cover_the_whole_kept_history():
     kept = next(k for k in cache.key_cache if k is not None).shape[-2]  # meta tokens + 7 positions
     for layer in range(model.config.num_hidden_layers):
         assert cache.get_mask_sizes(1, layer) == (kept + 1, 0)
+
+
+# A remote-code model written the way NVIDIA's modeling_hymba.py builds its rotary tables (in __init__,
+# as a non-persistent buffer); not NVIDIA's code. transformers 5 instantiates on the meta device and
+# loads only the checkpoint's tensors, which left those tables uninitialised (examples/verify_hymba_upstream.py).
+_REMOTE_CONFIG = '''
+from transformers import PretrainedConfig
+
+
+class TinyRemoteHymbaConfig(PretrainedConfig):
+    model_type = "hymba"
+
+    def __init__(self, hidden_size=16, num_attention_heads=2, rope_theta=10000.0, vocab_size=32, **kwargs):
+        self.hidden_size, self.num_attention_heads = hidden_size, num_attention_heads
+        self.rope_theta, self.vocab_size = rope_theta, vocab_size
+        super().__init__(**kwargs)
+'''
+_REMOTE_MODEL = '''
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from .configuration_hymba import TinyRemoteHymbaConfig
+
+
+class LlamaRotaryEmbedding(nn.Module):
+    def __init__(self, config, dim, base=10000, device=None):
+        super().__init__()
+        self.config, self.dim, self.base = config, dim, base
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float().to(device) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+
+class HymbaForCausalLM(PreTrainedModel):
+    config_class = TinyRemoteHymbaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = LlamaRotaryEmbedding(config, config.hidden_size // config.num_attention_heads,
+                                               base=config.rope_theta)
+        self.post_init()
+
+    def forward(self, input_ids, **kwargs):
+        return self.embed_tokens(input_ids)
+'''
+
+
+def test_trust_remote_code_hymba_gets_its_rotary_tables(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    remote = tmp_path / "tiny_remote_hymba"
+    remote.mkdir()
+    (remote / "configuration_hymba.py").write_text(_REMOTE_CONFIG)
+    (remote / "modeling_hymba.py").write_text(_REMOTE_MODEL)
+    (remote / "config.json").write_text(json.dumps({
+        "model_type": "hymba", "architectures": ["HymbaForCausalLM"], "hidden_size": 16, "num_attention_heads": 2,
+        "rope_theta": 500.0, "vocab_size": 32,
+        "auto_map": {"AutoConfig": "configuration_hymba.TinyRemoteHymbaConfig",
+                     "AutoModelForCausalLM": "modeling_hymba.HymbaForCausalLM"}}))
+    save_file({"embed_tokens.weight": torch.randn(32, 16)}, str(remote / "model.safetensors"))
+    model = load_model(str(remote), trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules")  # the remote class, not resona-adapt's Hymba
+    expected = 1.0 / (500.0 ** (torch.arange(0, 8, 2).float() / 8))
+    assert torch.equal(model.rotary_emb.inv_freq, expected)
+
+
+def test_num_experts_in_the_config_builds_one_mlp_like_the_released_code():
+    """NVIDIA's HymbaModel passes num_experts=1 to every decoder layer whatever config.num_experts says;
+    a config with num_experts > 1 must still load a released checkpoint (one MLP, no router)."""
+    many = build_hymba(num_experts=4, num_experts_per_tok=2)
+    one = build_hymba()
+    assert all(layer.moe.router is None and len(layer.moe.experts) == 1 for layer in many.model.layers)
+    assert many.state_dict().keys() == one.state_dict().keys()
+    many.load_state_dict(one.state_dict())
+    ids = torch.randint(3, VOCAB, (2, 9))
+    assert torch.equal(_logits(many, ids), _logits(one, ids))
+
+
+def test_position_ids_on_the_first_forward_are_the_models_own():
+    """Given position ids cover the input tokens only; the first forward also runs the meta tokens and
+    numbers all of them itself, as NVIDIA's code does (it used to fail with a shape error)."""
+    model = build_hymba()
+    ids = torch.randint(3, VOCAB, (2, 9))
+    given = torch.arange(9)[None].expand(2, -1)
+    assert torch.equal(_logits(model, ids, position_ids=given), _logits(model, ids))
+
+
+def test_hidden_states_cover_the_meta_tokens_in_every_entry():
+    model = build_hymba()
+    ids = torch.randint(3, VOCAB, (2, 9))
+    with torch.no_grad():
+        out = model.model(ids, output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert all(h.shape == (2, M + 9, model.config.hidden_size) for h in out.hidden_states)
+    assert torch.equal(out.hidden_states[-1][:, M:], out.last_hidden_state)  # the final norm's output

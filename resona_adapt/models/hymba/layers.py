@@ -341,8 +341,9 @@ class HymbaDecoderLayer(nn.Module):
         self.input_layernorm = HymbaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.intermediate_size = config.intermediate_size
         if self.intermediate_size > 0:
-            k = config.num_experts_per_tok if config.num_experts > 1 else 1
-            self.moe = HymbaSparseMoeBlock(config, config.num_experts, k)
+            # NVIDIA's HymbaModel builds every layer with num_experts=1 whatever the config says
+            # (examples/verify_hymba_upstream.py), so released checkpoints hold one MLP per layer
+            self.moe = HymbaSparseMoeBlock(config, 1, 1)
             self.pre_moe_layernorm = HymbaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None,

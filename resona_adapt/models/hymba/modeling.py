@@ -142,7 +142,10 @@ class HymbaModel(HymbaPreTrainedModel):
         **kwargs: Any,
     ) -> BaseModelOutputWithPast | tuple:
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, T_seen + T) over input tokens
-        only (meta tokens are handled here). Returns hidden states (B, T, D) of the input tokens.
+        only (meta tokens are handled here). Returns hidden states (B, T, D) of the input tokens; with
+        ``output_hidden_states`` every entry of ``hidden_states`` covers the meta tokens too (B, M + T, D),
+        as in NVIDIA's code. ``position_ids`` apply from the second forward of a sequence on; the first
+        one numbers meta and input tokens itself (NVIDIA's code replaces given ones there too).
         ``cache`` is ``past_key_values`` under transformers 5.24's name."""
         past_key_values = past_key_values if past_key_values is not None else cache
         if (input_ids is None) == (inputs_embeds is None):
@@ -156,7 +159,9 @@ class HymbaModel(HymbaPreTrainedModel):
         prefix = self.config.num_memory_tokens if past_len == 0 else 0
         hidden, kinds, positions, origin = self._pack(inputs_embeds, attention_mask, prefix)  # (B, L, D), (B, L) x3
         start = getattr(past_key_values, "next_position", None) if past_len else None  # (B,) or None
-        if position_ids is None:
+        if position_ids is None or prefix:
+            # The forward that prepends the meta tokens numbers its positions itself: given ones cover
+            # the input tokens only, and NVIDIA's code replaces them by 0..M+T-1 there too.
             position_ids = positions + (start[:, None] if start is not None else 0)  # (B, L)
         full, swa, key_kinds = self._masks(kinds, past_key_values, past_len)
         if past_key_values is not None and use_cache:
@@ -176,6 +181,8 @@ class HymbaModel(HymbaPreTrainedModel):
                 kv_last_layer=produced.get(reuse[i]) if i in reuse else None, use_swa=use_swa, token_mask=token_mask,
             )
         hidden = self.final_layernorm(hidden)
+        if output_hidden_states:  # meta tokens included, like every other entry (and NVIDIA's last one)
+            all_hidden.append(hidden)
         if prefix:  # drop the meta tokens, back to the input order
             T = inputs_embeds.shape[1]
             order = torch.argsort(torch.where(origin < 0, origin.new_full((), hidden.shape[1]), origin), dim=1)[:, :T]
@@ -183,8 +190,6 @@ class HymbaModel(HymbaPreTrainedModel):
         if past_key_values is not None and use_cache:
             past_key_values.advance(kinds.shape[1], inputs_embeds.shape[1])
             past_key_values.next_position = (start if start is not None else 0) + (kinds != PAD).sum(dim=1)
-        if output_hidden_states:
-            all_hidden.append(hidden)
         out = BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=tuple(all_hidden) if output_hidden_states
                                       else None, **{CACHE_FIELD: past_key_values if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
