@@ -154,7 +154,7 @@ class ResonaConfig:
         return cls(**data)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> "ResonaConfig":
@@ -171,4 +171,8 @@ class ResonaConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ResonaConfig":
-        return cls.from_json(Path(path).read_text())
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ResonaConfigError(f"cannot read the ResonaConfig file {path}: {exc}") from exc
+        return cls.from_json(text)

@@ -33,15 +33,12 @@ def no_weight_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or leaf in NO_DECAY_NAMES or bool(getattr(p, "_no_weight_decay", False))
 
 
-def parse_layers(layers: Sequence[int] | str | None) -> list[int]:
-    if layers is None or layers == "":
-        return []
-    if isinstance(layers, str):
-        try:
-            return [int(x) for x in layers.split(",") if x.strip()]
-        except ValueError as exc:
-            raise ResonaConfigError(f"layer list {layers!r} must be comma-separated integers, e.g. 8,9,10") from exc
-    return [int(x) for x in layers]
+def parse_layers(layers: Sequence[int] | str | None, flag: str = "--unfreeze-layers") -> list[int]:
+    """Decoder-layer indices from ``"8,9,-1"`` or a sequence of ints; None -> []. An empty string or
+    item is an error (`resona_adapt.surgery.select.parse_layers`)."""
+    from ..surgery.select import as_layer_list
+
+    return as_layer_list(layers, flag) or []
 
 
 def unfreeze_base_layers(model: nn.Module, layers: Sequence[int] | str | None) -> list[tuple[str, nn.Parameter]]:
