@@ -302,7 +302,7 @@ def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, priv
         assert (ckpt / "resona_checkpoint.json").is_file()
         assert all(bool(torch.isfinite(t).all()) for t in load_file(ckpt / "trainable.safetensors").values())
     assert f"the last complete checkpoint is {kept[-1]} (train --resume continues from it)" in res.output
-    assert not leftovers(tmp_path) and not list(private_tmp.iterdir())
+    assert not leftovers(tmp_path) and not list(private_tmp.glob("resona-train-*"))
 
 
 def test_a_failed_run_leaves_no_empty_run_directory(tmp_path):
