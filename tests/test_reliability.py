@@ -313,7 +313,7 @@ def test_a_failed_run_leaves_no_empty_run_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
 
 
-def test_nan_loss_stops_the_api_loop(tmp_path):
+def test_nan_loss_stops_the_api_loop(tmp_path, private_tmp):
     from resona_adapt import resona_parameters, retrofit
     from resona_adapt.errors import TrainingError
     from resona_adapt.models import build_builtin
@@ -327,7 +327,7 @@ def test_nan_loss_stops_the_api_loop(tmp_path):
     train_ds, _ = task_datasets("mqar", model_vocab_size(model), 32, 8, 0, num_kv_pairs=4)
     with pytest.raises(TrainingError, match="training stopped at step 1: the loss became nan"):
         train(model, train_ds, None, TrainConfig(steps=2, batch_size=4, output=str(tmp_path / "o")))
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not list(private_tmp.glob("resona-train-*"))
 
 
 def test_os_errors_interrupts_and_bugs_are_one_line(tmp_path, monkeypatch):
@@ -346,6 +346,23 @@ def test_os_errors_interrupts_and_bugs_are_one_line(tmp_path, monkeypatch):
         res = run(["inject", "--model", "tiny-mamba", "--output", str(tmp_path / "o")])
         refused(res, code, needle)
         assert "second line" not in res.output and not (tmp_path / "o").exists()
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_malicious_pickle_is_refused_in_one_line(tmp_path, monkeypatch):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4)).save_pretrained(
+        tmp_path / "evil")
+    (tmp_path / "evil" / "model.safetensors").unlink()
+    torch.save({"x": _Evil()}, tmp_path / "evil" / "pytorch_model.bin")
+    monkeypatch.chdir(tmp_path)
+    refused(run(["inspect", "--model", str(tmp_path / "evil")]), 2, "refused to unpickle", "nothing of it ran")
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_demo_offers_the_overwrite_its_message_asks_for(tmp_path):
@@ -419,3 +436,29 @@ def test_public_names_stay_importable_and_warn_on_first_use(monkeypatch):
     monkeypatch.delitem(vars(resona_adapt), "load_model", raising=False)
     with pytest.warns(UserWarning, match="bad combination"):
         resona_adapt.load_model  # noqa: B018 - first use of a heavy name
+
+
+def test_resume_skips_an_interrupted_checkpoint(run_copy):
+    partial = run_copy / "out.run" / "checkpoint-3"
+    partial.mkdir()
+    (partial / "trainable.safetensors").write_bytes(b"half")  # killed while writing: no resona_checkpoint.json
+    res = run(["train", "--model", str(run_copy / "base"), *MQAR, *RESONA, "--steps", "3", "--save-every", "1",
+               "--output", str(run_copy / "out"), "--resume", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert "resumed from" in res.output and "checkpoint-2" in res.output
+    assert json.loads((partial / "resona_checkpoint.json").read_text())["step"] == 3
+
+
+def test_perplexity_progress_counts_every_token_once(tmp_path):
+    from resona_adapt.evaluation.suite import run_ppl
+    from resona_adapt.models import build_builtin
+
+    class Chars:  # a tokenizer: one id per character
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) % 64 for c in text]}
+
+    (tmp_path / "t.txt").write_text("abcdefghij" * 5)
+    seen: list[int] = []
+    rows = run_ppl(build_builtin("tiny-mamba"), Chars(), ["model", "base"],
+                   {"data": str(tmp_path / "t.txt"), "max_length": 16, "stride": 6}, seen.append)
+    assert sum(seen) == 2 * 50 and all(n > 0 for n in seen) and rows[0]["tokens"] == 49

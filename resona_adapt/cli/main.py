@@ -9,6 +9,7 @@ traceback (``-v`` adds the traceback of an unexpected error).
 
 from __future__ import annotations
 
+import pickle
 import sys
 
 import click
@@ -41,6 +42,10 @@ class ResonaGroup(click.Group):
             raise
         except ResonaError as exc:
             self._fail(ctx, str(exc), exc.exit_code)
+        except pickle.UnpicklingError:
+            self._fail(ctx, "refused to unpickle a PyTorch weights file: it holds Python objects that safe loading "
+                            "(weights_only) does not run, and nothing of it ran; use a safetensors checkpoint (load "
+                            "it with pickle only if you trust its source)", 2)
         except OSError as exc:
             self._fail(ctx, f"{_os_error_message(exc)}; check the path and its permissions (and free space)", 1)
         except KeyboardInterrupt:
