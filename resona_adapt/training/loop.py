@@ -213,7 +213,8 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
         tokens=tokens, tokens_per_second=tokens_run / max(runtime, 1e-9), runtime_seconds=runtime,
         eval={k.removeprefix("eval_"): v for k, v in metrics.items()
               if not k.endswith(("runtime", "per_second", "epoch", "num_input_tokens_seen"))},
-        output=config.output, run_dir=config.run_dir, resumed_from=resume, log_history=history,
+        output=config.output, run_dir=config.run_dir if config.run_dir and Path(config.run_dir).is_dir() else None,
+        resumed_from=resume, log_history=history,
     )
 
 
