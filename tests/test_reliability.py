@@ -229,6 +229,13 @@ def test_train_config_api_refuses_non_finite_numbers():
                    {"weight_decay": -1.0}, {"warmup_ratio": math.nan}, {"steps": -5}):
         with pytest.raises(ResonaConfigError, match="TrainConfig."):
             TrainConfig(**kwargs)
+    from resona_adapt import param_groups, retrofit
+    from resona_adapt.models import build_builtin
+
+    model = retrofit(build_builtin("tiny-mamba"), layers=[-1])
+    for lr, mult in ((math.inf, 1.0), (1e-3, math.nan), (0.0, 1.0)):
+        with pytest.raises(ResonaConfigError, match="must be finite and > 0"):
+            param_groups(model, lr=lr, lr_multiplier=mult)
 
 
 def test_train_refuses_bad_data(tmp_path):

@@ -15,6 +15,7 @@ per-offset logit bias, not a projection) and on Mamba's ``A_log``, nor on any pa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -84,8 +85,8 @@ def param_groups(model: nn.Module, lr: float, lr_multiplier: float | None = None
     state = retrofit_state(inner)
     if lr_multiplier is None:
         lr_multiplier = state.config.lr_multiplier if state is not None else 1.0
-    if lr <= 0 or lr_multiplier <= 0:
-        raise ResonaConfigError(f"lr and lr_multiplier must be > 0, got {lr} and {lr_multiplier}")
+    if not (math.isfinite(lr) and lr > 0 and math.isfinite(lr_multiplier) and lr_multiplier > 0):
+        raise ResonaConfigError(f"lr and lr_multiplier must be finite and > 0, got {lr} and {lr_multiplier}")
     unfrozen = {id(p) for _, p in unfreeze_base_layers(model, unfreeze_layers)}
     resona = {id(p) for _, p in resona_parameters(inner)}
 
