@@ -234,7 +234,7 @@ def test_train_config_api_refuses_non_finite_numbers():
 
     model = retrofit(build_builtin("tiny-mamba"), layers=[-1])
     for lr, mult in ((math.inf, 1.0), (1e-3, math.nan), (0.0, 1.0)):
-        with pytest.raises(ResonaConfigError, match="must be finite and > 0"):
+        with pytest.raises(ResonaConfigError, match="must be > 0 and finite"):
             param_groups(model, lr=lr, lr_multiplier=mult)
 
 

@@ -86,7 +86,7 @@ def param_groups(model: nn.Module, lr: float, lr_multiplier: float | None = None
     if lr_multiplier is None:
         lr_multiplier = state.config.lr_multiplier if state is not None else 1.0
     if not (math.isfinite(lr) and lr > 0 and math.isfinite(lr_multiplier) and lr_multiplier > 0):
-        raise ResonaConfigError(f"lr and lr_multiplier must be finite and > 0, got {lr} and {lr_multiplier}")
+        raise ResonaConfigError(f"lr and lr_multiplier must be > 0 and finite, got {lr} and {lr_multiplier}")
     unfrozen = {id(p) for _, p in unfreeze_base_layers(model, unfreeze_layers)}
     resona = {id(p) for _, p in resona_parameters(inner)}
 
