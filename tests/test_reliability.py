@@ -266,6 +266,8 @@ def test_train_refuses_bad_data(tmp_path):
     (["--seq-len", "512"], "needs a vocabulary larger than 512"),
     (["--layers", "7"], "layer 7 does not exist"),
     (["--lr", "0"], "'--lr'"),
+    (["--unfreeze-layers", "7"], "cannot unfreeze layer 7"),
+    (["--checkpoint-format", "adapter", "--unfreeze-layers", "0"], "checkpoint_format='adapter' keeps only"),
 ])
 def test_overwrite_deletes_nothing_when_the_new_run_is_refused(run_copy, change, needle):
     before = snapshot(run_copy)

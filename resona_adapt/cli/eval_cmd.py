@@ -155,6 +155,8 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
             ids = suite.text_ids(tokenizer, data)
             with _progress(app, ids.numel() * len(variants), "perplexity (tokens)") as advance:
                 rows = suite.run_ppl(model, tokenizer, variants, opts, advance, ids=ids)
+    except UnicodeDecodeError as exc:
+        raise ResonaError(f"{data or haystack} is not UTF-8 text (byte {exc.start} cannot be decoded)") from exc
     except ValueError as exc:
         raise ResonaError(str(exc)) from exc
     result = {"results": rows}

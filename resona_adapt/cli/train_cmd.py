@@ -90,7 +90,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     from ..training.checkpoints import check_run_dir, clear_run_dir
     from ..training.data import check_token_ids
     from ..training.groups import parse_layers
-    from ..training.loop import resolve_resume
+    from ..training.loop import check_setup, resolve_resume
     from ..training.tasks import TASKS, model_vocab_size
 
     # 1. the options, without touching the disk
@@ -148,6 +148,8 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     if lora_r:
         model = add_lora(model, [t.strip() for t in lora_target.split(",") if t.strip()], r=lora_r,
                          lora_alpha=lora_alpha)
+
+    check_setup(model, train_ds, config)
 
     # 4. only now: start --run-dir over (--overwrite), then train
     if main_process:

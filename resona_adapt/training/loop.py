@@ -132,6 +132,24 @@ def training_arguments(config: TrainConfig, run_dir: str, has_eval: bool):
     return TrainingArguments(**kwargs)
 
 
+def check_setup(model: nn.Module, train_dataset: Dataset, config: TrainConfig) -> None:
+    """Everything `train` refuses about its arguments, checked without changing the model or the disk
+    (the CLI calls it before ``--overwrite`` deletes an earlier run's checkpoints)."""
+    state = retrofit_state(unwrap_model(model))
+    if state is None:
+        raise SurgeryError("train() needs a retrofitted model: call retrofit(model) (or load a retrofitted checkpoint)")
+    if config.checkpoint_format == "adapter" and (config.unfreeze_layers or is_peft_model(model)):
+        raise ResonaConfigError("checkpoint_format='adapter' keeps only the Resona weights, but this run also trains "
+                                "base weights (unfrozen layers or a LoRA); use checkpoint_format='merged'")
+    if hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+        raise ResonaConfigError("the training dataset is empty")
+    n = len(state.discovery.blocks)
+    for i in config.unfreeze_layers:
+        if not -n <= i < n:
+            raise ResonaConfigError(f"cannot unfreeze layer {i}: the model has {n} layers (0..{n - 1})")
+    resolve_resume(config)
+
+
 def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None = None,
           config: TrainConfig | None = None, *, callbacks: Sequence[Any] = (),
           compute_metrics: Callable[[Any], dict[str, float]] | None = None, data_collator: Any = None,
@@ -150,16 +168,10 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
     from .trainer import ResonaTrainer
 
     config = config or TrainConfig()
+    check_setup(model, train_dataset, config)
     inner = unwrap_model(model)
     state = retrofit_state(inner)
-    if state is None:
-        raise SurgeryError("train() needs a retrofitted model: call retrofit(model) (or load a retrofitted checkpoint)")
     base_trained = bool(config.unfreeze_layers) or is_peft_model(model)
-    if config.checkpoint_format == "adapter" and base_trained:
-        raise ResonaConfigError("checkpoint_format='adapter' keeps only the Resona weights, but this run also trains "
-                                "base weights (unfrozen layers or a LoRA); use checkpoint_format='merged'")
-    if hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
-        raise ResonaConfigError("the training dataset is empty")
     unfreeze_base_layers(model, config.unfreeze_layers)
     if base_trained:
         state.extra["base_trained"] = {"unfrozen_layers": list(config.unfreeze_layers), "lora": is_peft_model(model)}
