@@ -178,7 +178,7 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
         inner.config.resona = state.describe()
     resume = resolve_resume(config)
     run_dir = config.run_dir or tempfile.mkdtemp(prefix="resona-train-")
-    run_dir_is_new = not Path(run_dir).exists() or not any(Path(run_dir).iterdir())
+    run_dir_is_new = not Path(run_dir).exists()  # created by this run: removed again if it keeps nothing
     pad_id = getattr(inner.config, "pad_token_id", None)
     args = training_arguments(config, run_dir, eval_dataset is not None)
     all_callbacks = list(callbacks) + ([RichProgressCallback(console)] if config.progress else [])

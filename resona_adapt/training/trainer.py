@@ -93,7 +93,7 @@ class StopOnNonFinite(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001 - TrainerCallback signature
         loss = self.trainer.nonfinite_loss
         weight = first_nonfinite_parameter(model if model is not None else self.trainer.model)
-        bad = torch.tensor([float(loss is not None or weight is not None)])
+        bad = torch.tensor([float(loss is not None or weight is not None)], device=args.device)  # NCCL: on the GPU
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if bad.item() == 0:
