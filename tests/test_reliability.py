@@ -471,3 +471,10 @@ def test_perplexity_progress_counts_every_token_once(tmp_path):
     rows = run_ppl(build_builtin("tiny-mamba"), Chars(), ["model", "base"],
                    {"data": str(tmp_path / "t.txt"), "max_length": 16, "stride": 6}, seen.append)
     assert sum(seen) == 2 * 50 and all(n > 0 for n in seen) and rows[0]["tokens"] == 49
+
+
+def test_no_color_turns_colours_off_end_to_end():
+    coloured = run(["inspect", "--model", "nope"], env={"FORCE_COLOR": "1", "NO_COLOR": None})
+    plain = run(["inspect", "--model", "nope"], env={"FORCE_COLOR": "1", "NO_COLOR": "1"})
+    assert "\x1b[1;31merror:" in coloured.output
+    assert "error:" in plain.output and "31m" not in plain.output and "32m" not in plain.output
