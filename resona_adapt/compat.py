@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Callable
 
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
@@ -44,7 +45,7 @@ def known_incompatibility(transformers_version: str, fla_installed: bool) -> str
 
 
 def warn_if_incompatible(transformers_version: str | None = None, fla_installed: bool | None = None) -> None:
-    """Warn (at import) when the installed libraries are a known-bad combination."""
+    """Warn when the installed libraries (or the given versions) are a known-bad combination."""
     import warnings
 
     if transformers_version is None:
@@ -55,4 +56,33 @@ def warn_if_incompatible(transformers_version: str | None = None, fla_installed:
         fla_installed = importlib.util.find_spec("fla") is not None
     problem = known_incompatibility(transformers_version, fla_installed)
     if problem is not None:
+        warnings.warn(problem, UserWarning, stacklevel=3)
+
+
+_warned = False
+
+
+def installed_incompatibility() -> str | None:
+    """`known_incompatibility` for the libraries installed in this process."""
+    import transformers
+
+    return known_incompatibility(transformers.__version__, importlib.util.find_spec("fla") is not None)
+
+
+def warn_once(say: Callable[[str], None] | None = None) -> None:
+    """Report a known-bad combination of installed libraries once per process: through ``say`` (the
+    CLI's terminal) or as a `UserWarning`. Called on first use (a public entry point such as
+    `resona_adapt.load_model` / `retrofit`, or a CLI command), not when the package is imported."""
+    global _warned
+    if _warned:
+        return
+    _warned = True
+    problem = installed_incompatibility()
+    if problem is None:
+        return
+    if say is not None:
+        say(problem)
+    else:
+        import warnings
+
         warnings.warn(problem, UserWarning, stacklevel=3)

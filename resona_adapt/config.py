@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,13 @@ FUNCTION_PRESERVING_MIXES = ("residual", "gated")
 LEGACY_DEFAULTS = {"neighbor_chunks": 0, "read_shift": 0, "key_shift": False}
 """Values of fields added after 0.1.0 for a saved configuration that lacks them (it was trained without)."""
 CHUNK_POOLS = ("mean", "weighted")
+FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
+    "score_scale": (0.0, 1e3, False),  # added to attention logits: larger overflows half precision
+    "alpha": (0.0, 1.0, False),  # a weight of Ym; strictly inside (0, 1) for the paper mixes
+    "lr_multiplier": (0.0, 1e6, True),
+    "norm_eps": (0.0, 1.0, True),  # an epsilon: as large as the mean square, it switches the branch off
+}
+"""(low, high, low_open) of every float field of `ResonaConfig`; every float field must also be finite."""
 
 
 @dataclass
@@ -126,18 +134,19 @@ class ResonaConfig:
             raise ResonaConfigError(f"ResonaConfig.replace_attention must be true or false, got {self.replace_attention!r}")
         if self.mix not in MIX_MODES:
             raise ResonaConfigError(f"ResonaConfig.mix must be one of {', '.join(MIX_MODES)}; got {self.mix!r}")
-        if self.mix.startswith("paper") and not 0.0 < float(self.alpha) < 1.0:
-            raise ResonaConfigError(f"ResonaConfig.alpha must lie strictly between 0 and 1, got {self.alpha!r}")
         for name in ("score_scale", "lr_multiplier", "norm_eps", "alpha"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-                raise ResonaConfigError(f"ResonaConfig.{name} must be a number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ResonaConfigError(f"ResonaConfig.{name} must be a finite number, got {value!r}")
             setattr(self, name, float(value))
-        if self.score_scale < 0 or self.lr_multiplier <= 0 or self.norm_eps <= 0:
-            raise ResonaConfigError(
-                "ResonaConfig.score_scale must be >= 0, lr_multiplier and norm_eps > 0; got "
-                f"{self.score_scale}, {self.lr_multiplier}, {self.norm_eps}"
-            )
+        for name, (low, high, low_open) in FLOAT_RANGES.items():
+            value = getattr(self, name)
+            if value < low or (low_open and value == low) or value > high:
+                raise ResonaConfigError(
+                    f"ResonaConfig.{name} must lie in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
+        if self.mix.startswith("paper") and not 0.0 < self.alpha < 1.0:
+            raise ResonaConfigError(f"ResonaConfig.alpha must lie strictly between 0 and 1 for mix={self.mix!r}, "
+                                    f"got {self.alpha!r}")
 
     def resolved(self, width: int) -> "ResonaConfig":
         """A copy with the automatic sizes (None) fixed for a model of this width."""
@@ -181,7 +190,7 @@ class ResonaConfig:
         return cls.from_dict({**legacy, **data})
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> "ResonaConfig":
@@ -198,4 +207,8 @@ class ResonaConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ResonaConfig":
-        return cls.from_json(Path(path).read_text())
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ResonaConfigError(f"cannot read the ResonaConfig file {path}: {exc}") from exc
+        return cls.from_json(text)

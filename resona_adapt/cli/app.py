@@ -13,9 +13,13 @@ class App:
     verbosity: int = 0
 
     def quiet_libraries(self) -> None:
-        """Silence transformers' progress bars and info logs unless -v was given."""
+        """Silence transformers' progress bars and info logs unless -v was given, and warn (once)
+        about a known-bad combination of installed libraries."""
         import transformers
+
+        from ..compat import warn_once
 
         if self.verbosity <= 0:
             transformers.utils.logging.set_verbosity_error()
             transformers.utils.logging.disable_progress_bar()
+        warn_once(self.terminal.warning)

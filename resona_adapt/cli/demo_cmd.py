@@ -11,12 +11,13 @@ from .app import App
 @click.option("--quick", is_flag=True, help="A smaller, faster variant (CI): fewer steps, two lengths, fewer examples.")
 @click.option("--output", type=click.Path(file_okay=False), default="resona-demo", show_default=True,
               help="Where the merged checkpoint is written.")
-@click.option("--examples", type=int, default=None, help="Test examples per (length, pairs) point (default 128; 32 with --quick).")
-@click.option("--threads", type=int, default=1, show_default=True,
+@click.option("--overwrite", is_flag=True, help="Replace --output if it exists and is not empty.")
+@click.option("--examples", type=click.IntRange(min=1), default=None, help="Test examples per (length, pairs) point (default 128; 32 with --quick).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch threads (more helps only on an otherwise idle machine with more cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the tables as JSON.")
 @click.pass_obj
-def command(app: App, quick: bool, output: str, examples: int | None, threads: int | None, as_json: bool) -> None:
+def command(app: App, quick: bool, output: str, overwrite: bool, examples: int | None, threads: int | None, as_json: bool) -> None:
     """Show a retrofit fixing recall: base table, retrofit, train (base frozen), table again, export + reload."""
     app.quiet_libraries()
     import torch
@@ -24,7 +25,7 @@ def command(app: App, quick: bool, output: str, examples: int | None, threads: i
     from ..checkpoint import check_output_dir
     from ..demo import run_demo
 
-    check_output_dir(output, overwrite=False)
+    check_output_dir(output, overwrite=overwrite)
     torch.set_num_threads(max(1, threads))
     result = run_demo(output, quick=quick, examples=examples, progress=not as_json and app.verbosity >= 0,
                       console=app.terminal.err, say=app.terminal.info)

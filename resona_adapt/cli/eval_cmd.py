@@ -70,24 +70,24 @@ def _tokenizer(model_name: str, tokenizer_path: str | None, trust_remote_code: b
 @click.option("--task", type=click.Choice(TASKS), required=True, help="What to evaluate.")
 @click.option("--seq-len", default="64,128,256,512", show_default=True, help="MQAR sequence lengths.")
 @click.option("--kv-pairs", default="8,16,32,64", show_default=True, help="MQAR key-value pairs (4 x pairs <= length).")
-@click.option("--examples", default=256, show_default=True, type=int, help="MQAR test examples per grid point.")
+@click.option("--examples", default=256, show_default=True, type=click.IntRange(min=1), help="MQAR test examples per grid point.")
 @click.option("--filler", default="0", show_default=True,
               help="MQAR: random tokens in front of every example, so the pairs do not line up with the chunks: "
                    "N, or LO-HI drawn per example; a comma list scores each (e.g. 0,1,2,3).")
 @click.option("--bos-id", type=int, default=None, help="MQAR: a BOS token id put first in every example.")
-@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--context", default="1k,2k,4k", show_default=True, help="NIAH context lengths in tokens (512, 1k, ...).")
 @click.option("--needle", type=click.Choice(("number", "word", "uuid", "multivalue")), default="number",
               show_default=True, help="NIAH needle kind (RULER).")
-@click.option("--samples", default=20, show_default=True, type=int, help="NIAH samples per context length.")
+@click.option("--samples", default=20, show_default=True, type=click.IntRange(min=1), help="NIAH samples per context length.")
 @click.option("--haystack", type=click.Path(exists=True, dir_okay=False), default=None,
               help="NIAH haystack text file (default: generated filler).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
               help="QA: a JSON-lines file of {question, answers, context}; ppl: a text file.")
 @click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer directory (default: the checkpoint's).")
-@click.option("--max-new-tokens", default=None, type=int, help="Tokens generated per answer (NIAH, QA).")
-@click.option("--max-length", default=1024, show_default=True, type=int, help="ppl window length.")
-@click.option("--stride", default=512, show_default=True, type=int, help="ppl window stride.")
+@click.option("--max-new-tokens", default=None, type=click.IntRange(min=1), help="Tokens generated per answer (NIAH, QA).")
+@click.option("--max-length", default=1024, show_default=True, type=click.IntRange(min=2), help="ppl window length.")
+@click.option("--stride", default=512, show_default=True, type=click.IntRange(min=1), help="ppl window stride.")
 @click.option("--baseline", type=click.Choice(("jrt-prompt", "rag-append")), default=None,
               help="Also run a prompt baseline: JRT-Prompt (context twice) or RAG-append (selected chunks appended).")
 @click.option("--rag-layer", default=None, type=int, help="Resona layer whose chunk selection RAG-append uses (default: deepest).")
@@ -161,8 +161,11 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
             with _progress(app, len(load_qa_jsonl(data)) * len(variants), "QA") as advance:
                 rows = suite.run_qa(model, tokenizer, variants, opts, rag_layer, advance)
         else:
-            with app.terminal.status("perplexity"):
-                rows = suite.run_ppl(model, tokenizer, variants, opts)
+            ids = suite.text_ids(tokenizer, data)
+            with _progress(app, ids.numel() * len(variants), "perplexity (tokens)") as advance:
+                rows = suite.run_ppl(model, tokenizer, variants, opts, advance, ids=ids)
+    except UnicodeDecodeError as exc:
+        raise ResonaError(f"{data or haystack} is not UTF-8 text (byte {exc.start} cannot be decoded)") from exc
     except ValueError as exc:
         raise ResonaError(str(exc)) from exc
     result = {"results": rows}

@@ -18,9 +18,10 @@ from .options import model_options
 @click.option("--weights", type=click.Choice(["safetensors", "bin", "both"]), default="safetensors", show_default=True,
               help="Weights file of --format mamba-ssm (mamba-ssm's own from_pretrained reads pytorch_model.bin).")
 @click.option("--overwrite", is_flag=True, help="Replace --output if it exists and is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON on stdout.")
 @click.pass_obj
 def command(app: App, model_name: str, trust_remote_code: bool, block_path: str | None, mixer_attr: str | None,
-            output: str, fmt: str, adapter_only: bool, weights: str, overwrite: bool) -> None:
+            output: str, fmt: str, adapter_only: bool, weights: str, overwrite: bool, as_json: bool) -> None:
     """Write --model to --output in another checkpoint format (atomically)."""
     app.quiet_libraries()
     from ..checkpoint import check_output_dir
@@ -45,6 +46,11 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         )
     with app.terminal.status(f"writing {output}"):
         export_model(model, output, fmt, weights=weights, overwrite=overwrite)
-    layers = ",".join(map(str, state.layers)) if state is not None else "-"
-    app.terminal.table(None, ["model", "format", "resona layers", "output"], [[model_name, fmt, layers, output]])
+    layers = list(state.layers) if state is not None else []
+    if as_json:
+        app.terminal.json({"model": model_name, "format": fmt, "resona_layers": layers, "output": output,
+                           "weights": weights if fmt == "mamba-ssm" else "safetensors"})
+        return
+    app.terminal.table(None, ["model", "format", "resona layers", "output"],
+                       [[model_name, fmt, ",".join(map(str, layers)) or "-", output]])
     app.terminal.success(f"wrote the {fmt} checkpoint to {output}")

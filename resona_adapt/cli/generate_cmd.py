@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from .app import App
+from .options import FiniteFloat
 
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
@@ -85,7 +86,7 @@ def make_streamer(app: App, tokenizer: Any | None) -> Any:
 @click.option("--prompt-ids", default=None, help="Prompt as token ids, e.g. 1,2,3 (for models without a tokenizer).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=None,
+@click.option("--temperature", type=FiniteFloat(0.0, low_open=True), default=None,
               help="Sampling temperature (implies --sample).")
 @click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=None,
               help="Nucleus sampling mass (implies --sample).")
@@ -93,10 +94,12 @@ def make_streamer(app: App, tokenizer: Any | None) -> Any:
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at the end-of-sequence token.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (the new text or ids, and the token counts and speed) instead of streaming.")
 @click.pass_obj
 def command(app: App, model_name: str, trust_remote_code: bool, prompt: str | None, prompt_ids: str | None,
             max_new_tokens: int, sample: bool, temperature: float | None, top_p: float | None, seed: int | None,
-            ignore_eos: bool, threads: int | None) -> None:
+            ignore_eos: bool, threads: int | None, as_json: bool) -> None:
     """Continue a prompt with a (retrofitted) model, streaming the new tokens.
 
     Greedy by default. Text in and out needs the checkpoint's tokenizer; built-in models and
@@ -145,7 +148,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, prompt: str | No
     if gen_config.pad_token_id is None:
         kwargs["pad_token_id"] = gen_config.eos_token_id if gen_config.eos_token_id is not None else 0
 
-    streamer = make_streamer(app, tokenizer)
+    streamer = None if as_json else make_streamer(app, tokenizer)
     device = next(model.parameters()).device
     start = time.perf_counter()
     with torch.no_grad():
@@ -153,5 +156,12 @@ def command(app: App, model_name: str, trust_remote_code: bool, prompt: str | No
                              streamer=streamer, use_cache=True, **kwargs)  # incremental, whatever the config says
     elapsed = time.perf_counter() - start
     n_new = out.shape[1] - input_ids.shape[1]
-    app.terminal.info(f"{n_new} new tokens in {elapsed:.2f} s ({n_new / max(elapsed, 1e-9):.1f} tokens/s, "
-                      f"prompt {input_ids.shape[1]} tokens, {'sampled' if do_sample else 'greedy'})")
+    stats = {"new_tokens": n_new, "prompt_tokens": int(input_ids.shape[1]), "seconds": elapsed,
+             "tokens_per_second": n_new / max(elapsed, 1e-9), "decoding": "sampled" if do_sample else "greedy"}
+    if as_json:
+        new_ids = out[0, input_ids.shape[1]:].tolist()
+        text = tokenizer.decode(new_ids, skip_special_tokens=True) if tokenizer is not None else None
+        app.terminal.json({"model": model_name, "text": text, "ids": new_ids, **stats})
+        return
+    app.terminal.info(f"{n_new} new tokens in {elapsed:.2f} s ({stats['tokens_per_second']:.1f} tokens/s, "
+                      f"prompt {input_ids.shape[1]} tokens, {stats['decoding']})")

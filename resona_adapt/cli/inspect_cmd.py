@@ -16,8 +16,6 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
             mixer_attr: str | None, as_json: bool) -> None:
     """Show the blocks of a model: index, classes, kind, parameters, default Resona layers."""
     app.quiet_libraries()
-    from rich.markup import escape
-
     from ..loading import load_model
     from ..retrofit import resona_layers, retrofit_state
     from ..surgery import default_layers, discover
@@ -69,9 +67,9 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     app.terminal.table(
         title, ["index", "block", "mixer", "kind", "params", "inject default", "resona", "why"],
         [[r["index"], r["block"], r["mixer"], r["kind"], f"{r['params']:,}", "yes" if r["default"] else "",
-          "yes" if r["resona"] else "", escape(r["reason"])] for r in rows],
+          "yes" if r["resona"] else "", r["reason"]] for r in rows],
     )
-    app.terminal.info(escape(f"found by {disc.method} discovery: {disc.note}"))
+    app.terminal.info(f"found by {disc.method} discovery: {disc.note}")
     others = [(k, disc.indices_of(k)) for k in ("attention", "mlp", "other") if disc.indices_of(k)]
     if others:
         listed = "; ".join(f"{k} layers {','.join(map(str, idx))}" for k, idx in others)

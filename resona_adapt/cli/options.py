@@ -2,11 +2,44 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import click
 
 from ..config import CHUNK_POOLS, MIX_MODES, ResonaConfig
+
+
+class FiniteFloat(click.ParamType):
+    """A finite float (never nan or inf) within optional bounds; a bad value is click's usage error."""
+
+    name = "number"
+
+    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> None:
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        too_low = self.low is not None and (number < self.low or (self.low_open and number == self.low))
+        too_high = self.high is not None and (number > self.high or (self.high_open and number == self.high))
+        if too_low or too_high:
+            self.fail(f"{number:g} is not in {self.describe()}", param, ctx)
+        return number
+
+    def describe(self) -> str:
+        low = "-inf" if self.low is None else f"{self.low:g}"
+        high = "inf" if self.high is None else f"{self.high:g}"
+        return f"{'(' if self.low_open or self.low is None else '['}{low}, {high}{')' if self.high_open or self.high is None else ']'}"
+
+
+POSITIVE = FiniteFloat(0.0, low_open=True)
+NON_NEGATIVE = FiniteFloat(0.0)
 
 
 def model_options(f: Callable) -> Callable:
@@ -47,7 +80,7 @@ def resona_config_options(f: Callable) -> Callable:
                              help="Hybrid-head models (Hymba): replace the chosen layers' attention heads with the "
                                   "Resona branch instead of adding it as a third branch (not function-preserving).")(f)
         else:
-            kind = float if name in ("score_scale", "alpha") else int
+            kind = float if name in ("score_scale", "alpha") else int  # ResonaConfig validates (finite, range)
             f = click.option(flag, type=kind, default=None,
                              help=f"ResonaConfig.{name} (default {getattr(defaults, name)}).")(f)
     f = click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None,

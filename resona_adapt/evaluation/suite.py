@@ -15,7 +15,7 @@ from ..tasks.mqar import parse_filler
 from .mqar_eval import evaluate_mqar, parse_grid
 from .niah import NIAHSample, evaluate_niah, parse_context_lengths
 from .qa import load_qa_jsonl, qa_prompt
-from .text_eval import evaluate_qa, perplexity
+from .text_eval import evaluate_qa, perplexity, text_ids
 
 Progress = Callable[[int], None]
 
@@ -152,11 +152,14 @@ def run_qa(model: nn.Module, tokenizer: Any, variants: Sequence[str], opts: dict
 
 
 def run_ppl(model: nn.Module, tokenizer: Any, variants: Sequence[str], opts: dict,
-            progress: Progress | None = None) -> list[dict]:
+            progress: Progress | None = None, ids: Any = None) -> list[dict]:
+    """Perplexity of ``opts["data"]`` per variant; ``ids``: the file's `text_ids` (tokenized once);
+    ``progress`` advances by tokens, ``len(ids) * len(variants)`` in all."""
+    ids = text_ids(tokenizer, opts["data"]) if ids is None else ids
     out = []
     for variant in variants:
         with variant_context(model, variant):
             res = perplexity(model, tokenizer, opts["data"], max_length=opts["max_length"], stride=opts["stride"],
-                             progress=progress)
+                             progress=progress, ids=ids)
         out.append({"variant": variant, **res})
     return out

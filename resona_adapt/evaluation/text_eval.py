@@ -34,15 +34,22 @@ def evaluate_qa(model: nn.Module, tokenizer: Any, rows: Sequence[dict], *, max_n
             "examples": len(rows)}
 
 
+def text_ids(tokenizer: Any, path: str | Path) -> torch.Tensor:
+    """The token ids of a local text file, (N,) long."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, tokenizer: Any, path: str | Path, *, max_length: int = 1024, stride: int = 512,
-               progress: Callable[[int], None] | None = None) -> dict:
+               progress: Callable[[int], None] | None = None, ids: torch.Tensor | None = None) -> dict:
     """Perplexity of a local text file with overlapping windows (each token scored once, with up to
-    ``max_length - stride`` tokens of extra left context)."""
+    ``max_length - stride`` tokens of extra left context). ``progress(n)`` is called with the number
+    of tokens each window adds (they sum to the file's token count); ``ids``: the file's `text_ids`
+    when already computed."""
     if not 0 < stride <= max_length:
         raise ValueError(f"need 0 < stride <= max_length, got stride {stride}, max_length {max_length}")
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = text_ids(tokenizer, path) if ids is None else ids  # (N,)
     if ids.numel() < 2:
         raise ValueError(f"{path} has fewer than 2 tokens; perplexity needs some text")
     device = next(model.parameters()).device
@@ -59,9 +66,9 @@ def perplexity(model: nn.Module, tokenizer: Any, path: str | Path, *, max_length
             keep = torch.arange(1, window.shape[1], device=device) >= max(first_new, 1)
             nll += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
             counted += int(keep.sum())
-            prev_end = end
             if progress is not None:
-                progress(end - begin)
+                progress(end - prev_end)
+            prev_end = end
             if end == ids.numel():
                 break
     finally:

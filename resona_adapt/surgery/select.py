@@ -8,14 +8,37 @@ from ..errors import ResonaConfigError
 from .discover import Discovery
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    """``"0,12,-1"`` -> ``[0, 12, -1]``; empty or None -> None (the default)."""
-    if text is None or not text.strip():
+def parse_layers(text: str | None, flag: str = "--layers") -> list[int] | None:
+    """``"0,12,-1"`` -> ``[0, 12, -1]``; None -> None (the default). An empty string, an empty item
+    (``"0,,1"``) or a non-integer is an error naming ``flag``, never a silent default."""
+    if text is None:
         return None
+    parts = [part.strip() for part in text.split(",")]
+    example = "such as 0,12,-1"
+    if not text.strip():
+        raise ResonaConfigError(f"{flag} is empty: give layer indices {example}, or leave it out for the default")
+    if any(not part for part in parts):
+        raise ResonaConfigError(f"{flag} {text!r} has an empty item: give comma-separated integers {example}")
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in parts]
     except ValueError as exc:
-        raise ResonaConfigError(f"--layers must be a comma list of integers such as 0,12,-1; got {text!r}") from exc
+        raise ResonaConfigError(f"{flag} must be a comma list of integers {example}; got {text!r}") from exc
+
+
+def as_layer_list(requested: Sequence[int] | str | None, flag: str = "layers") -> list[int] | None:
+    """A layer selection as given to the API (None, ``"0,-1"`` or a sequence of ints) -> a list or None."""
+    if requested is None or isinstance(requested, str):
+        return parse_layers(requested, flag)
+    if isinstance(requested, (bool, int)) or not isinstance(requested, Sequence):
+        raise ResonaConfigError(
+            f"{flag} must be a list of layer indices such as [0, 12, -1] (or the string '0,12,-1'), got "
+            f"{requested!r}" + (f"; for the single layer {requested} pass [{requested}]" if isinstance(requested, int)
+                                and not isinstance(requested, bool) else ""))
+    out = list(requested)
+    for raw in out:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ResonaConfigError(f"layer indices must be integers, got {raw!r} in {flag}")
+    return out
 
 
 def default_layers(candidates: Sequence[int]) -> list[int]:
@@ -36,8 +59,7 @@ def resolve_layers(
     ``requested`` counts entries of the decoder-layer list (negative indices from the end). A layer
     whose kind is not in ``allow_kinds`` is an error unless the caller allows that kind explicitly.
     """
-    if isinstance(requested, str):
-        requested = parse_layers(requested)
+    requested = as_layer_list(requested)
     n = len(discovery.blocks)
     recurrent = discovery.indices_of("recurrent")
     if requested is None:

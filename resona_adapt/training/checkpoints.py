@@ -87,10 +87,37 @@ def load_trainable(model: nn.Module, directory: str | Path) -> None:
 
 
 def mark_complete(directory: str | Path, step: int) -> None:
+    """Write the marker (last): the step, and the files the checkpoint holds, so that a resume can
+    tell when one of them (e.g. the optimizer state) was lost since."""
     directory = Path(directory)
+    files = sorted(f.name for f in directory.iterdir() if f.is_file() and not f.name.startswith("."))
     tmp = directory / f".{MARKER_FILE}.tmp"
-    tmp.write_text(json.dumps({"step": step, "complete": True}) + "\n")
+    tmp.write_text(json.dumps({"step": step, "complete": True, "files": files}) + "\n")
     os.replace(tmp, directory / MARKER_FILE)
+
+
+RESUME_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", TRAINABLE_FILE)
+"""What a resume needs when a marker (written before the file list was recorded) does not list them."""
+
+
+def check_resumable(directory: str | Path) -> None:
+    """Refuse to resume from a checkpoint that lost a file since it was written (a lost ``optimizer.pt``
+    would make the Trainer restart AdamW's moments without a word)."""
+    directory = Path(directory)
+    try:
+        marker = json.loads((directory / MARKER_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{directory / MARKER_FILE} is unreadable ({exc}); the checkpoint cannot be resumed "
+                              "from") from exc
+    expected = marker.get("files") if isinstance(marker, dict) else None
+    expected = expected if isinstance(expected, list) else RESUME_FILES
+    missing = [name for name in expected if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{directory} has lost {', '.join(missing)} since it was written, so --resume cannot continue the run "
+            "exactly (a lost optimizer.pt would restart the optimizer's moments silently). Restore the files, or "
+            f"start a new run from its weights: train --model {directory} (without --resume)"
+        )
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path, bool]]:
@@ -117,19 +144,28 @@ def last_complete_checkpoint(run_dir: str | Path) -> Path:
     return complete[-1]
 
 
-def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool, main_process: bool = True) -> None:
-    """Refuse to mix a new run into the checkpoints of an earlier one (unless ``overwrite``, which
-    removes them, or ``resume``, which continues it). Only the main process checks and deletes."""
+def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool, main_process: bool = True) -> list[Path]:
+    """Refuse to mix a new run into the checkpoints of an earlier one, unless ``resume`` (continue it) or
+    ``overwrite`` (start over). Deletes nothing: returns the old checkpoints that `clear_run_dir` removes
+    once everything else is validated."""
     if resume or not main_process:
-        return
+        return []
     old = list_checkpoints(run_dir)
-    if not old:
-        return
-    if not overwrite:
+    if old and not overwrite:
         raise CheckpointError(
             f"{run_dir} holds checkpoints of an earlier run ({', '.join(p.name for _, p, _ in old[:3])}"
             f"{'...' if len(old) > 3 else ''}); pass --resume to continue it, --overwrite to start over, "
             "or another --run-dir"
         )
-    for _, path, _ in old:
+    return [p for _, p, _ in old]
+
+
+def clear_run_dir(old: list[Path]) -> None:
+    """Remove the checkpoints `check_run_dir` returned (call it last, just before training starts)."""
+    for path in old:
         shutil.rmtree(path)
+
+
+def prepare_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool, main_process: bool = True) -> None:
+    """`check_run_dir` then `clear_run_dir` at once (callers that have nothing else to validate)."""
+    clear_run_dir(check_run_dir(run_dir, resume=resume, overwrite=overwrite, main_process=main_process))

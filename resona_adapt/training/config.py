@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,10 +57,17 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ResonaConfigError(f"TrainConfig.{name} must be a positive integer or None, got {value!r}")
-        if not self.lr > 0 or (self.lr_multiplier is not None and not self.lr_multiplier > 0):
-            raise ResonaConfigError(f"TrainConfig.lr and lr_multiplier must be > 0, got {self.lr}, {self.lr_multiplier}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ResonaConfigError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        def number(name: str, ok: Callable[[float], bool], rule: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+                raise ResonaConfigError(f"TrainConfig.{name} must be a finite number {rule}, got {value!r}")
+
+        number("lr", lambda v: v > 0, "> 0")
+        if self.lr_multiplier is not None:
+            number("lr_multiplier", lambda v: v > 0, "> 0")
+        number("weight_decay", lambda v: v >= 0, ">= 0")
+        number("max_grad_norm", lambda v: v >= 0, ">= 0 (0 = no clipping)")
+        number("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ResonaConfigError(f"TrainConfig.checkpoint_format must be one of {CHECKPOINT_FORMATS}, "
                                     f"got {self.checkpoint_format!r}")

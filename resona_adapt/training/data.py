@@ -95,6 +95,10 @@ def load_tokenizer(source: str | Path | None, model_name: str = "the model"):
             "on a built-in task that needs no tokenizer (--task mqar)")
     if not source:
         raise DataError(f"{model_name} has no tokenizer to read text data with; {hint}")
+    from ..models import BUILTIN_MODELS
+
+    if str(source) in BUILTIN_MODELS:
+        raise DataError(f"{source} is a built-in model without a tokenizer, so it cannot read text data; {hint}")
     try:
         path = resolve_model_path(str(source))
     except ResonaError as exc:
@@ -115,9 +119,30 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def read_text_file(path: Path) -> str:
+    """The file's text (UTF-8); a binary or otherwise undecodable file is a `DataError` naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded); training data must be a "
+                        ".jsonl file or plain text") from exc
+    if "\x00" in text:
+        raise DataError(f"{path} holds NUL bytes: it looks like a binary file, not text; training data must be a "
+                        ".jsonl file or plain text")
+    return text
+
+
+def check_token_ids(dataset: TokenDataset, vocab_size: int, tokenizer_name: str = "the tokenizer") -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer larger than the model's vocabulary)."""
+    top = max((int(ids.max()) for ids, _ in dataset.examples if ids.numel()), default=-1)
+    if top >= vocab_size:
+        raise DataError(f"{tokenizer_name} produced token id {top}, but the model's vocabulary has {vocab_size} "
+                        "tokens (0..{}); use the tokenizer the model was trained with (--tokenizer)".format(vocab_size - 1))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -161,7 +186,7 @@ def load_text_dataset(path: str | Path, tokenizer: Any, seq_len: int) -> TokenDa
         if dropped and not examples:
             raise DataError(f"{path}: no row has a token to learn within seq_len={seq_len} (all {dropped} rows dropped)")
     else:
-        ids = _encode(tokenizer, path.read_text(encoding="utf-8"))
+        ids = _encode(tokenizer, read_text_file(path))
         for start in range(0, len(ids), seq_len):
             block = ids[start:start + seq_len]
             if len(block) >= 2:

@@ -15,6 +15,7 @@ per-offset logit bias, not a projection) and on Mamba's ``A_log``, nor on any pa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,15 +34,12 @@ def no_weight_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or leaf in NO_DECAY_NAMES or bool(getattr(p, "_no_weight_decay", False))
 
 
-def parse_layers(layers: Sequence[int] | str | None) -> list[int]:
-    if layers is None or layers == "":
-        return []
-    if isinstance(layers, str):
-        try:
-            return [int(x) for x in layers.split(",") if x.strip()]
-        except ValueError as exc:
-            raise ResonaConfigError(f"layer list {layers!r} must be comma-separated integers, e.g. 8,9,10") from exc
-    return [int(x) for x in layers]
+def parse_layers(layers: Sequence[int] | str | None, flag: str = "--unfreeze-layers") -> list[int]:
+    """Decoder-layer indices from ``"8,9,-1"`` or a sequence of ints; None -> []. An empty string or
+    item is an error (`resona_adapt.surgery.select.parse_layers`)."""
+    from ..surgery.select import as_layer_list
+
+    return as_layer_list(layers, flag) or []
 
 
 def unfreeze_base_layers(model: nn.Module, layers: Sequence[int] | str | None) -> list[tuple[str, nn.Parameter]]:
@@ -87,8 +85,8 @@ def param_groups(model: nn.Module, lr: float, lr_multiplier: float | None = None
     state = retrofit_state(inner)
     if lr_multiplier is None:
         lr_multiplier = state.config.lr_multiplier if state is not None else 1.0
-    if lr <= 0 or lr_multiplier <= 0:
-        raise ResonaConfigError(f"lr and lr_multiplier must be > 0, got {lr} and {lr_multiplier}")
+    if not (math.isfinite(lr) and lr > 0 and math.isfinite(lr_multiplier) and lr_multiplier > 0):
+        raise ResonaConfigError(f"lr and lr_multiplier must be > 0 and finite, got {lr} and {lr_multiplier}")
     unfrozen = {id(p) for _, p in unfreeze_base_layers(model, unfreeze_layers)}
     resona = {id(p) for _, p in resona_parameters(inner)}
 

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..errors import ResonaConfigError, SurgeryError
+from ..errors import ResonaConfigError, SurgeryError, TrainingError
 from ..lora import is_peft_model, unwrap_model
 from ..retrofit import retrofit_state
-from .checkpoints import MARKER_FILE, last_complete_checkpoint
+from .checkpoints import MARKER_FILE, check_resumable, last_complete_checkpoint, list_checkpoints
 from .config import TrainConfig
 from .data import PadCollator
 from .groups import unfreeze_base_layers
@@ -58,6 +58,14 @@ class TrainSummary:
         """Logged training loss by step (the loss curve)."""
         return {int(e["step"]): float(e["loss"]) for e in self.log_history if "loss" in e and "step" in e}
 
+    def to_json(self) -> dict[str, Any]:
+        """The summary as a JSON-ready dict (the loss curve by step; the Trainer's raw log left out)."""
+        return {"steps": self.steps, "first_loss": self.first_loss, "final_loss": self.final_loss,
+                "train_loss": self.train_loss, "tokens": self.tokens, "tokens_per_second": self.tokens_per_second,
+                "runtime_seconds": self.runtime_seconds, "eval": dict(self.eval), "output": self.output,
+                "run_dir": self.run_dir, "resumed_from": self.resumed_from,
+                "losses": {str(k): v for k, v in self.losses.items()}}
+
     def rows(self) -> list[tuple[str, str]]:
         def f(x: float | None) -> str:
             return "-" if x is None else f"{x:.4f}"
@@ -84,14 +92,17 @@ def _argmax_logits(logits: Any, labels: Any) -> torch.Tensor:
 
 
 def resolve_resume(config: TrainConfig) -> str | None:
+    """The checkpoint a run resumes from (None = a fresh start); refuses one that lost a file."""
     if not config.resume:
         return None
     if isinstance(config.resume, str):
         path = Path(config.resume)
         if not (path / MARKER_FILE).is_file():
             raise ResonaConfigError(f"{path} is not a complete resona-adapt training checkpoint (no {MARKER_FILE})")
-        return str(path)
-    return str(last_complete_checkpoint(config.run_dir))
+    else:
+        path = last_complete_checkpoint(config.run_dir)
+    check_resumable(path)
+    return str(path)
 
 
 def training_arguments(config: TrainConfig, run_dir: str, has_eval: bool):
@@ -121,6 +132,24 @@ def training_arguments(config: TrainConfig, run_dir: str, has_eval: bool):
     return TrainingArguments(**kwargs)
 
 
+def check_setup(model: nn.Module, train_dataset: Dataset, config: TrainConfig) -> None:
+    """Everything `train` refuses about its arguments, checked without changing the model or the disk
+    (the CLI calls it before ``--overwrite`` deletes an earlier run's checkpoints)."""
+    state = retrofit_state(unwrap_model(model))
+    if state is None:
+        raise SurgeryError("train() needs a retrofitted model: call retrofit(model) (or load a retrofitted checkpoint)")
+    if config.checkpoint_format == "adapter" and (config.unfreeze_layers or is_peft_model(model)):
+        raise ResonaConfigError("checkpoint_format='adapter' keeps only the Resona weights, but this run also trains "
+                                "base weights (unfrozen layers or a LoRA); use checkpoint_format='merged'")
+    if hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+        raise ResonaConfigError("the training dataset is empty")
+    n = len(state.discovery.blocks)
+    for i in config.unfreeze_layers:
+        if not -n <= i < n:
+            raise ResonaConfigError(f"cannot unfreeze layer {i}: the model has {n} layers (0..{n - 1})")
+    resolve_resume(config)
+
+
 def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None = None,
           config: TrainConfig | None = None, *, callbacks: Sequence[Any] = (),
           compute_metrics: Callable[[Any], dict[str, float]] | None = None, data_collator: Any = None,
@@ -139,22 +168,17 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
     from .trainer import ResonaTrainer
 
     config = config or TrainConfig()
+    check_setup(model, train_dataset, config)
     inner = unwrap_model(model)
     state = retrofit_state(inner)
-    if state is None:
-        raise SurgeryError("train() needs a retrofitted model: call retrofit(model) (or load a retrofitted checkpoint)")
     base_trained = bool(config.unfreeze_layers) or is_peft_model(model)
-    if config.checkpoint_format == "adapter" and base_trained:
-        raise ResonaConfigError("checkpoint_format='adapter' keeps only the Resona weights, but this run also trains "
-                                "base weights (unfrozen layers or a LoRA); use checkpoint_format='merged'")
-    if hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
-        raise ResonaConfigError("the training dataset is empty")
     unfreeze_base_layers(model, config.unfreeze_layers)
     if base_trained:
         state.extra["base_trained"] = {"unfrozen_layers": list(config.unfreeze_layers), "lora": is_peft_model(model)}
         inner.config.resona = state.describe()
     resume = resolve_resume(config)
     run_dir = config.run_dir or tempfile.mkdtemp(prefix="resona-train-")
+    run_dir_is_new = not Path(run_dir).exists()  # created by this run: removed again if it keeps nothing
     pad_id = getattr(inner.config, "pad_token_id", None)
     args = training_arguments(config, run_dir, eval_dataset is not None)
     all_callbacks = list(callbacks) + ([RichProgressCallback(console)] if config.progress else [])
@@ -175,9 +199,18 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
             from ..formats.merged import save_merged
 
             save_merged(model, config.output)
+    except TrainingError as exc:
+        raise TrainingError(f"{exc}; {_kept(config)}") from None
+    except RuntimeError as exc:
+        if "without overflow" not in str(exc):
+            raise
+        raise TrainingError(f"training stopped: an optimizer step overflowed ({exc}); the learning rate "
+                            f"({config.lr:g} times the Resona multiplier) is far too large; {_kept(config)}") from None
     finally:
         if not config.run_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
+        elif run_dir_is_new and Path(run_dir).is_dir() and not list_checkpoints(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing kept: leave no empty run directory behind
     model.eval()
     history = list(trainer.state.log_history)
     losses = [e["loss"] for e in history if "loss" in e and "step" in e]
@@ -192,8 +225,17 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
         tokens=tokens, tokens_per_second=tokens_run / max(runtime, 1e-9), runtime_seconds=runtime,
         eval={k.removeprefix("eval_"): v for k, v in metrics.items()
               if not k.endswith(("runtime", "per_second", "epoch", "num_input_tokens_seen"))},
-        output=config.output, run_dir=config.run_dir, resumed_from=resume, log_history=history,
+        output=config.output, run_dir=config.run_dir if config.run_dir and Path(config.run_dir).is_dir() else None,
+        resumed_from=resume, log_history=history,
     )
+
+
+def _kept(config: TrainConfig) -> str:
+    """What a failed run leaves: its last complete checkpoint, and the output it did not write."""
+    kept = [p for _, p, ok in list_checkpoints(config.run_dir) if ok] if config.run_dir else []
+    where = (f"the last complete checkpoint is {kept[-1]} (train --resume continues from it)"
+             if kept else "no checkpoint was written (--save-every N keeps some)")
+    return where + (f"; {config.output} was not written" if config.output else "")
 
 
 def _start_step(resume: str | None) -> int:

@@ -7,7 +7,9 @@ gradient accumulation, schedules, logging and evaluation are the library's own:
 - `_save` writes `trainable.safetensors` plus a merged (or adapter) checkpoint instead of the
   model's raw state dict, whose keys would hold the wrapper names (``mixer.base_layer...``);
 - `_load_from_checkpoint` (``resume_from_checkpoint``) and `_load_best_model`
-  (``load_best_model_at_end``) load `trainable.safetensors` back.
+  (``load_best_model_at_end``) load `trainable.safetensors` back;
+- a non-finite loss or trainable weight stops the run with a `TrainingError` at the end of the
+  step, before that step's checkpoint would be written (`StopOnNonFinite`).
 The optimizer, scheduler, RNG and trainer-state files are the Trainer's, so a resumed run
 continues exactly where the interrupted one stopped.
 """
@@ -17,9 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from ..errors import TrainingError
 from .checkpoints import load_trainable, mark_complete, write_training_checkpoint
 from .groups import param_groups
 
@@ -32,7 +36,9 @@ class ResonaTrainer(Trainer):
                  **kwargs: Any) -> None:
         self.lr_multiplier = lr_multiplier
         self.checkpoint_format = checkpoint_format
+        self.nonfinite_loss: float | None = None
         super().__init__(*args, **kwargs)
+        self.add_callback(StopOnNonFinite(self))
         self.add_callback(CheckpointMarker())
         self.add_callback(LogLastStep())
 
@@ -44,6 +50,12 @@ class ResonaTrainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if self.nonfinite_loss is None and not bool(torch.isfinite(loss.detach()).all()):
+            self.nonfinite_loss = float(loss.detach().float().reshape(-1)[0])  # reported at the end of the step
+        return loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
@@ -60,6 +72,38 @@ class ResonaTrainer(Trainer):
         """``load_best_model_at_end``: the best checkpoint's trainable parameters, like a resume."""
         target = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         load_trainable(target, self.state.best_model_checkpoint)
+
+
+def first_nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of the first trainable parameter holding a NaN or an infinity, or None."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p.detach()).all()):
+            return name
+    return None
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Stops training with a `TrainingError` at the end of the first optimizer step whose loss or
+    updated trainable weights are not finite; runs before that step's logging and checkpoint, so the
+    checkpoints on disk hold finite weights only. Under DDP every process takes the same decision."""
+
+    def __init__(self, trainer: ResonaTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        loss = self.trainer.nonfinite_loss
+        weight = first_nonfinite_parameter(model if model is not None else self.trainer.model)
+        bad = torch.tensor([float(loss is not None or weight is not None)], device=args.device)  # NCCL: on the GPU
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item() == 0:
+            return control
+        what = (f"the loss became {loss}" if loss is not None else
+                f"the weight {weight} stopped being finite" if weight is not None else "another process diverged")
+        raise TrainingError(
+            f"training stopped at step {state.global_step}: {what} (the run diverged: lower the learning rate, "
+            f"now {args.learning_rate:g} times the Resona multiplier, and keep gradient clipping on)"
+        )
 
 
 class LogLastStep(TrainerCallback):
