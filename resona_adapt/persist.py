@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import (
+from .files import (
     RESONA_WEIGHTS, atomic_directory, copy_tokenizer_files, load_tensors, read_json, save_tensors,
 )
 from .config import ResonaConfig

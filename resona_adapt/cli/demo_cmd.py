@@ -21,7 +21,7 @@ def command(app: App, quick: bool, output: str, examples: int | None, threads: i
     app.quiet_libraries()
     import torch
 
-    from ..checkpoint import check_output_dir
+    from ..files import check_output_dir
     from ..demo import run_demo
 
     check_output_dir(output, overwrite=False)

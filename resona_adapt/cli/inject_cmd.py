@@ -24,7 +24,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
             config_file: str | None, **config_values: object) -> None:
     """Insert Resona branches into a model and save the merged checkpoint to --output."""
     app.quiet_libraries()
-    from ..checkpoint import check_output_dir
+    from ..files import check_output_dir
     from ..errors import ResonaConfigError
     from ..loading import load_model
     from ..persist import save_retrofitted

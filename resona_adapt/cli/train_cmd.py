@@ -69,7 +69,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     app.quiet_libraries()
     import torch
 
-    from ..checkpoint import check_output_dir
+    from ..files import check_output_dir
     from ..errors import ResonaConfigError
     from ..loading import load_model
     from ..lora import add_lora

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint import RESONA_WEIGHTS, atomic_directory, load_tensors, read_json, save_tensors
+from ..files import RESONA_WEIGHTS, atomic_directory, load_tensors, read_json, save_tensors
 from ..errors import CheckpointError, ResonaError
 from ..lora import is_peft_model, unwrap_model
 from ..retrofit import is_retrofitted, retrofit_state, unretrofit

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_directory, copy_tokenizer_files, read_json
+from ..files import atomic_directory, copy_tokenizer_files, read_json
 from ..errors import CheckpointError
 
 BIN_WEIGHTS = "pytorch_model.bin"

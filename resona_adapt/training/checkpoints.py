@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_tensors, save_tensors
+from ..files import load_tensors, save_tensors
 from ..errors import CheckpointError
 
 TRAINABLE_FILE = "trainable.safetensors"

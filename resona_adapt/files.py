@@ -1,4 +1,4 @@
-"""Writing and reading Resona weights: atomic directories, `resona.safetensors`, tokenizer files."""
+"""File I/O of checkpoints: atomic output directories, safetensors files, JSON, tokenizer files."""
 
 from __future__ import annotations
 
