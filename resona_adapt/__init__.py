@@ -7,7 +7,7 @@
     model2.generate(input_ids, max_new_tokens=64)   # incremental decoding, same logits as full forwards
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .compat import warn_if_incompatible  # noqa: E402
 
@@ -16,11 +16,10 @@ warn_if_incompatible()
 from .adapters.cache import resona_cache  # noqa: E402
 from .config import MIX_MODES, ResonaConfig  # noqa: E402
 from .errors import CheckpointError, ModelNotFoundError, ResonaConfigError, ResonaError, SurgeryError  # noqa: E402
-from .loading import load_model  # noqa: E402
-from .persist import (  # noqa: E402
-    attach_retrofitted, load_resona_state_dict, load_retrofitted, resona_state_dict, save_retrofitted,
-)
+from .formats import attach_retrofitted, save_retrofitted  # noqa: E402
+from .loading import load_model, load_retrofitted  # noqa: E402
 from .retrofit import is_retrofitted, resona_layers, resona_parameters, retrofit, unretrofit  # noqa: E402
+from .state import load_resona_state_dict, resona_state_dict  # noqa: E402
 from .training.groups import param_groups  # noqa: E402
 
 __all__ = [

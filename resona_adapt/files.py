@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -76,13 +78,42 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupt or truncated ({exc}); re-export it from the source checkpoint") from exc
 
 
-def read_json(path: Path) -> dict:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: Any) -> None:
+    """Check ``path`` against a recorded sha256 (nothing to check when none was recorded, as in
+    checkpoints written before checksums); a mismatch is a `CheckpointError` naming the file."""
+    if expected is None:
+        return
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise CheckpointError(f"the recorded sha256 of {path} is malformed ({expected!r}); re-export the checkpoint")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; copy the whole checkpoint directory again")
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise CheckpointError(f"{path} is corrupt or truncated (its sha256 is {actual[:12]}..., the checkpoint "
+                              f"recorded {expected[:12]}...); copy it again from its source or re-export it")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``; a missing, unreadable or invalid file is a `CheckpointError` naming it."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} is missing") from exc
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from exc
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); copy the checkpoint again or fix the file") from exc
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not a text (UTF-8 JSON) file; copy the checkpoint again") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
 
 
 def copy_tokenizer_files(source: str | Path | None, dest: Path) -> list[str]:

@@ -123,6 +123,11 @@ def test_mamba_ssm_inject_export_and_back(family, tmp_path):
     back = load_model(str(tmp_path / "orig"))
     assert is_retrofitted(back)
     assert torch.equal(logits(back, ids), expected)
+    # the one loader reads every retrofitted checkpoint the tool writes, this layout included
+    again = load_retrofitted(tmp_path / "orig")
+    assert is_retrofitted(again) and torch.equal(logits(again, ids), expected)
+    with pytest.raises(CheckpointError, match="without Resona layers.*load_model"):
+        load_retrofitted(tmp_path / "ssm")
 
 
 def test_bad_mamba_ssm_checkpoints_are_named(tmp_path):

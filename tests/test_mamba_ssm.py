@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from mamba_ssm_standin import MambaConfig, MambaLMHeadModel, build_standin
-from matrix import CFG, check_family
-from resona_adapt import CheckpointError, ResonaConfig, attach_retrofitted, load_retrofitted, retrofit
+from matrix import check_family
+from resona_adapt import attach_retrofitted
 from resona_adapt.surgery import discover
 from resona_adapt.surgery.families.mamba_ssm import is_mamba_ssm_model
 
@@ -62,11 +61,3 @@ def test_recognised_by_structure_not_by_name():
     wrapper.backbone = MixerModel(wrapper.config)
     disc = discover(wrapper)
     assert disc.arch == "mamba_ssm" and disc.method == "registry" and len(disc.indices_of("recurrent")) == 4
-
-
-def test_load_retrofitted_points_to_attach(tmp_path):
-    model = build_standin()
-    retrofit(model, config=ResonaConfig(**CFG))
-    model.save_pretrained(tmp_path / "out")
-    with pytest.raises(CheckpointError, match="mamba-ssm base with Resona adapter files.*attach_retrofitted"):
-        load_retrofitted(tmp_path / "out")

@@ -36,6 +36,33 @@ class ResonaContext:
         self.embedding: nn.Module | None = None  # the model's input-embedding module (set by install_hooks)
         self.continuing = False  # the backbone received a generation cache that already holds positions
         self.new_state: ResonaCacheState | None = None  # a decoding state started by this forward (prefill)
+        self.cache_kwarg: str | None = None  # the backbone's parameter that carries the generation cache
+        self._signature: tuple[Any, inspect.Signature] | None = None  # (forward, its signature), cached
+
+    TRANSIENT = ("x", "input_ids", "attention_mask", "new_state", "_signature")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles keep the configuration, not the tensors of the last forward."""
+        state = dict(self.__dict__)
+        for name in self.TRANSIENT:
+            state[name] = None
+        state["continuing"] = False
+        return state
+
+    def backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the backbone: start a forward (`begin`) from its arguments."""
+        forward = module.forward
+        if self._signature is None or self._signature[0] != forward:
+            self._signature = (forward, inspect.signature(forward))
+        sig = self._signature[1]
+        bound = _bound_arguments(sig, args, kwargs)
+        cache = cache_from_kwargs(_named_arguments(sig, bound), self.cache_kwarg)
+        self.begin(bound.get("input_ids"), bound.get("inputs_embeds"), bound.get("attention_mask"), cache)
+
+    def embedding_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook on the input embedding: record its output as X."""
+        if isinstance(output, Tensor):
+            self.record_embeddings(args[0] if args else kwargs.get("input"), output)
 
     def begin(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Any,
               cache: Any = None) -> None:
@@ -130,21 +157,13 @@ def _named_arguments(sig: inspect.Signature, bound: dict[str, Any]) -> dict[str,
 def install_hooks(context: ResonaContext, backbone: nn.Module, embedding: nn.Module,
                   cache_kwarg: str | None = None) -> list[RemovableHandle]:
     """Register the two hooks that feed ``context``; returns their handles (remove to undo).
-    ``cache_kwarg``: the backbone's parameter that carries the generation cache, if known."""
+    ``cache_kwarg``: the backbone's parameter that carries the generation cache, if known.
 
-    sig = inspect.signature(backbone.forward)
+    The hooks are bound methods of ``context`` (no closures), so ``copy.deepcopy`` of the model
+    rebinds them to the copy's context and the model can be pickled."""
     context.embedding = embedding
-
-    def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = _bound_arguments(sig, args, kwargs)
-        cache = cache_from_kwargs(_named_arguments(sig, bound), cache_kwarg)
-        context.begin(bound.get("input_ids"), bound.get("inputs_embeds"), bound.get("attention_mask"), cache)
-
-    def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if isinstance(output, Tensor):
-            context.record_embeddings(args[0] if args else kwargs.get("input"), output)
-
+    context.cache_kwarg = cache_kwarg
     return [
-        backbone.register_forward_pre_hook(begin, with_kwargs=True),
-        embedding.register_forward_hook(record, with_kwargs=True),
+        backbone.register_forward_pre_hook(context.backbone_pre_hook, with_kwargs=True),
+        embedding.register_forward_hook(context.embedding_hook, with_kwargs=True),
     ]

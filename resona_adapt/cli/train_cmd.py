@@ -69,8 +69,8 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     app.quiet_libraries()
     import torch
 
-    from ..files import check_output_dir
     from ..errors import ResonaConfigError
+    from ..files import check_output_dir
     from ..loading import load_model
     from ..lora import add_lora
     from ..retrofit import retrofit, retrofit_state

@@ -21,9 +21,10 @@ from typing import Any
 from torch import nn
 
 from ..files import RESONA_WEIGHTS, atomic_directory, load_tensors, read_json, save_tensors
-from ..errors import CheckpointError, ResonaError
+from ..errors import CheckpointError
 from ..lora import is_peft_model, unwrap_model
 from ..retrofit import is_retrofitted, retrofit_state, unretrofit
+from ..state import load_resona_state_dict, resona_state_dict, retrofit_from_section
 
 ADAPTER_CONFIG = "resona_config.json"
 ADAPTER_FORMAT = "resona-adapt-adapter"
@@ -50,8 +51,6 @@ def base_description(model: nn.Module) -> dict[str, Any]:
 
 def adapter_files(model: nn.Module) -> tuple[dict[str, Any], dict]:
     """(resona_config.json content, branch tensors) of a retrofitted model."""
-    from ..persist import resona_state_dict
-
     inner = unwrap_model(model)
     state = retrofit_state(inner)
     if state is None:
@@ -123,8 +122,6 @@ def apply_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Retrofit ``model`` (a base, not yet retrofitted) as the adapter at ``path`` describes and load
     its weights. On any error the model is left exactly as it was and the error names the file and,
     for a shape mismatch, the tensor."""
-    from ..persist import load_resona_state_dict, retrofit_from_section
-
     if is_retrofitted(model):
         raise CheckpointError(f"{type(model).__name__} is already retrofitted; apply an adapter onto a plain base")
     meta, weights = read_adapter(path)
@@ -133,10 +130,7 @@ def apply_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     tensors = load_tensors(weights)
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        try:
-            retrofit_from_section(model, meta["resona"])
-        except ResonaError as exc:
-            raise CheckpointError(f"{path} does not fit this base: {exc}") from exc
+        retrofit_from_section(model, meta["resona"], source=str(path))
         load_resona_state_dict(model, tensors, source=source)
     except BaseException:
         if is_retrofitted(model):
