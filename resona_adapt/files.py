@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,39 +31,143 @@ TOKENIZER_FILES = (
 )
 
 
-def check_output_dir(final: str | Path, overwrite: bool) -> Path:
-    """Refuse an output path that is a file, or a non-empty directory unless ``overwrite``."""
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+# .NAME.tmp-HOST-PID-RANDOM (being written) and .NAME.old-HOST-PID-RANDOM (the output being replaced);
+# names without HOST-PID were written by resona-adapt before it recorded them
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?:(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-)?[0-9a-f]{8}$")
+log = logging.getLogger("resona_adapt")
+
+
+def _sibling(final: Path, tag: str) -> Path:
+    return final.parent / f".{final.name}.{tag}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def stale_siblings(final: str | Path) -> tuple[list[Path], list[Path]]:
+    """Leftovers of interrupted writes to ``final`` beside it: (written by a process of this machine
+    that no longer runs: safe to remove, written by another machine or an older resona-adapt: unknown)."""
     final = Path(final)
-    if final.exists() and not final.is_dir():
+    dead, unknown = [], []
+    if not final.parent.is_dir():
+        return dead, unknown
+    for path in final.parent.iterdir():
+        match = _SIBLING.match(path.name)
+        if not match or match["name"] != final.name or not path.is_dir() or path.is_symlink():
+            continue
+        if match["host"] == _HOST and not _running(int(match["pid"])):
+            dead.append(path)
+        elif match["pid"] is None or match["host"] != _HOST:
+            unknown.append(path)
+    return sorted(dead), sorted(unknown)
+
+
+def output_path(final: str | Path) -> Path:
+    """The directory a write to ``final`` replaces: a symlink's target (the link is kept and then
+    points at the new content). The current directory, one of its parents or a filesystem root
+    cannot be replaced and is refused."""
+    path = Path(final).expanduser()
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.parent.is_dir():
+            raise CheckpointError(f"{final} is a symlink to {target}, whose directory does not exist; fix the link "
+                                  "or choose another output path")
+        path = target
+    absolute = Path(os.path.abspath(path))
+    cwd = Path.cwd().resolve()
+    if absolute.name in ("", ".", "..") or absolute == absolute.parent or absolute.resolve() in (cwd, *cwd.parents):
+        raise CheckpointError(f"the output {str(final)!r} is the current directory or one of its parents, which "
+                              "cannot be replaced; name a new directory, e.g. --output ./out")
+    return absolute
+
+
+def check_output_dir(final: str | Path, overwrite: bool) -> Path:
+    """Refuse an output path that is a file, the current directory (or a parent), a non-empty
+    directory unless ``overwrite``, or one in a directory this process cannot write to. Returns the
+    path that will be written (a symlink's target)."""
+    path = output_path(final)
+    if path.exists() and not path.is_dir():
         raise CheckpointError(f"{final} exists and is a file, not a directory; choose another output path")
-    if final.exists() and any(final.iterdir()) and not overwrite:
+    if path.exists() and any(path.iterdir()) and not overwrite:
         raise CheckpointError(f"{final} already exists and is not empty; pass --overwrite to replace it, or choose another --output")
-    return final
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {final}: {parent} is not writable by this user; choose another output path")
+    return path
+
+
+def clean_stale_siblings(final: Path) -> list[Path]:
+    """Remove what interrupted writes of this machine left beside ``final``; report (log) the
+    leftovers whose writer cannot be checked. Returns the removed paths."""
+    dead, unknown = stale_siblings(final)
+    for path in dead:
+        shutil.rmtree(path, ignore_errors=True)
+    if dead:
+        log.warning("removed %d leftover(s) of an interrupted write to %s: %s", len(dead), final,
+                    ", ".join(p.name for p in dead))
+    if unknown:
+        log.warning("%s holds leftovers of an interrupted write to %s that may belong to a write still running "
+                    "elsewhere: %s; remove them if no write to %s is running", final.parent, final.name,
+                    ", ".join(p.name for p in unknown), final.name)
+    return dead
+
+
+def _replace(final: Path, tmp: Path) -> None:
+    """Move ``tmp`` to ``final`` (replacing it); on failure ``final`` is as it was and the error names it."""
+    if not final.exists():
+        try:
+            tmp.rename(final)
+        except OSError as exc:
+            raise CheckpointError(f"cannot move the new checkpoint into place at {final} ({exc.strerror or exc}); "
+                                  "nothing was changed") from exc
+        return
+    old = _sibling(final, "old")
+    try:
+        final.rename(old)
+    except OSError as exc:
+        raise CheckpointError(f"cannot replace {final} ({exc.strerror or exc}); it was left as it was: check its "
+                              "permissions, or choose another output path") from exc
+    try:
+        tmp.rename(final)
+    except OSError as exc:
+        old.rename(final)
+        raise CheckpointError(f"cannot move the new checkpoint into place at {final} ({exc.strerror or exc}); "
+                              "the previous content was put back") from exc
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
 def atomic_directory(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``final`` in one rename.
 
-    On any error the temporary directory is removed and ``final`` is left exactly as it was. With
-    ``overwrite=False`` an existing non-empty ``final`` is refused before anything is written.
+    On any error, the final rename included, the temporary directory is removed and ``final`` is
+    left exactly as it was. With ``overwrite=False`` an existing non-empty ``final`` is refused
+    before anything is written. Leftovers of earlier interrupted writes to ``final`` are removed
+    (or reported, when their writer cannot be checked). A symlinked ``final`` keeps its link: its
+    target is replaced.
     """
-    final = check_output_dir(final, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    path = check_output_dir(final, overwrite)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_siblings(path)
+        tmp = _sibling(path, "tmp")
+        tmp.mkdir()
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {final} ({exc.strerror or exc}); choose another output path") from exc
     try:
         yield tmp
+        _replace(path, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

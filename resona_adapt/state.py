@@ -26,7 +26,7 @@ from .surgery import get_path, set_path
 
 SECTION_VERSION = 1
 SECTION_KEYS = frozenset({"format_version", "resona_adapt_version", "arch", "layers", "config", "block_path",
-                          "mixer_attr", "allow_kinds", "weights_sha256"})
+                          "mixer_attr", "allow_kinds", "weights_sha256", "base"})  # written by retrofit or the writers
 
 
 def resona_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -72,6 +72,44 @@ def base_view(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for i, wrapper in wrappers.items():
             set_path(blocks[i].block, state.attr_of(i), wrapper)
+
+
+BASE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")  # what must match to reuse branches
+
+
+def base_description(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint records about the base its branches were made for: family (model type),
+    class, width, depth, vocabulary (rows of the input embedding) and name."""
+    cfg = getattr(model, "config", None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    return {
+        "model_type": getattr(cfg, "model_type", None),
+        "class": type(model).__name__,
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
+        "vocab_size": int(weight.shape[0]) if weight is not None else getattr(cfg, "vocab_size", None),
+        "name_or_path": str(getattr(model, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or ""),
+    }
+
+
+def check_base(made_for: dict[str, Any] | None, model: nn.Module, source: str) -> None:
+    """Refuse branches made for another base: a `CheckpointError` when the recorded family, width,
+    depth or vocabulary differs from ``model``'s (fields recorded as unknown are not compared)."""
+    made_for = made_for or {}
+    here = base_description(model)
+    differ = [name for name in BASE_FIELDS
+              if made_for.get(name) is not None and here[name] is not None and made_for[name] != here[name]]
+    if differ:
+        def show(d: dict[str, Any]) -> str:
+            return (f"{d.get('model_type')} base ({d.get('class')}, hidden {d.get('hidden_size')}, "
+                    f"{d.get('num_hidden_layers')} layers, vocabulary {d.get('vocab_size')})")
+
+        name = f" ({made_for['name_or_path']})" if made_for.get("name_or_path") else ""
+        raise CheckpointError(
+            f"{source} was made for a {show(made_for)}; this base is {show(here)}: {', '.join(differ)} differ. "
+            f"Apply it onto the base it was trained on{name}"
+        )
 
 
 def check_section(section: Any, source: str) -> dict[str, Any]:

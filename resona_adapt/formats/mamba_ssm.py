@@ -36,6 +36,7 @@ from ..lora import is_peft_model, lora_folded, unwrap_model
 from ..retrofit import retrofit_state
 from ..state import base_view
 from .adapter import apply_adapter, is_adapter_dir, write_adapter_files
+from .base import read_config
 
 BIN_WEIGHTS = "pytorch_model.bin"
 SAFE_WEIGHTS = "model.safetensors"
@@ -67,9 +68,10 @@ def is_mamba_ssm_config(cfg: dict[str, Any]) -> bool:
 
 
 def is_mamba_ssm_dir(path: str | Path) -> bool:
+    """True when ``path/config.json`` is in the mamba-ssm layout (an unreadable one is not)."""
     try:
-        return is_mamba_ssm_config(json.loads((Path(path) / "config.json").read_text()))
-    except (OSError, json.JSONDecodeError):
+        return is_mamba_ssm_config(read_config(Path(path)))
+    except CheckpointError:
         return False
 
 

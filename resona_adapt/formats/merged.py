@@ -30,7 +30,9 @@ from ..files import (
 )
 from ..lora import is_peft_model, lora_folded, unwrap_model
 from ..retrofit import register_merged_writer, retrofit_state
-from ..state import base_view, check_section, load_resona_state_dict, resona_state_dict, retrofit_from_section
+from ..state import (
+    base_description, base_view, check_section, load_resona_state_dict, resona_state_dict, retrofit_from_section,
+)
 from .base import load_base_model, read_config
 from .mamba_ssm import save_native_mamba_ssm
 
@@ -71,7 +73,8 @@ def save_retrofitted(model: nn.Module, save_directory: str | Path, *args: Any, o
     family_context = spec.save_context(model) if spec is not None and spec.save_context else nullcontext()
     with atomic_directory(final, overwrite=overwrite) as tmp:
         save_tensors(resona_state_dict(model), tmp / RESONA_WEIGHTS, {"layers": ",".join(map(str, state.layers))})
-        model.config.resona = {**state.describe(), "weights_sha256": sha256_file(tmp / RESONA_WEIGHTS)}
+        model.config.resona = {**state.describe(), "base": base_description(model),
+                               "weights_sha256": sha256_file(tmp / RESONA_WEIGHTS)}
         try:
             with base_view(model), family_context:
                 type(model).save_pretrained(model, tmp, *args, **kwargs)
