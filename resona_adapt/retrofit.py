@@ -201,6 +201,7 @@ def retrofit(
         originals[i] = target
         attrs[i] = attr
         wrapper = replace_mixer(info, make, attr)
+        context.branches.append(wrapper.resona)
         # where this module receives the generation cache: the one lookup of the decode path
         wrapper.cache_kwarg, wrapper.cache_arg_index = cache_argument(
             target, spec.cache_kwarg if spec is not None else None, spec.cache_arg_index if spec is not None else None)

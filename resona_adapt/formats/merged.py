@@ -53,22 +53,31 @@ def read_resona_section(path: str | Path) -> dict[str, Any]:
 
 def save_retrofitted(model: nn.Module, save_directory: str | Path, *args: Any, overwrite: bool = True,
                      tokenizer_source: str | Path | None = None, **kwargs: Any) -> Path:
-    """Write the merged checkpoint of a retrofitted transformers model to ``save_directory`` (atomically).
+    """Write the merged checkpoint of a retrofitted model to ``save_directory`` (atomically), whatever
+    wraps it: a PEFT model (its LoRA folded into the saved copy; the model in memory keeps it), DDP
+    or ``torch.compile``.
 
     Extra arguments go to transformers' ``save_pretrained`` for the base weights (e.g.
     ``max_shard_size``). Tokenizer files are copied from ``tokenizer_source`` or, by default, from
     the directory the base model was loaded from. A model that is not a transformers model
     (mamba-ssm's ``MambaLMHeadModel``) is written in its own layout (`formats.mamba_ssm`).
     """
+    if unwrap_model(model) is not model or _has_tuner_layers(model):
+        return save_merged(model, save_directory, *args, overwrite=overwrite, tokenizer_source=tokenizer_source,
+                           **kwargs)
+    return _write_merged(model, Path(save_directory), *args, overwrite=overwrite, tokenizer_source=tokenizer_source,
+                         **kwargs)
+
+
+def _write_merged(model: nn.Module, final: Path, *args: Any, overwrite: bool, tokenizer_source: str | Path | None,
+                  **kwargs: Any) -> Path:
+    """`save_retrofitted` of an unwrapped model (a LoRA, if any, already folded)."""
     state = retrofit_state(model)
     if state is None:
-        hint = ("; save it with resona_adapt.formats.save_merged (LoRA folded in) or save_adapter"
-                if retrofit_state(unwrap_model(model)) is not None else "; use its own save_pretrained")
-        raise SurgeryError(f"{type(model).__name__} is not retrofitted{hint}")
+        raise SurgeryError(f"{type(model).__name__} is not retrofitted; use its own save_pretrained")
     source = tokenizer_source or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
     if not _is_transformers_model(model):
-        return save_native_mamba_ssm(model, save_directory, overwrite=overwrite, tokenizer_source=source)
-    final = Path(save_directory)
+        return save_native_mamba_ssm(model, final, overwrite=overwrite, tokenizer_source=source)
     spec = state.discovery.spec
     family_context = spec.save_context(model) if spec is not None and spec.save_context else nullcontext()
     with atomic_directory(final, overwrite=overwrite) as tmp:
@@ -84,17 +93,21 @@ def save_retrofitted(model: nn.Module, save_directory: str | Path, *args: Any, o
     return final
 
 
-def save_merged(model: nn.Module, output: str | Path, *, overwrite: bool = True, **kwargs: Any) -> Path:
-    """Write the merged checkpoint of a retrofitted model, atomically, that `load_retrofitted` reads.
+def save_merged(model: nn.Module, output: str | Path, *args: Any, overwrite: bool = True, **kwargs: Any) -> Path:
+    """Write the merged checkpoint of a retrofitted model, atomically, that `load_retrofitted` reads
+    (`save_retrofitted` calls it for wrapped models).
 
-    ``model`` may be wrapped (PEFT, DDP): a LoRA is folded into the base weights of the saved copy
-    (the model in memory keeps its unmerged LoRA), the Resona branches are saved as they are.
-    Extra keyword arguments go to `save_retrofitted`.
+    ``model`` may be wrapped (PEFT, DDP, ``torch.compile``): a LoRA is folded into the base weights
+    of the saved copy (the model in memory keeps its unmerged LoRA), the Resona branches are saved
+    as they are. Extra arguments go to `save_retrofitted`.
     """
     inner = unwrap_model(model)
+    if retrofit_state(inner) is None:
+        raise SurgeryError(f"{type(inner).__name__} is not retrofitted; use its own save_pretrained")
     view = lora_folded(inner) if is_peft_model(model) or _has_tuner_layers(inner) else nullcontext(inner)
     with view:
-        return save_retrofitted(inner, output, overwrite=overwrite, **kwargs)
+        return _write_merged(inner, Path(output), *args, overwrite=overwrite,
+                             tokenizer_source=kwargs.pop("tokenizer_source", None), **kwargs)
 
 
 def load_merged(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
