@@ -88,6 +88,17 @@ class MergedSavePretrained:
         return f"<merged save_pretrained of {type(self.model).__name__}>"
 
 
+def accept_base_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook of every Resona wrapper: keys in the base's layout (``...mixer.in_proj``,
+    as a merged checkpoint's ``model.safetensors`` holds them) are read as the wrapped module's
+    (``...mixer.base_layer.in_proj``), so ``model.load_state_dict`` of a merged checkpoint (what a
+    stock ``Trainer`` does on resume) restores the base weights; the Resona weights keep their names."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if not rest.startswith(("base_layer.", "resona.")):
+            state_dict[f"{prefix}base_layer.{rest}"] = state_dict.pop(key)
+
+
 def retrofit_state(model: nn.Module) -> RetrofitState | None:
     """The `RetrofitState` of a retrofitted model, or None."""
     return model.__dict__.get(STATE_ATTR)
@@ -202,6 +213,7 @@ def retrofit(
         attrs[i] = attr
         wrapper = replace_mixer(info, make, attr)
         context.branches.append(wrapper.resona)
+        wrapper.register_load_state_dict_pre_hook(accept_base_layout)
         # where this module receives the generation cache: the one lookup of the decode path
         wrapper.cache_kwarg, wrapper.cache_arg_index = cache_argument(
             target, spec.cache_kwarg if spec is not None else None, spec.cache_arg_index if spec is not None else None)

@@ -57,6 +57,21 @@ def load_resona_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], s
             p.copy_(tensors[name].to(dtype=p.dtype, device=p.device))
 
 
+def merged_state_dict(model: nn.Module, live: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of a retrofitted model in the base's layout plus the branches: every key under a
+    Resona wrapper's ``base_layer`` loses that step (``...mixer.base_layer.in_proj.weight`` ->
+    ``...mixer.in_proj.weight``), the branch tensors keep their names (``...mixer.resona.*``).
+    ``live``: a state dict of the retrofitted model to translate (default: its own)."""
+    live = model.state_dict() if live is None else live
+    paths = {id(m): name for name, m in model.named_modules()}
+    wrapped = [paths[id(layer)] + ".base_layer." for layer in resona_layers(model).values() if id(layer) in paths]
+    out = {}
+    for key, value in live.items():
+        head = next((w for w in wrapped if key.startswith(w)), None)
+        out[head[: -len("base_layer.")] + key[len(head):] if head else key] = value
+    return out
+
+
 @contextmanager
 def base_view(model: nn.Module) -> Iterator[nn.Module]:
     """Temporarily put the original mixers back, so the model *is* its base (for saving)."""

@@ -73,11 +73,15 @@ def _classes_for(path: Path, raw: dict, trust_remote_code: bool) -> tuple[type |
     return config_cls, next((a for a in archs if a is not None), None)
 
 
-def load_base_model(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> nn.Module:
+def load_base_model(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                    quiet: bool = False) -> nn.Module:
     """Load a checkpoint directory as the class its config names (causal LM by default): transformers
     models, flash-linear-attention models (fla extra), Hymba (resona-adapt's own implementation, or
-    NVIDIA's remote code with ``trust_remote_code``) and remote-code models."""
+    NVIDIA's remote code with ``trust_remote_code``) and remote-code models. Missing or mis-shaped
+    tensors are an error; ``quiet`` silences transformers' load report (a merged checkpoint's
+    ``model.safetensors`` also holds the branch tensors, which the base reports as unused)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -95,11 +99,16 @@ def load_base_model(path: str | Path, *, dtype: torch.dtype | None = None, trust
     cls = cls or AutoModelForCausalLM
     kwargs = {"trust_remote_code": trust_remote_code} if cls is AutoModelForCausalLM else {}
     check_weight_files(path)
+    verbosity = transformers_logging.get_verbosity()
     try:
+        if quiet:
+            transformers_logging.set_verbosity_error()
         model, info = cls.from_pretrained(path, config=config, dtype=dtype or "auto", local_files_only=True,
                                           output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot load the base weights in {path}: {exc}") from exc
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or [])
     mismatched = [f"{m[0]}: {tuple(m[1])} in the file, {tuple(m[2])} from config.json" if isinstance(m, (tuple, list)) and len(m) == 3
                   else str(m) for m in info.get("mismatched_keys") or []]

@@ -31,7 +31,8 @@ from ..files import (
 from ..lora import is_peft_model, lora_folded, unwrap_model
 from ..retrofit import register_merged_writer, retrofit_state
 from ..state import (
-    base_description, base_view, check_section, load_resona_state_dict, resona_state_dict, retrofit_from_section,
+    base_description, base_view, check_section, load_resona_state_dict, merged_state_dict, resona_state_dict,
+    retrofit_from_section,
 )
 from .base import load_base_model, read_config
 from .mamba_ssm import save_native_mamba_ssm
@@ -85,8 +86,13 @@ def _write_merged(model: nn.Module, final: Path, *args: Any, overwrite: bool, to
         model.config.resona = {**state.describe(), "base": base_description(model),
                                "weights_sha256": sha256_file(tmp / RESONA_WEIGHTS)}
         try:
-            with base_view(model), family_context:
-                type(model).save_pretrained(model, tmp, *args, **kwargs)
+            with family_context:
+                # the base in its own layout, and the branches under their module names: plain
+                # transformers reads the base (and reports the branch tensors as unused), and
+                # load_state_dict of the retrofitted model (a stock Trainer's resume) restores both
+                tensors = merged_state_dict(model, kwargs.pop("state_dict", None))
+                with base_view(model):
+                    type(model).save_pretrained(model, tmp, *args, state_dict=tensors, **kwargs)
         finally:
             model.config.resona = state.describe()
         copy_tokenizer_files(source, tmp)
@@ -121,7 +127,7 @@ def load_merged(path: str | Path, *, dtype: torch.dtype | None = None, trust_rem
                               "copy the whole checkpoint directory again")
     verify_sha256(weights, section.get("weights_sha256"))
     tensors = load_tensors(weights)
-    model = load_base_model(root, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = load_base_model(root, dtype=dtype, trust_remote_code=trust_remote_code, quiet=True)
     retrofit_from_section(model, section, source=str(root / "config.json"))
     load_resona_state_dict(model, tensors, source=str(weights))
     return model.eval()
