@@ -112,3 +112,17 @@ def test_a_retrofitted_model_saves_merged_when_only_the_core_is_imported(tmp_pat
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], check=True, cwd=ROOT.parent, timeout=300)
     assert (tmp_path / "out" / "resona.safetensors").is_file()
+
+
+def test_the_old_persist_module_still_works_and_says_where_its_names_went():
+    import importlib
+
+    import pytest
+
+    sys.modules.pop("resona_adapt.persist", None)
+    with pytest.warns(DeprecationWarning, match="resona_adapt.persist is deprecated"):
+        persist = importlib.import_module("resona_adapt.persist")
+    from resona_adapt import formats, loading, state
+
+    assert persist.save_retrofitted is formats.save_retrofitted and persist.load_retrofitted is loading.load_retrofitted
+    assert persist.base_view is state.base_view and persist.attach_retrofitted is formats.attach_retrofitted
