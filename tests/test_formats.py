@@ -140,6 +140,10 @@ def test_mamba_ssm_inject_export_and_back(family, tmp_path):
     assert is_retrofitted(again) and torch.equal(logits(again, ids), expected)
     with pytest.raises(CheckpointError, match="without Resona layers.*load_model"):
         load_retrofitted(tmp_path / "ssm")
+    from resona_adapt.formats import detect_format, is_retrofitted_dir
+
+    assert [detect_format(tmp_path / d) for d in ("ssm", "orig", "out2")] == ["mamba-ssm", "mamba-ssm", "merged"]
+    assert [is_retrofitted_dir(tmp_path / d) for d in ("ssm", "orig", "out2")] == [False, True, True]
 
 
 def test_bad_mamba_ssm_checkpoints_are_named(tmp_path):
