@@ -93,9 +93,10 @@ def accept_base_layout(module: nn.Module, state_dict: dict[str, Any], prefix: st
     as a merged checkpoint's ``model.safetensors`` holds them) are read as the wrapped module's
     (``...mixer.base_layer.in_proj``), so ``model.load_state_dict`` of a merged checkpoint (what a
     stock ``Trainer`` does on resume) restores the base weights; the Resona weights keep their names."""
+    expected = set(module.base_layer.state_dict(keep_vars=True))
     for key in [k for k in state_dict if k.startswith(prefix)]:
         rest = key[len(prefix):]
-        if not rest.startswith(("base_layer.", "resona.")):
+        if rest in expected and f"{prefix}base_layer.{rest}" not in state_dict:
             state_dict[f"{prefix}base_layer.{rest}"] = state_dict.pop(key)
 
 
