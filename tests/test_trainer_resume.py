@@ -58,3 +58,32 @@ def test_stock_trainer_resume_is_bit_exact(tmp_path):
     assert torch.equal(logits(resumed, ids), logits(full, ids))
     # and the Trainer's checkpoints are ordinary merged checkpoints
     assert torch.equal(logits(load_retrofitted(tmp_path / "full" / "checkpoint-4"), ids), logits(full, ids))
+
+
+def test_load_state_dict_of_a_merged_checkpoint_restores_other_families(tmp_path):
+    """What a stock Trainer's resume does, on Hymba's attention swap and RWKV's rescaled layers."""
+    from safetensors.torch import load_file
+
+    from hymba_support import build_hymba
+    from matrix import randomize_resona
+    from tiny_families import build_family
+
+    cases = {"hymba": (lambda: build_hymba(), dict(replace_attention=True), [1]),
+             "rwkv": (lambda: build_family("rwkv"), {}, [2, 3])}
+    for name, (build, extra, layers) in cases.items():
+        model = build()
+        retrofit(model, layers=layers, config=ResonaConfig(**CFG, **extra))
+        randomize_resona(model)
+        ids = torch.randint(3, VOCAB, (2, 13))
+        expected = logits(model, ids)
+        model.save_pretrained(tmp_path / name)
+        torch.manual_seed(7)
+        fresh = build()
+        retrofit(fresh, layers=layers, config=ResonaConfig(**CFG, **extra))
+        with torch.no_grad():  # other base weights too: everything must come from the file
+            for p in fresh.parameters():
+                p.add_(0.01)
+        result = fresh.load_state_dict(load_file(str(tmp_path / name / "model.safetensors")), strict=False)
+        assert not result.unexpected_keys, (name, result.unexpected_keys)
+        assert all("base_layer" not in k and "resona" not in k for k in result.missing_keys), (name, result.missing_keys)
+        assert torch.equal(logits(fresh.eval(), ids), expected), name
