@@ -69,7 +69,7 @@ def main() -> None:
 
     from resona_adapt import ResonaConfig, retrofit
     from resona_adapt.adapters.cache import STATE_ATTR, resona_cache
-    from resona_adapt.persist import base_view
+    from resona_adapt.state import base_view
 
     quick = args.quick
     contexts = [int(c) for c in (args.contexts or ("256,1024" if quick else "1024,8192")).split(",")]

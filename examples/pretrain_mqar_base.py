@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from resona_adapt.checkpoint import atomic_directory
+from resona_adapt.files import atomic_directory
 from resona_adapt.evaluation import evaluate_mqar, parse_grid
 from resona_adapt.evaluation.mqar_eval import TRAIN_SEED_BASE
 from resona_adapt.tasks import IGNORE, mqar

@@ -22,16 +22,17 @@ from typing import TYPE_CHECKING, Any
 from .config import MIX_MODES, ResonaConfig
 from .errors import CheckpointError, ModelNotFoundError, ResonaConfigError, ResonaError, SurgeryError
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY: dict[str, str] = {
     "resona_cache": ".adapters.cache",
     "load_model": ".loading",
-    "attach_retrofitted": ".persist",
-    "load_resona_state_dict": ".persist",
-    "load_retrofitted": ".persist",
-    "resona_state_dict": ".persist",
-    "save_retrofitted": ".persist",
+    "attach_retrofitted": ".formats",
+    "load_resona_state_dict": ".state",
+    "load_retrofitted": ".loading",
+    "resona_state_dict": ".state",
+    "save_adapter": ".formats",
+    "save_retrofitted": ".formats",
     "is_retrofitted": ".retrofit",
     "resona_layers": ".retrofit",
     "resona_parameters": ".retrofit",
@@ -76,9 +77,9 @@ sys.modules[__name__].__class__ = _Package
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports
     from .adapters.cache import resona_cache
     from .loading import load_model
-    from .persist import (
-        attach_retrofitted, load_resona_state_dict, load_retrofitted, resona_state_dict, save_retrofitted,
-    )
+    from .formats import attach_retrofitted, save_adapter, save_retrofitted
+    from .loading import load_retrofitted
+    from .state import load_resona_state_dict, resona_state_dict
     from .retrofit import is_retrofitted, resona_layers, resona_parameters, retrofit, unretrofit
     from .training.groups import param_groups
 
@@ -86,5 +87,5 @@ __all__ = [
     "MIX_MODES", "CheckpointError", "attach_retrofitted", "ModelNotFoundError", "ResonaConfig", "ResonaConfigError", "ResonaError",
     "SurgeryError", "__version__", "is_retrofitted", "load_model", "load_resona_state_dict", "load_retrofitted",
     "param_groups", "resona_cache", "resona_layers", "resona_parameters", "resona_state_dict", "retrofit",
-    "save_retrofitted", "unretrofit",
+    "save_adapter", "save_retrofitted", "unretrofit",
 ]

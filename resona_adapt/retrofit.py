@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import importlib
+
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from . import __version__
+from .version import __version__
 from .adapters import AttentionSwap, ResonaBranch, ResonaContext, ResonaLayer, install_hooks
 from .config import ResonaConfig
 from .errors import SurgeryError
@@ -52,6 +55,54 @@ class RetrofitState:
             "allow_kinds": list(self.allow_kinds),
             **self.extra,
         }
+
+
+MergedWriter = Callable[..., Any]
+_merged_writer: list[MergedWriter] = []
+
+
+def register_merged_writer(writer: MergedWriter) -> None:
+    """Set the function that writes a merged checkpoint, ``writer(model, save_directory, *args, **kwargs)``.
+
+    `resona_adapt.formats.merged` registers its `save_retrofitted` when it is imported; the first call of
+    a `MergedSavePretrained` imports it by name if nothing is registered yet (the package imports its
+    modules lazily). The surgery only points ``model.save_pretrained`` at it, so it depends on no
+    checkpoint format.
+    """
+    _merged_writer[:] = [writer]
+
+
+class MergedSavePretrained:
+    """``model.save_pretrained`` of a retrofitted model: writes the merged checkpoint (base + Resona).
+
+    An object that holds its model, not a closure: ``copy.deepcopy`` and pickling rebind it to the
+    copy (which then saves its own weights), and the writer is looked up when it is called.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        if not _merged_writer:
+            importlib.import_module("resona_adapt.formats.merged")  # registers the writer (a plug-in, by name)
+        if not _merged_writer:
+            raise SurgeryError("no merged-checkpoint writer is registered: import resona_adapt.formats first")
+        return _merged_writer[0](self.model, save_directory, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<merged save_pretrained of {type(self.model).__name__}>"
+
+
+def accept_base_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook of every Resona wrapper: keys in the base's layout (``...mixer.in_proj``,
+    as a merged checkpoint's ``model.safetensors`` holds them) are read as the wrapped module's
+    (``...mixer.base_layer.in_proj``), so ``model.load_state_dict`` of a merged checkpoint (what a
+    stock ``Trainer`` does on resume) restores the base weights; the Resona weights keep their names."""
+    expected = set(module.base_layer.state_dict(keep_vars=True))
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix):]
+        if rest in expected and f"{prefix}base_layer.{rest}" not in state_dict:
+            state_dict[f"{prefix}base_layer.{rest}"] = state_dict.pop(key)
 
 
 def retrofit_state(model: nn.Module) -> RetrofitState | None:
@@ -155,7 +206,7 @@ def retrofit(
             dtype, device = _param_like(info.block)
         scale = None
         if spec is not None and spec.branch_scale is not None:
-            scale = (lambda i=i, fn=spec.branch_scale: fn(model, i))
+            scale = partial(spec.branch_scale, model, i)  # picklable, and rebound to the copy by deepcopy
 
         def make(mixer: nn.Module, i: int = i, dtype=dtype, device=device, scale=scale) -> nn.Module:
             if swap_attr:
@@ -167,6 +218,8 @@ def retrofit(
         originals[i] = target
         attrs[i] = attr
         wrapper = replace_mixer(info, make, attr)
+        context.branches.append(wrapper.resona)
+        wrapper.register_load_state_dict_pre_hook(accept_base_layout)
         # where this module receives the generation cache: the one lookup of the decode path
         wrapper.cache_kwarg, wrapper.cache_arg_index = cache_argument(
             target, spec.cache_kwarg if spec is not None else None, spec.cache_arg_index if spec is not None else None)
@@ -180,7 +233,7 @@ def retrofit(
     model.__dict__[STATE_ATTR] = state
     if getattr(model, "config", None) is not None:
         model.config.resona = state.describe()
-    _bind_save(model)
+    model.__dict__["save_pretrained"] = MergedSavePretrained(model)
     return model
 
 
@@ -225,14 +278,3 @@ def _output_width(heads: nn.Module, block: nn.Module, attr: str) -> int:
     if heads_n and v_dim:
         return int(heads_n) * int(v_dim)
     raise SurgeryError(f"cannot tell the output width of the attention heads {type(heads).__name__}")
-
-
-def _bind_save(model: nn.Module) -> None:
-    """Make ``model.save_pretrained(dir)`` write the merged checkpoint (base + Resona)."""
-    from .persist import save_retrofitted
-
-    def save_pretrained(save_directory: Any, *args: Any, **kwargs: Any) -> None:
-        save_retrofitted(model, save_directory, *args, **kwargs)
-
-    save_pretrained.__doc__ = save_retrofitted.__doc__
-    model.__dict__["save_pretrained"] = save_pretrained

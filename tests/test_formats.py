@@ -66,13 +66,25 @@ def test_adapter_for_another_base_is_refused_and_the_base_left_as_it_was(tmp_pat
     save_adapter(trained(), tmp_path / "adapter")
     wider = MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=4, state_size=4))
     flags = [p.requires_grad for p in wider.parameters()]
-    with pytest.raises(CheckpointError, match=r"resona\.safetensors: tensor layers\.0\.norm_h\.weight has shape "
-                                              r"\(32,\), the model expects \(48,\)"):
+    with pytest.raises(CheckpointError, match=r"was made for a mamba base \(MambaForCausalLM, hidden 32, 4 layers, "
+                                              r"vocabulary 64\); this base is .*hidden 48.*: hidden_size differ"):
         load_retrofitted(wider, adapter=tmp_path / "adapter")
     assert not is_retrofitted(wider) and [p.requires_grad for p in wider.parameters()] == flags
     with pytest.raises(CheckpointError, match="was made for a mamba base .* this base is mamba2"):
         load_retrofitted(build_tiny("mamba2"), adapter=tmp_path / "adapter")
     shallow = build_tiny("mamba", layers=2)
+    with pytest.raises(CheckpointError, match="num_hidden_layers differ"):
+        load_retrofitted(shallow, adapter=tmp_path / "adapter")
+    assert not is_retrofitted(shallow)
+    # an adapter that does not record its base (written by hand, or by an older tool) is still checked
+    # tensor by tensor and layer by layer
+    meta = json.loads((tmp_path / "adapter" / "resona_config.json").read_text())
+    del meta["base"]
+    (tmp_path / "adapter" / "resona_config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"resona\.safetensors: tensor layers\.0\.norm_h\.weight has shape "
+                                              r"\(32,\), the model expects \(48,\)"):
+        load_retrofitted(wider, adapter=tmp_path / "adapter")
+    assert not is_retrofitted(wider) and [p.requires_grad for p in wider.parameters()] == flags
     with pytest.raises(CheckpointError, match="does not fit this base: .*layer 3"):
         load_retrofitted(shallow, adapter=tmp_path / "adapter")
     assert not is_retrofitted(shallow)
@@ -123,6 +135,15 @@ def test_mamba_ssm_inject_export_and_back(family, tmp_path):
     back = load_model(str(tmp_path / "orig"))
     assert is_retrofitted(back)
     assert torch.equal(logits(back, ids), expected)
+    # the one loader reads every retrofitted checkpoint the tool writes, this layout included
+    again = load_retrofitted(tmp_path / "orig")
+    assert is_retrofitted(again) and torch.equal(logits(again, ids), expected)
+    with pytest.raises(CheckpointError, match="without Resona layers.*load_model"):
+        load_retrofitted(tmp_path / "ssm")
+    from resona_adapt.formats import detect_format, is_retrofitted_dir
+
+    assert [detect_format(tmp_path / d) for d in ("ssm", "orig", "out2")] == ["mamba-ssm", "mamba-ssm", "merged"]
+    assert [is_retrofitted_dir(tmp_path / d) for d in ("ssm", "orig", "out2")] == [False, True, True]
 
 
 def test_bad_mamba_ssm_checkpoints_are_named(tmp_path):

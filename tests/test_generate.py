@@ -8,7 +8,7 @@ import torch
 from conftest import VOCAB, build_tiny, randomize_resona
 from resona_adapt import ResonaConfig, SurgeryError, retrofit
 from resona_adapt.adapters.cache import ResonaCacheState, resona_cache
-from resona_adapt.persist import base_view
+from resona_adapt.state import base_view
 
 U = 4  # chunk size: every test below crosses several chunk boundaries
 CFG = dict(chunk_size=U, num_heads=2, head_dim=8, search_dim=16)

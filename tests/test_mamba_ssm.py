@@ -11,11 +11,12 @@ import dataclasses
 import json
 
 import pytest
+
 import torch
 
 import mamba_ssm_real as real
 from matrix import CFG, check_family, logits
-from resona_adapt import CheckpointError, ResonaConfig, attach_retrofitted, load_retrofitted, retrofit
+from resona_adapt import ResonaConfig, attach_retrofitted, retrofit
 from resona_adapt.surgery import discover
 from resona_adapt.surgery.families.mamba_ssm import is_mamba_ssm_model
 
@@ -132,14 +133,6 @@ def test_recognised_by_structure_not_by_name():
                                              ssm_cfg=dict(real.MAMBA1_SSM), rms_norm=True, fused_add_norm=True)
     disc = discover(wrapper)
     assert disc.arch == "mamba_ssm" and disc.method == "registry" and len(disc.indices_of("recurrent")) == 4
-
-
-def test_load_retrofitted_points_to_attach(tmp_path):
-    model = real.build()
-    retrofit(model, config=ResonaConfig(**CFG))
-    model.save_pretrained(tmp_path / "out")
-    with pytest.raises(CheckpointError, match="mamba-ssm base with Resona adapter files.*attach_retrofitted"):
-        load_retrofitted(tmp_path / "out")
 
 
 def test_inference_params_reset_with_arguments_drops_the_state():

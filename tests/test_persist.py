@@ -9,7 +9,7 @@ import torch
 
 from conftest import VOCAB, build_tiny, randomize_resona
 from resona_adapt import CheckpointError, ResonaConfig, load_model, load_retrofitted, resona_layers, retrofit
-from resona_adapt.checkpoint import atomic_directory
+from resona_adapt.files import atomic_directory
 
 CFG = dict(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16)
 

@@ -148,7 +148,7 @@ def test_trainer_uses_param_groups_with_two_lines(mqar_data, tmp_path):
 
 
 def test_load_best_model_at_end_restores_the_best_checkpoint(mqar_data, tmp_path):
-    from resona_adapt.checkpoint import load_tensors
+    from resona_adapt.files import load_tensors
 
     model = mqar_model()
     train(model, *mqar_data, fast(steps=4, run_dir=str(tmp_path / "run"), save_every=2, eval_every=2,

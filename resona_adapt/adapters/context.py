@@ -14,8 +14,10 @@ positions, this forward continues a sequence, and every Resona layer must find i
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -36,6 +38,60 @@ class ResonaContext:
         self.embedding: nn.Module | None = None  # the model's input-embedding module (set by install_hooks)
         self.continuing = False  # the backbone received a generation cache that already holds positions
         self.new_state: ResonaCacheState | None = None  # a decoding state started by this forward (prefill)
+        self.cache_kwarg: str | None = None  # the backbone's parameter that carries the generation cache
+        self.branches: list[nn.Module] = []  # the Resona branches this context feeds (set by retrofit)
+        self.warned_frozen = False
+        self._signature: tuple[Any, inspect.Signature] | None = None  # (forward, its signature), cached
+
+    TRANSIENT = ("x", "input_ids", "attention_mask", "new_state", "_signature")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles keep the configuration, not the tensors of the last forward."""
+        state = dict(self.__dict__)
+        for name in self.TRANSIENT:
+            state[name] = None
+        state["continuing"] = False
+        return state
+
+    def backbone_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the backbone: start a forward (`begin`) from its arguments."""
+        self.check_peft(module)
+        forward = module.forward
+        if self._signature is None or self._signature[0] != forward:
+            self._signature = (forward, inspect.signature(forward))
+        sig = self._signature[1]
+        bound = _bound_arguments(sig, args, kwargs)
+        cache = cache_from_kwargs(_named_arguments(sig, bound), self.cache_kwarg)
+        self.begin(bound.get("input_ids"), bound.get("inputs_embeds"), bound.get("attention_mask"), cache)
+
+    def check_peft(self, backbone: nn.Module) -> None:
+        """Refuse branches that peft's ``get_peft_model`` wrapped (a target such as ``q_proj`` also
+        names the branch's projections), and warn once when a training forward runs with peft layers
+        in the model but every Resona parameter frozen (what ``get_peft_model`` does to them)."""
+        for branch in self.branches:
+            for name, sub in branch.named_modules():
+                if type(sub).__module__.startswith("peft."):
+                    raise SurgeryError(
+                        f"peft wrapped the Resona branch's own {name or 'module'} ({type(sub).__name__}): plain "
+                        "get_peft_model targets the branches too and freezes them. Use resona_adapt.lora.add_lora("
+                        "model, target_modules=[...]) on the retrofitted model: it excludes the branches from the "
+                        "targets and keeps them trainable"
+                    )
+        if (self.warned_frozen or not self.branches or not backbone.training or not torch.is_grad_enabled()
+                or any(p.requires_grad for b in self.branches for p in b.parameters())):
+            return
+        if any(type(sub).__module__.startswith("peft.") for sub in backbone.modules()):
+            self.warned_frozen = True
+            warnings.warn(
+                "training with peft layers while every Resona parameter is frozen (peft's get_peft_model freezes "
+                "them): the branches will not learn. Use resona_adapt.lora.add_lora(model, ...) instead, or set "
+                "requires_grad on resona_parameters(model) before building the optimizer", stacklevel=2,
+            )
+
+    def embedding_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook on the input embedding: record its output as X."""
+        if isinstance(output, Tensor):
+            self.record_embeddings(args[0] if args else kwargs.get("input"), output)
 
     def begin(self, input_ids: Tensor | None, inputs_embeds: Tensor | None, attention_mask: Any,
               cache: Any = None) -> None:
@@ -130,21 +186,13 @@ def _named_arguments(sig: inspect.Signature, bound: dict[str, Any]) -> dict[str,
 def install_hooks(context: ResonaContext, backbone: nn.Module, embedding: nn.Module,
                   cache_kwarg: str | None = None) -> list[RemovableHandle]:
     """Register the two hooks that feed ``context``; returns their handles (remove to undo).
-    ``cache_kwarg``: the backbone's parameter that carries the generation cache, if known."""
+    ``cache_kwarg``: the backbone's parameter that carries the generation cache, if known.
 
-    sig = inspect.signature(backbone.forward)
+    The hooks are bound methods of ``context`` (no closures), so ``copy.deepcopy`` of the model
+    rebinds them to the copy's context and the model can be pickled."""
     context.embedding = embedding
-
-    def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = _bound_arguments(sig, args, kwargs)
-        cache = cache_from_kwargs(_named_arguments(sig, bound), cache_kwarg)
-        context.begin(bound.get("input_ids"), bound.get("inputs_embeds"), bound.get("attention_mask"), cache)
-
-    def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if isinstance(output, Tensor):
-            context.record_embeddings(args[0] if args else kwargs.get("input"), output)
-
+    context.cache_kwarg = cache_kwarg
     return [
-        backbone.register_forward_pre_hook(begin, with_kwargs=True),
-        embedding.register_forward_hook(record, with_kwargs=True),
+        backbone.register_forward_pre_hook(context.backbone_pre_hook, with_kwargs=True),
+        embedding.register_forward_hook(context.embedding_hook, with_kwargs=True),
     ]

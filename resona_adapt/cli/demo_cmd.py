@@ -22,7 +22,7 @@ def command(app: App, quick: bool, output: str, overwrite: bool, examples: int |
     app.quiet_libraries()
     import torch
 
-    from ..checkpoint import check_output_dir
+    from ..files import check_output_dir
     from ..demo import run_demo
 
     check_output_dir(output, overwrite=overwrite)

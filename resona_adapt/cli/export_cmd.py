@@ -24,7 +24,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
             output: str, fmt: str, adapter_only: bool, weights: str, overwrite: bool, as_json: bool) -> None:
     """Write --model to --output in another checkpoint format (atomically)."""
     app.quiet_libraries()
-    from ..checkpoint import check_output_dir
+    from ..files import check_output_dir
     from ..errors import CheckpointError
     from ..formats import export_model
     from ..loading import load_model

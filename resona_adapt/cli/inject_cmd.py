@@ -25,10 +25,10 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
             config_file: str | None, **config_values: object) -> None:
     """Insert Resona branches into a model and save the merged checkpoint to --output."""
     app.quiet_libraries()
-    from ..checkpoint import check_output_dir
     from ..errors import ResonaConfigError
+    from ..files import check_output_dir
     from ..loading import load_model
-    from ..persist import save_retrofitted
+    from ..formats import save_retrofitted
     from ..retrofit import resona_parameters, retrofit, retrofit_state
     from ..surgery.select import parse_layers
 

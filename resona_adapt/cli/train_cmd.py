@@ -84,8 +84,8 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     app.quiet_libraries()
     import torch
 
-    from ..checkpoint import check_output_dir
     from ..errors import ResonaConfigError
+    from ..files import check_output_dir
     from ..loading import load_model
     from ..lora import add_lora
     from ..models import BUILTIN_MODELS

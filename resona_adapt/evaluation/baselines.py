@@ -47,8 +47,8 @@ def jrt_tokens(context: list[int], question: list[int], repeats: int = 2) -> lis
 # -- Resona bypass and chunk selection ------------------------------------------------------------
 @contextmanager
 def resona_bypassed(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model runs as its base (`persist.base_view`); a base model is left as is."""
-    from ..persist import base_view
+    """Within the block the model runs as its base (`state.base_view`); a base model is left as is."""
+    from ..state import base_view
     from ..retrofit import retrofit_state
 
     if retrofit_state(model) is None:

@@ -7,9 +7,12 @@ Layout of an adapter directory (small: no base weights):
   class, width, depth, vocabulary, name);
 - ``resona.safetensors``: the branch weights, keyed ``layers.<i>.<parameter>``.
 
+The resona section records the sha256 of ``resona.safetensors``, checked before the weights are read.
 Applying it (`apply_adapter`) retrofits the base exactly as recorded and loads the weights; a base
-of another family, or one whose shapes differ, is refused with an error naming the tensor, and
-the base model is left as it was.
+of another family, width, depth or vocabulary, or one whose shapes differ, is refused with an
+error naming the difference or the tensor, and the base model is left as it was. A merged
+checkpoint serves as an adapter too: its branches, checked against the base recorded in its
+resona section (or described by its config.json).
 """
 
 from __future__ import annotations
@@ -20,10 +23,16 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint import RESONA_WEIGHTS, atomic_directory, load_tensors, read_json, save_tensors
-from ..errors import CheckpointError, ResonaError
+from ..errors import CheckpointError
+from ..files import (
+    RESONA_WEIGHTS, atomic_directory, load_tensors, read_json, save_tensors, sha256_file, verify_sha256,
+)
 from ..lora import is_peft_model, unwrap_model
 from ..retrofit import is_retrofitted, retrofit_state, unretrofit
+from ..state import (
+    base_description, check_base, check_section, load_resona_state_dict, resona_state_dict, retrofit_from_section,
+)
+from .base import read_config
 
 ADAPTER_CONFIG = "resona_config.json"
 ADAPTER_FORMAT = "resona-adapt-adapter"
@@ -34,24 +43,9 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def base_description(model: nn.Module) -> dict[str, Any]:
-    """What an adapter records about the base it was made for."""
-    cfg = getattr(model, "config", None)
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return {
-        "model_type": getattr(cfg, "model_type", None),
-        "class": type(model).__name__,
-        "hidden_size": getattr(cfg, "hidden_size", None),
-        "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
-        "vocab_size": int(emb.weight.shape[0]) if emb is not None else getattr(cfg, "vocab_size", None),
-        "name_or_path": str(getattr(model, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or ""),
-    }
-
-
 def adapter_files(model: nn.Module) -> tuple[dict[str, Any], dict]:
-    """(resona_config.json content, branch tensors) of a retrofitted model."""
-    from ..persist import resona_state_dict
-
+    """(resona_config.json content, branch tensors) of a retrofitted model (the weights' sha256 is
+    added by `write_adapter_files`)."""
     inner = unwrap_model(model)
     state = retrofit_state(inner)
     if state is None:
@@ -62,9 +56,11 @@ def adapter_files(model: nn.Module) -> tuple[dict[str, Any], dict]:
 
 
 def write_adapter_files(model: nn.Module, directory: Path) -> None:
-    """Write ``resona_config.json`` and ``resona.safetensors`` into ``directory`` (inside an atomic write)."""
+    """Write ``resona.safetensors`` and ``resona_config.json`` (with the weights' sha256) into
+    ``directory`` (inside an atomic write)."""
     meta, tensors = adapter_files(model)
     save_tensors(tensors, directory / RESONA_WEIGHTS, {"layers": ",".join(map(str, meta["resona"]["layers"]))})
+    meta["resona"]["weights_sha256"] = sha256_file(directory / RESONA_WEIGHTS)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
@@ -84,59 +80,59 @@ def save_adapter(model: nn.Module, output: str | Path, *, overwrite: bool = True
     return final
 
 
+def _recorded_base(section: dict[str, Any], config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The base a merged checkpoint's branches were made for: recorded in its resona section (since
+    checksums were added), else read from its config.json, which describes that base."""
+    if isinstance(section.get("base"), dict):
+        return section["base"]
+    archs = config.get("architectures") or [None]
+    return {"model_type": config.get("model_type"), "class": archs[0], "hidden_size": config.get("hidden_size"),
+            "num_hidden_layers": config.get("num_hidden_layers"), "vocab_size": config.get("vocab_size"),
+            "name_or_path": str(path)}
+
+
 def read_adapter(path: str | Path) -> tuple[dict[str, Any], Path]:
     """(the adapter description, its weights file) from an adapter directory, or the ``resona``
-    section and weights of a merged checkpoint (which can serve as an adapter too)."""
+    section, recorded base and weights of a merged checkpoint (which can serve as an adapter too).
+    The description is validated; the weights are not read here (see `apply_adapter`)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"adapter {path} is not a directory (expected {ADAPTER_CONFIG} + {RESONA_WEIGHTS})")
     if (path / ADAPTER_CONFIG).is_file():
-        meta = read_json(path / ADAPTER_CONFIG)
-        if meta.get("format") != ADAPTER_FORMAT or meta.get("format_version") != 1:
-            raise CheckpointError(f"{path / ADAPTER_CONFIG} is not a resona-adapt adapter description (format "
-                                  f"{meta.get('format')!r}, version {meta.get('format_version')!r})")
-    elif (path / "config.json").is_file() and isinstance(read_json(path / "config.json").get("resona"), dict):
-        meta = {"resona": read_json(path / "config.json")["resona"], "base": {}}
+        source = path / ADAPTER_CONFIG
+        meta = read_json(source)
+        if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT or meta.get("format_version") != 1:
+            found = (meta.get("format"), meta.get("format_version")) if isinstance(meta, dict) else (None, None)
+            raise CheckpointError(f"{source} is not a resona-adapt adapter description (format {found[0]!r}, "
+                                  f"version {found[1]!r})")
+        if meta.get("base") is not None and not isinstance(meta["base"], dict):
+            raise CheckpointError(f"{source}: 'base' is not an object; re-export the adapter")
+    elif (path / "config.json").is_file() and isinstance((config := read_config(path)).get("resona"), dict):
+        source = path / "config.json"
+        meta = {"resona": config["resona"], "base": _recorded_base(config["resona"], config, path)}
     else:
         raise CheckpointError(f"{path} holds no Resona adapter: neither {ADAPTER_CONFIG} nor a config.json with a "
                               "'resona' section; export one with resona-adapt export --adapter-only")
-    if not isinstance(meta.get("resona"), dict) or meta["resona"].get("format_version") != 1:
-        raise CheckpointError(f"{path}: the resona section is missing or has an unsupported format_version")
+    check_section(meta.get("resona"), str(source))
     return meta, path / RESONA_WEIGHTS
-
-
-def check_base(meta: dict[str, Any], model: nn.Module, source: str) -> None:
-    """Refuse a base of another family than the adapter was made for."""
-    made_for = meta.get("base") or {}
-    here = base_description(model)
-    want, have = made_for.get("model_type"), here["model_type"]
-    if want and have and want != have:
-        raise CheckpointError(
-            f"{source} was made for a {want} base ({made_for.get('class')}, hidden {made_for.get('hidden_size')}, "
-            f"{made_for.get('num_hidden_layers')} layers); this base is {have} ({here['class']}, hidden "
-            f"{here['hidden_size']}, {here['num_hidden_layers']} layers). Apply it onto the base it was trained on"
-            + (f" ({made_for['name_or_path']})" if made_for.get("name_or_path") else "")
-        )
 
 
 def apply_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Retrofit ``model`` (a base, not yet retrofitted) as the adapter at ``path`` describes and load
     its weights. On any error the model is left exactly as it was and the error names the file and,
     for a shape mismatch, the tensor."""
-    from ..persist import load_resona_state_dict, retrofit_from_section
-
     if is_retrofitted(model):
         raise CheckpointError(f"{type(model).__name__} is already retrofitted; apply an adapter onto a plain base")
     meta, weights = read_adapter(path)
     source = str(weights)
-    check_base(meta, model, str(path))
+    check_base(meta.get("base"), model, str(path))
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} is missing: the adapter has no Resona weights; copy the whole directory again")
+    verify_sha256(weights, meta["resona"].get("weights_sha256"))
     tensors = load_tensors(weights)
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        try:
-            retrofit_from_section(model, meta["resona"])
-        except ResonaError as exc:
-            raise CheckpointError(f"{path} does not fit this base: {exc}") from exc
+        retrofit_from_section(model, meta["resona"], source=str(path))
         load_resona_state_dict(model, tensors, source=source)
     except BaseException:
         if is_retrofitted(model):

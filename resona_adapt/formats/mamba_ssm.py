@@ -30,8 +30,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_directory, copy_tokenizer_files, read_json
 from ..errors import CheckpointError
+from ..files import atomic_directory, copy_tokenizer_files, load_tensors, read_json
+from ..lora import is_peft_model, lora_folded, unwrap_model
+from ..retrofit import retrofit_state
+from ..state import base_view
+from .adapter import apply_adapter, is_adapter_dir, write_adapter_files
+from .base import read_config
 
 BIN_WEIGHTS = "pytorch_model.bin"
 SAFE_WEIGHTS = "model.safetensors"
@@ -63,9 +68,10 @@ def is_mamba_ssm_config(cfg: dict[str, Any]) -> bool:
 
 
 def is_mamba_ssm_dir(path: str | Path) -> bool:
+    """True when ``path/config.json`` is in the mamba-ssm layout (an unreadable one is not)."""
     try:
-        return is_mamba_ssm_config(json.loads((Path(path) / "config.json").read_text()))
-    except (OSError, json.JSONDecodeError):
+        return is_mamba_ssm_config(read_config(Path(path)))
+    except CheckpointError:
         return False
 
 
@@ -245,11 +251,6 @@ def save_mamba_ssm(model: nn.Module, output: str | Path, *, weights: str = "safe
     """
     from safetensors.torch import save_file
 
-    from ..lora import is_peft_model, lora_folded, unwrap_model
-    from ..persist import base_view
-    from ..retrofit import retrofit_state
-    from .adapter import write_adapter_files
-
     if weights not in ("safetensors", "bin", "both"):
         raise CheckpointError(f"weights must be safetensors, bin or both, not {weights!r}")
     inner = unwrap_model(model)
@@ -269,3 +270,57 @@ def save_mamba_ssm(model: nn.Module, output: str | Path, *, weights: str = "safe
             write_adapter_files(inner, tmp)
         copy_tokenizer_files(getattr(inner, "name_or_path", None), tmp)
     return final
+
+
+def save_native_mamba_ssm(model: nn.Module, output: str | Path, *, overwrite: bool = True,
+                          tokenizer_source: str | Path | None = None) -> Path:
+    """Write a retrofitted model built by mamba-ssm itself (``MambaLMHeadModel``, a dataclass config)
+    in this layout (atomically): ``config.json`` with the config's fields, ``model.safetensors``
+    with its state dict under its own names, and the Resona adapter files beside them.
+    `attach_retrofitted` reads it back onto a model built with mamba-ssm; `load_retrofitted` /
+    `load_model` read it as transformers' Mamba with its branches."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    config = getattr(model, "config", None)
+    if not (dataclasses.is_dataclass(config) and not isinstance(config, type)):
+        raise CheckpointError(f"cannot save {type(model).__name__}: it is neither a transformers model nor a "
+                              "mamba-ssm model with a dataclass config; save its Resona adapter instead "
+                              "(resona_adapt.formats.save_adapter)")
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k in TOP_LEVEL}
+    final = Path(output)
+    with atomic_directory(final, overwrite=overwrite) as tmp:
+        with base_view(model):
+            state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        (tmp / "config.json").write_text(json.dumps(fields, indent=2) + "\n")
+        save_file(state, str(tmp / SAFE_WEIGHTS), metadata={"format": "pt"})
+        write_adapter_files(model, tmp)
+        copy_tokenizer_files(tokenizer_source, tmp)
+    return final
+
+
+def attach_retrofitted(model: nn.Module, path: str | Path, *, load_base_weights: bool = True) -> nn.Module:
+    """Load a checkpoint in this layout onto ``model``, built by mamba-ssm itself (``MambaLMHeadModel``
+    from the directory's ``config.json``): the base weights (``model.safetensors``, with
+    ``load_base_weights``), then the Resona adapter files. Returns the retrofitted model in eval mode."""
+    root = Path(path)
+    if load_base_weights:
+        weights = root / SAFE_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"{weights} is missing; pass load_base_weights=False if the model already has its weights")
+        result = model.load_state_dict(load_tensors(weights), strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(f"{weights} does not fit {type(model).__name__}: missing {result.missing_keys[:5]}, "
+                                  f"unexpected {result.unexpected_keys[:5]}")
+    apply_adapter(model, root)
+    return model.eval()
+
+
+def load_retrofitted_mamba_ssm(path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
+    """A directory in this layout as transformers' Mamba / Mamba2, with its Resona adapter files
+    applied when it has them (what ``export --format mamba-ssm`` writes)."""
+    model = load_mamba_ssm(path, dtype=dtype)
+    if is_adapter_dir(path):
+        apply_adapter(model, path)
+    return model.eval()

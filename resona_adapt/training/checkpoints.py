@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_tensors, save_tensors
 from ..errors import CheckpointError
+from ..files import load_tensors, save_tensors
 
 TRAINABLE_FILE = "trainable.safetensors"
 MARKER_FILE = "resona_checkpoint.json"
