@@ -97,12 +97,18 @@ def base_description(model: nn.Module) -> dict[str, Any]:
     class, width, depth, vocabulary (rows of the input embedding) and name."""
     cfg = getattr(model, "config", None)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None:  # mamba-ssm's MambaLMHeadModel: backbone.embedding, vocabulary already padded
+        emb = getattr(getattr(model, "backbone", None), "embedding", None)
     weight = getattr(emb, "weight", None)
+    model_type = getattr(cfg, "model_type", None)
+    ssm_cfg = getattr(cfg, "ssm_cfg", None)
+    if model_type is None and isinstance(ssm_cfg, dict):  # mamba-ssm's config: the family transformers reads it as
+        model_type = "mamba2" if ssm_cfg.get("layer") == "Mamba2" else "mamba"
     return {
-        "model_type": getattr(cfg, "model_type", None),
+        "model_type": model_type,
         "class": type(model).__name__,
-        "hidden_size": getattr(cfg, "hidden_size", None),
-        "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None) or getattr(cfg, "d_model", None),
+        "num_hidden_layers": getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None),
         "vocab_size": int(weight.shape[0]) if weight is not None else getattr(cfg, "vocab_size", None),
         "name_or_path": str(getattr(model, "name_or_path", "") or getattr(cfg, "_name_or_path", "") or ""),
     }

@@ -16,7 +16,7 @@ import torch
 
 import mamba_ssm_real as real
 from matrix import CFG, check_family, logits
-from resona_adapt import ResonaConfig, attach_retrofitted, retrofit
+from resona_adapt import CheckpointError, ResonaConfig, attach_retrofitted, retrofit
 from resona_adapt.surgery import discover
 from resona_adapt.surgery.families.mamba_ssm import is_mamba_ssm_model
 
