@@ -56,7 +56,7 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("score_scale", "lr_multiplier"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=None)
-    ap.add_argument("--chunk-pool", choices=("mean", "weighted"), default=None)
+    ap.add_argument("--chunk-pool", choices=("mean", "weighted", "attention"), default=None)
     ap.add_argument("--base-lr", type=float, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=None)

@@ -25,7 +25,7 @@ MIX_MODES = ("residual", "gated", "paper", "paper-dynamic")
 FUNCTION_PRESERVING_MIXES = ("residual", "gated")
 LEGACY_DEFAULTS = {"neighbor_chunks": 0, "read_shift": 0, "key_shift": False}
 """Values of fields added after 0.1.0 for a saved configuration that lacks them (it was trained without)."""
-CHUNK_POOLS = ("mean", "weighted")
+CHUNK_POOLS = ("mean", "weighted", "attention")
 FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "score_scale": (0.0, 1e3, False),  # added to attention logits: larger overflows half precision
     "alpha": (0.0, 1.0, False),  # a weight of Ym; strictly inside (0, 1) for the paper mixes
@@ -70,8 +70,9 @@ class ResonaConfig:
     )
     chunk_pool: str = field(
         default="mean",
-        metadata={"help": "How a chunk's embeddings are pooled into its search summary: 'mean', or "
-                  "'weighted' (softmax of a learned logit per position within the chunk; starts as the mean)."},
+        metadata={"help": "How a chunk's embeddings are pooled into its search summary: 'mean'; 'weighted' "
+                  "(softmax of a learned logit per position within the chunk); or 'attention' (softmax over the "
+                  "chunk of a learned score of each token's embedding, whatever its position). Both start as the mean."},
     )
     neighbor_chunks: int = field(
         default=0,

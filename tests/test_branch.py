@@ -34,11 +34,11 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
     U, H, dh = cfg.chunk_size, cfg.num_heads, cfg.head_dim
     B, T, _ = h.shape
     h_hat, x_hat = branch.norm_h(h), branch.norm_x(x)
-    out = torch.zeros(B, T, H * dh)
+    out = h.new_zeros(B, T, H * dh)
     for b in range(B):
         k = branch.k_proj(x_hat[b])
         if cfg.key_shift:
-            prev = torch.cat([torch.zeros(1, x_hat.shape[-1]), x_hat[b, :-1]])  # position -1: nothing
+            prev = torch.cat([x_hat.new_zeros(1, x_hat.shape[-1]), x_hat[b, :-1]])  # position -1: nothing
             k = k + branch.k_prev_proj(prev)
         k = k.view(T, H, dh)
         v = branch.v_proj(x_hat[b]).view(T, H, dh)
@@ -49,10 +49,12 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
             for c in range(T // U):
                 if (c + 1) * U + s_ <= t:
                     chunk = x_hat[b, c * U:(c + 1) * U]  # (U, D)
-                    if branch.pool_logits is None:
-                        pooled = chunk.mean(0)
-                    else:
+                    if branch.pool_logits is not None:
                         pooled = (torch.softmax(branch.pool_logits, 0)[:, None] * chunk).sum(0)
+                    elif branch.pool_query is not None:  # each token weighted by its own score
+                        pooled = (torch.softmax(chunk @ branch.pool_query, 0)[:, None] * chunk).sum(0)
+                    else:
+                        pooled = chunk.mean(0)
                     summary = F.normalize(branch.context_encoder(pooled), dim=-1)
                     scored.append((float(q_s @ summary), c, q_s @ summary))
             scored.sort(key=lambda s: -s[0])
@@ -68,7 +70,7 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
                 logits, values = [], []
                 if branch.sink_logit is not None:
                     logits.append(branch.sink_logit[head])
-                    values.append(torch.zeros(dh))
+                    values.append(h.new_zeros(dh))
                 for c, score in chosen:
                     for j in range(U):
                         pos = c * U + s_ + j
@@ -83,13 +85,14 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
 
 
 @pytest.mark.parametrize("top_k, T, sink, pool", [(1, 19, True, "mean"), (2, 21, True, "mean"), (3, 16, False, "mean"),
-                                                  (8, 13, True, "mean"), (2, 21, True, "weighted")])
+                                                  (8, 13, True, "mean"), (2, 21, True, "weighted"),
+                                                  (2, 21, True, "attention")])
 @pytest.mark.parametrize("neighbors, read_shift, shift", [(0, 0, False), (1, 1, True), (2, 1, True), (1, 0, False),
                                                          (0, 1, True), (1, 0, True)])
 def test_matches_dense_reference(top_k, T, sink, pool, neighbors, read_shift, shift):
     branch = make_branch(top_k=top_k, sink=sink, chunk_pool=pool, neighbor_chunks=neighbors, read_shift=read_shift,
-                         key_shift=shift)
-    h, x = torch.randn(2, T, D), torch.randn(2, T, D)
+                         key_shift=shift).double()  # float64: the comparison is about indexing, not round-off
+    h, x = torch.randn(2, T, D, dtype=torch.float64), torch.randn(2, T, D, dtype=torch.float64)
     with torch.no_grad():
         fast = branch.retrieve(h, x)
         slow = dense_reference(branch, h, x, top_k)

@@ -259,9 +259,10 @@ def test_a_decode_step_never_projects_context_tokens():
     assert sum(embedded) == 8 * len(layers) * per_layer_step + completed
 
 
-def test_weighted_chunk_pool_steps_equal_a_full_forward():
+@pytest.mark.parametrize("pool", ["weighted", "attention"])
+def test_weighted_chunk_pool_steps_equal_a_full_forward(pool):
     model = build_tiny("mamba2")
-    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, chunk_pool="weighted", **CFG))
+    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, chunk_pool=pool, **CFG))
     randomize_resona(model)
     model.generation_config.eos_token_id = None
     ids = torch.randint(0, VOCAB, (2, 27), generator=torch.Generator().manual_seed(3))

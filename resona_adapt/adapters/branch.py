@@ -63,6 +63,8 @@ class ResonaBranch(nn.Module):
         self.pos_bias = nn.Parameter(torch.zeros(H, U, **kw))
         # chunk_pool="weighted": summary = sum_j softmax(pool_logits)_j x_hat[c*U + j] (zeros = the mean)
         self.pool_logits = nn.Parameter(torch.zeros(U, **kw)) if config.chunk_pool == "weighted" else None
+        # chunk_pool="attention": summary = sum_j softmax_j(x_hat_j . pool_query) x_hat_j (zeros = the mean)
+        self.pool_query = nn.Parameter(torch.zeros(d_model, **kw)) if config.chunk_pool == "attention" else None
         self.mix = Mix(d_model, config, **kw)
         self.reset_parameters()
 
@@ -87,6 +89,8 @@ class ResonaBranch(nn.Module):
         nn.init.zeros_(self.pos_bias)
         if self.pool_logits is not None:
             nn.init.zeros_(self.pool_logits)
+        if self.pool_query is not None:
+            nn.init.zeros_(self.pool_query)
 
     # -- pieces, also used by incremental decoding -------------------------------------------
     def search_queries(self, h_hat: Tensor) -> Tensor:
@@ -96,13 +100,17 @@ class ResonaBranch(nn.Module):
     def chunk_embeddings(self, x_hat: Tensor) -> Tensor:
         """x_hat: (B, T, D) normalised embeddings -> (B, N, E) unit embeddings of complete chunks."""
         U = self.config.chunk_size
-        if self.pool_logits is None:
-            means = chunk_means(x_hat, U)  # (B, N, D)
-        else:
-            B, T, D = x_hat.shape
+        B, T, D = x_hat.shape
+        if self.pool_logits is not None:
             w = torch.softmax(self.pool_logits.float(), dim=0).to(x_hat.dtype)  # (U,)
             chunks = x_hat[:, : (T // U) * U].reshape(B, T // U, U, D)  # (B, N, U, D)
             means = torch.einsum("bnud,u->bnd", chunks, w)  # (B, N, D)
+        elif self.pool_query is not None:
+            chunks = x_hat[:, : (T // U) * U].reshape(B, T // U, U, D)  # (B, N, U, D)
+            w = torch.softmax((chunks @ self.pool_query).float(), dim=-1).to(x_hat.dtype)  # (B, N, U)
+            means = torch.einsum("bnud,bnu->bnd", chunks, w)  # (B, N, D)
+        else:
+            means = chunk_means(x_hat, U)  # (B, N, D)
         return F.normalize(self.context_encoder(means).float(), dim=-1)
 
     def keys(self, x_hat: Tensor) -> Tensor:
