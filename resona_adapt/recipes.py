@@ -83,7 +83,7 @@ class RetrofitRecipe:
 
 MQAR_RECIPE = RetrofitRecipe(
     config=ResonaConfig(chunk_size=2, top_k=4, train_top_k=4, num_heads=1, head_dim=64, search_dim=64,
-                        score_scale=8.0, chunk_pool="weighted", lr_multiplier=40.0),
+                        score_scale=8.0, chunk_pool="attention", lr_multiplier=40.0),
     layers=None,
     base_lr=2.5e-4,
     steps=200,

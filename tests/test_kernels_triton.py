@@ -117,8 +117,10 @@ def test_branch_through_the_dispatch_point_with_triton(monkeypatch):
     torch.testing.assert_close(grads["triton"][0], grads["torch"][0], atol=2e-6, rtol=1e-5)
     assert grads["triton"][1].keys() == grads["torch"][1].keys()
     for n, g in grads["triton"][1].items():
-        ref = grads["torch"][1][n]  # float32 sums in another order: compare relative to the largest entry
-        assert (g - ref).abs().max() <= 1e-5 * ref.abs().max(), (n, (g - ref).abs().max(), ref.abs().max())
+        # float32 sums in another order: compare relative to the largest entry (the search encoders' gradient
+        # sums the slot-bias gradient over every token of a chunk: ~1e-5 relative with shifted keys and reads)
+        ref = grads["torch"][1][n]
+        assert (g - ref).abs().max() <= 5e-5 * ref.abs().max(), (n, (g - ref).abs().max(), ref.abs().max())
     assert grads["triton"][1]["query_encoder.weight"].abs().sum() > 0
 
 
