@@ -9,8 +9,9 @@ A forward that hands the wrapped mixer a generation cache goes through `cached_b
 - **Continuation** (1 or more new tokens): the first Resona layer of the forward appends the new
   ids to the shared state. Each layer then (1) computes the unit embeddings of chunks that have
   completed since its last step, once, by re-embedding their ids; (2) scores its cached chunk
-  embeddings with the new queries, keeps the top-k over chunks that end strictly before each query
-  (counted from each row's first real token), adds their complete neighbours
+  embeddings with the new queries, keeps the top-k over chunks whose read window (the chunk shifted
+  by ``read_shift``) ends strictly before each query (counted from each row's first real token),
+  adds their complete neighbours
   (`kernels.add_neighbors`); (3) gathers those chunks' ids (and the token before each, for shifted
   keys), re-embeds them, and attends in the *absorbed* form (`kernels.absorbed_attention`), which
   equals the full path's attention but never projects the k*U tokens through k_proj and v_proj.
