@@ -45,7 +45,7 @@ def _move_into(src: Path, dest: Path) -> None:
 
 def write_training_checkpoint(model: nn.Module, directory: str | Path, checkpoint_format: str = "merged") -> None:
     """Write ``trainable.safetensors`` and the loadable checkpoint of ``model`` into ``directory``."""
-    from ..formats.adapter import write_adapter_files
+    from ..formats.adapter import write_adapter_card, write_adapter_files
     from ..formats.merged import save_merged
 
     directory = Path(directory)
@@ -56,7 +56,7 @@ def write_training_checkpoint(model: nn.Module, directory: str | Path, checkpoin
             save_merged(model, staging / "merged")
             _move_into(staging / "merged", staging)
         else:
-            write_adapter_files(model, staging)
+            write_adapter_card(staging, write_adapter_files(model, staging), directory, model)
         save_tensors(trainable_state(model), staging / TRAINABLE_FILE, {"content": "trainable parameters"})
         _move_into(staging, directory)
     finally:
