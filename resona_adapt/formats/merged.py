@@ -129,7 +129,9 @@ def load_merged(path: str | Path, *, dtype: torch.dtype | None = None, trust_rem
     weights = root / RESONA_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing: the directory has no Resona weights ({RESONA_WEIGHTS}); "
-                              "copy the whole checkpoint directory again")
+                              "copy the whole checkpoint directory again (a directory re-saved by plain transformers "
+                              "after AutoModelForCausalLM.from_pretrained keeps the resona section but not the "
+                              "branches: save the original with load_retrofitted(...).save_pretrained instead)")
     verify_sha256(weights, section.get("weights_sha256"))
     tensors = load_tensors(weights)
     model = load_base_model(root, dtype=dtype, trust_remote_code=trust_remote_code, quiet=True)
