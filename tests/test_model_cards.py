@@ -99,8 +99,11 @@ def test_base_model_is_the_hub_id_of_a_cached_base(tmp_path):
     model.save_pretrained(tmp_path / "out")
     meta, body = check_card(tmp_path / "out", layers=[0], config=CFG, model_type="mamba2")
     assert meta["base_model"] == "someorg/tiny-mamba"
+    assert "# someorg/tiny-mamba retrofitted with Resona" in body and "| base | `someorg/tiny-mamba` |" in body
     export_model(load_retrofitted(tmp_path / "out"), tmp_path / "adapter", "adapter")
-    assert read_card(tmp_path / "adapter")[0]["base_model"] == "someorg/tiny-mamba"
+    meta, body = read_card(tmp_path / "adapter")
+    assert meta["base_model"] == "someorg/tiny-mamba"
+    assert f"load_retrofitted('someorg/tiny-mamba', adapter={str(tmp_path / 'adapter')!r})" in body
 
 
 def test_hub_ids():

@@ -100,6 +100,8 @@ def _front_matter(meta: dict[str, Any]) -> str:
 
 
 def _number(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -160,6 +162,7 @@ def card_text(section: dict[str, Any], base: dict[str, Any] | None, *, kind: str
     base description, ``kind`` one of `KINDS`, ``where`` the directory as the user named it."""
     base = base or {}
     name = base_name(section, base)
+    shown = hub_id(name) or name  # an HF cache snapshot directory is shown as its hub id
     model_type = base.get("model_type") or section.get("arch") or "unknown"
     meta: dict[str, Any] = {}
     if hub_id(name):
@@ -171,7 +174,7 @@ def card_text(section: dict[str, Any], base: dict[str, Any] | None, *, kind: str
     meta.update(carried or {})
     layers = ", ".join(map(str, section.get("layers") or []))
     trained = section.get("base_trained")
-    rows = [("base", f"`{name}`" if name else "unknown"), ("family (model_type)", f"`{model_type}`"),
+    rows = [("base", f"`{shown}`" if shown else "unknown"), ("family (model_type)", f"`{model_type}`"),
             ("class", f"`{base.get('class')}`"), ("base layers", base.get("num_hidden_layers")),
             ("hidden size", base.get("hidden_size")), ("vocabulary", base.get("vocab_size")),
             ("Resona layers", layers), ("wrapped module", f"`{section['mixer_attr']}`" if section.get("mixer_attr") else "the family's mixer"),
@@ -179,9 +182,9 @@ def card_text(section: dict[str, Any], base: dict[str, Any] | None, *, kind: str
             ("format", kind), ("written by", f"resona-adapt {section.get('resona_adapt_version') or __version__}")]
     body = [
         MARKER, "",
-        f"# {Path(name).name or 'A model'} retrofitted with Resona",
+        f"# {shown if hub_id(name) else Path(name).name or 'A model'} retrofitted with Resona",
         "",
-        f"This directory is {KINDS[kind]}: `{name or 'the base'}` with Resona retrieval branches in layer(s) "
+        f"This directory is {KINDS[kind]}: `{shown or 'the base'}` with Resona retrieval branches in layer(s) "
         f"{layers}, written by [resona-adapt](https://pypi.org/project/resona-adapt/).",
         "",
         "## What was retrofitted", "",
@@ -194,7 +197,7 @@ def card_text(section: dict[str, Any], base: dict[str, Any] | None, *, kind: str
         *_training_section(section.get("training")),
         "",
         "## How to load", "",
-        *_how_to_load(kind, where, name if kind == "adapter" else ""),
+        *_how_to_load(kind, where, shown if kind == "adapter" else ""),
         "",
     ]
     if base_card:
