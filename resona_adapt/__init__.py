@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import MIX_MODES, ResonaConfig
 from .errors import CheckpointError, ModelNotFoundError, ResonaConfigError, ResonaError, SurgeryError
+from .notices import install_load_report_hint
 
 from .version import __version__
 
@@ -72,6 +73,7 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+install_load_report_hint()  # plain transformers loading a merged checkpoint says its branches were not loaded
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager imports

@@ -25,6 +25,9 @@ def test_demo_quick_beats_the_base(tmp_path):
     assert all(r["retrofitted"] > r["base"] + 0.2 for r in weak), rows
     assert data["beats_base"] and data["layers"] == [0, 2, 3]
     assert (out / "config.json").is_file() and (out / "resona.safetensors").is_file()
+    card = (out / "README.md").read_text()  # the model card, with the training run the demo did
+    assert card.startswith("---\nlibrary_name: resona-adapt\n") and "| Resona layers | 0, 2, 3 |" in card
+    assert "| steps | " in card and "| final loss | " in card
 
 
 def test_demo_refuses_a_non_empty_output(tmp_path):

@@ -35,7 +35,7 @@ def test_adapter_round_trip(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 19))
     expected = logits(model, ids)
     save_adapter(model, tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["resona.safetensors", "resona_config.json"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "resona.safetensors", "resona_config.json"]
     base_dir = tmp_path / "base"
     build_tiny("mamba").save_pretrained(base_dir)
     for base in (build_tiny("mamba"), str(base_dir)):  # a model object or a path

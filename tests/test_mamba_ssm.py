@@ -49,7 +49,7 @@ def test_mamba_ssm_matrix(tmp_path, kind):
     check_family(model, tmp_path, load=_rebuild, generate=mamba_ssm_generate)
     out = tmp_path / "out"
     files = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "resona.safetensors", "resona_config.json"} <= files
+    assert {"config.json", "model.safetensors", "resona.safetensors", "resona_config.json", "README.md"} <= files
     assert not any(f.endswith(".bin") for f in files)
     assert is_mamba_ssm_dir(out) and is_adapter_dir(out)
     assert set(json.loads((out / "config.json").read_text())) <= set(real.config().__dataclass_fields__)

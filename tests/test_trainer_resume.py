@@ -87,3 +87,45 @@ def test_load_state_dict_of_a_merged_checkpoint_restores_other_families(tmp_path
         assert not result.unexpected_keys, (name, result.unexpected_keys)
         assert all("base_layer" not in k and "resona" not in k for k in result.missing_keys), (name, result.missing_keys)
         assert torch.equal(logits(fresh.eval(), ids), expected), name
+
+
+def test_resona_trainer_saves_the_tokenizer_and_one_copy_of_the_weights(tmp_path):
+    """With processing_class=tok, checkpoints and save_model() hold the tokenizer (as a stock Trainer
+    writes it); trainable.safetensors (what a resume reads) is in checkpoint-N only."""
+    import pytest
+    from transformers import AutoTokenizer, TrainingArguments, default_data_collator
+
+    from resona_adapt import CheckpointError
+    from resona_adapt.training import ResonaTrainer
+    from resona_adapt.training.checkpoints import MARKER_FILE, TRAINABLE_FILE
+    from test_cli_generate import word_tokenizer
+
+    def trainer(model, out):
+        args = TrainingArguments(output_dir=str(out), max_steps=4, save_steps=2, save_strategy="steps",
+                                 per_device_train_batch_size=4, learning_rate=1e-2, use_cpu=True, report_to=[],
+                                 seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
+        return ResonaTrainer(model=model, args=args, train_dataset=Tokens(), processing_class=word_tokenizer(),
+                             data_collator=default_data_collator)
+
+    model = _fresh(seed=1)
+    run = trainer(model, tmp_path / "run")
+    run.train()
+    run.save_model(str(tmp_path / "final"))
+    text = "w3 w17 w5 w63"
+    for directory in (tmp_path / "run" / "checkpoint-2", tmp_path / "run" / "checkpoint-4", tmp_path / "final"):
+        files = {p.name for p in directory.iterdir()}
+        assert {"tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors", "resona.safetensors",
+                "README.md"} <= files, directory
+        assert AutoTokenizer.from_pretrained(directory)(text)["input_ids"] == [3, 17, 5, 63]
+        assert (TRAINABLE_FILE in files) == (directory.name != "final"), directory
+    assert MARKER_FILE in {p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
+    ids = torch.randint(0, VOCAB, (2, 15))
+    model.eval()
+    assert torch.equal(logits(load_retrofitted(tmp_path / "final"), ids), logits(model, ids))
+
+    resumed = _fresh(seed=2)
+    trainer(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    resumed.eval()
+    assert torch.equal(logits(resumed, ids), logits(model, ids))
+    with pytest.raises(CheckpointError, match=r"has no trainable.safetensors: it is not a training checkpoint"):
+        trainer(_fresh(seed=2), tmp_path / "again").train(resume_from_checkpoint=str(tmp_path / "final"))

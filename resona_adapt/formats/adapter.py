@@ -33,6 +33,7 @@ from ..state import (
     base_description, check_base, check_section, load_resona_state_dict, resona_state_dict, retrofit_from_section,
 )
 from .base import read_config
+from .card import origin_name, write_card
 
 ADAPTER_CONFIG = "resona_config.json"
 ADAPTER_FORMAT = "resona-adapt-adapter"
@@ -50,18 +51,26 @@ def adapter_files(model: nn.Module) -> tuple[dict[str, Any], dict]:
     state = retrofit_state(inner)
     if state is None:
         raise CheckpointError(f"{type(inner).__name__} is not retrofitted: there is no Resona adapter to save")
-    meta = {"format": ADAPTER_FORMAT, "format_version": 1, "resona": state.describe(),
-            "base": base_description(inner)}
+    base = base_description(inner)
+    meta = {"format": ADAPTER_FORMAT, "format_version": 1,
+            "resona": {**state.describe(), "base_model": origin_name(state.extra, base)}, "base": base}
     return meta, resona_state_dict(inner)
 
 
-def write_adapter_files(model: nn.Module, directory: Path) -> None:
+def write_adapter_files(model: nn.Module, directory: Path) -> dict[str, Any]:
     """Write ``resona.safetensors`` and ``resona_config.json`` (with the weights' sha256) into
-    ``directory`` (inside an atomic write)."""
+    ``directory`` (inside an atomic write); returns the description written."""
     meta, tensors = adapter_files(model)
     save_tensors(tensors, directory / RESONA_WEIGHTS, {"layers": ",".join(map(str, meta["resona"]["layers"]))})
     meta["resona"]["weights_sha256"] = sha256_file(directory / RESONA_WEIGHTS)
     (directory / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return meta
+
+
+def write_adapter_card(directory: Path, meta: dict[str, Any], where: str | Path, model: nn.Module) -> None:
+    """The model card (README.md) of an adapter-only directory of ``model`` (inside an atomic write)."""
+    write_card(directory, meta["resona"], meta["base"], kind="adapter", where=where,
+               source=getattr(unwrap_model(model), "name_or_path", None))
 
 
 def save_adapter(model: nn.Module, output: str | Path, *, overwrite: bool = True) -> Path:
@@ -76,7 +85,7 @@ def save_adapter(model: nn.Module, output: str | Path, *, overwrite: bool = True
         )
     final = Path(output)
     with atomic_directory(final, overwrite=overwrite) as tmp:
-        write_adapter_files(model, tmp)
+        write_adapter_card(tmp, write_adapter_files(model, tmp), final, model)
     return final
 
 

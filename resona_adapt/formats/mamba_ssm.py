@@ -36,6 +36,7 @@ from ..lora import is_peft_model, lora_folded, unwrap_model
 from ..retrofit import retrofit_state
 from ..state import base_view
 from .adapter import apply_adapter, is_adapter_dir, write_adapter_files
+from .card import write_card
 from .base import read_config
 
 BIN_WEIGHTS = "pytorch_model.bin"
@@ -267,7 +268,9 @@ def save_mamba_ssm(model: nn.Module, output: str | Path, *, weights: str = "safe
         if weights in ("bin", "both"):
             torch.save(state, tmp / BIN_WEIGHTS)
         if retrofitted:
-            write_adapter_files(inner, tmp)
+            meta = write_adapter_files(inner, tmp)
+            write_card(tmp, meta["resona"], meta["base"], kind="mamba-ssm", where=final,
+                       source=getattr(inner, "name_or_path", None))
         copy_tokenizer_files(getattr(inner, "name_or_path", None), tmp)
     return final
 
@@ -295,7 +298,8 @@ def save_native_mamba_ssm(model: nn.Module, output: str | Path, *, overwrite: bo
             state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         (tmp / "config.json").write_text(json.dumps(fields, indent=2) + "\n")
         save_file(state, str(tmp / SAFE_WEIGHTS), metadata={"format": "pt"})
-        write_adapter_files(model, tmp)
+        meta = write_adapter_files(model, tmp)
+        write_card(tmp, meta["resona"], meta["base"], kind="mamba-ssm", where=final, source=tokenizer_source)
         copy_tokenizer_files(tokenizer_source, tmp)
     return final
 

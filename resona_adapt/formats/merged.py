@@ -7,7 +7,8 @@ Layout of a merged checkpoint directory:
 - a ``resona`` section in ``config.json`` (format version, layers, `ResonaConfig`, overrides, the
   sha256 of ``resona.safetensors``);
 - ``resona.safetensors``: the branch weights, keyed ``layers.<i>.<parameter>``;
-- the tokenizer files of the source checkpoint, when it had them.
+- the tokenizer files of the source checkpoint, when it had them;
+- ``README.md``, the model card (`resona_adapt.formats.card`).
 Everything is written to a temporary sibling directory and renamed into place at the end.
 
 Importing this module makes ``model.save_pretrained(dir)`` of every retrofitted model write this
@@ -35,6 +36,7 @@ from ..state import (
     retrofit_from_section,
 )
 from .base import load_base_model, read_config
+from .card import origin_name, write_card
 from .mamba_ssm import save_native_mamba_ssm
 
 
@@ -81,10 +83,12 @@ def _write_merged(model: nn.Module, final: Path, *args: Any, overwrite: bool, to
         return save_native_mamba_ssm(model, final, overwrite=overwrite, tokenizer_source=source)
     spec = state.discovery.spec
     family_context = spec.save_context(model) if spec is not None and spec.save_context else nullcontext()
+    base = base_description(model)
     with atomic_directory(final, overwrite=overwrite) as tmp:
         save_tensors(resona_state_dict(model), tmp / RESONA_WEIGHTS, {"layers": ",".join(map(str, state.layers))})
-        model.config.resona = {**state.describe(), "base": base_description(model),
-                               "weights_sha256": sha256_file(tmp / RESONA_WEIGHTS)}
+        section = {**state.describe(), "base": base, "base_model": origin_name(state.extra, base),
+                   "weights_sha256": sha256_file(tmp / RESONA_WEIGHTS)}
+        model.config.resona = section
         try:
             with family_context:
                 # the base in its own layout, and the branches under their module names: plain
@@ -96,6 +100,7 @@ def _write_merged(model: nn.Module, final: Path, *args: Any, overwrite: bool, to
         finally:
             model.config.resona = state.describe()
         copy_tokenizer_files(source, tmp)
+        write_card(tmp, section, base, kind="merged", where=final, source=getattr(model, "name_or_path", None))
     return final
 
 
@@ -124,7 +129,9 @@ def load_merged(path: str | Path, *, dtype: torch.dtype | None = None, trust_rem
     weights = root / RESONA_WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights} is missing: the directory has no Resona weights ({RESONA_WEIGHTS}); "
-                              "copy the whole checkpoint directory again")
+                              "copy the whole checkpoint directory again (a directory re-saved by plain transformers "
+                              "after AutoModelForCausalLM.from_pretrained keeps the resona section but not the "
+                              "branches: save the original with load_retrofitted(...).save_pretrained instead)")
     verify_sha256(weights, section.get("weights_sha256"))
     tensors = load_tensors(weights)
     model = load_base_model(root, dtype=dtype, trust_remote_code=trust_remote_code, quiet=True)

@@ -2,9 +2,12 @@
 
 - ``trainable.safetensors``: every trainable parameter (Resona, unfrozen base layers, LoRA) under
   its name in the trained model: what ``--resume`` loads (the frozen base comes from ``--model``).
+  Only in ``checkpoint-N`` directories: a merged checkpoint folds a LoRA into the base weights, so it
+  cannot restore the LoRA of a resumed run; the final ``save_model()`` directory has no second copy.
 - a loadable checkpoint: the merged one (``config.json``, ``model.safetensors``,
-  ``resona.safetensors``; `load_retrofitted` reads the directory) or, with
-  ``checkpoint_format="adapter"``, the adapter files only.
+  ``resona.safetensors``, ``README.md``; `load_retrofitted` reads the directory) or, with
+  ``checkpoint_format="adapter"``, the adapter files only;
+- the Trainer's tokenizer (``processing_class``), as a stock ``Trainer`` saves it.
 - ``resona_checkpoint.json``, written last (after the Trainer's optimizer, scheduler and RNG files):
   a checkpoint without it was interrupted and is never resumed from.
 
@@ -19,6 +22,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,9 +47,12 @@ def _move_into(src: Path, dest: Path) -> None:
     shutil.rmtree(src, ignore_errors=True)
 
 
-def write_training_checkpoint(model: nn.Module, directory: str | Path, checkpoint_format: str = "merged") -> None:
-    """Write ``trainable.safetensors`` and the loadable checkpoint of ``model`` into ``directory``."""
-    from ..formats.adapter import write_adapter_files
+def write_training_checkpoint(model: nn.Module, directory: str | Path, checkpoint_format: str = "merged", *,
+                              trainable: bool = True, processing_class: Any = None) -> None:
+    """Write the loadable checkpoint of ``model`` into ``directory``, with ``trainable.safetensors``
+    (``trainable``: a ``checkpoint-N`` that a resume reads) and the tokenizer or processor
+    (``processing_class.save_pretrained``), all appearing together at the end."""
+    from ..formats.adapter import write_adapter_card, write_adapter_files
     from ..formats.merged import save_merged
 
     directory = Path(directory)
@@ -56,8 +63,11 @@ def write_training_checkpoint(model: nn.Module, directory: str | Path, checkpoin
             save_merged(model, staging / "merged")
             _move_into(staging / "merged", staging)
         else:
-            write_adapter_files(model, staging)
-        save_tensors(trainable_state(model), staging / TRAINABLE_FILE, {"content": "trainable parameters"})
+            write_adapter_card(staging, write_adapter_files(model, staging), directory, model)
+        if trainable:
+            save_tensors(trainable_state(model), staging / TRAINABLE_FILE, {"content": "trainable parameters"})
+        if processing_class is not None:
+            processing_class.save_pretrained(str(staging))
         _move_into(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -68,6 +78,11 @@ def load_trainable(model: nn.Module, directory: str | Path) -> None:
     unexpected or mis-shaped tensor is an error naming the file and the tensor, and nothing is
     copied unless everything matches."""
     file = Path(directory) / TRAINABLE_FILE
+    if not file.is_file():
+        raise CheckpointError(
+            f"{directory} has no {TRAINABLE_FILE}: it is not a training checkpoint (a checkpoint-N directory of a "
+            f"run). Resume from a checkpoint-N directory, or start a new run from its weights: train --model {directory}"
+        )
     tensors = load_tensors(file)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))

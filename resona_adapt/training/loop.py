@@ -195,6 +195,7 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
         result = trainer.train(resume_from_checkpoint=resume)
         runtime = time.perf_counter() - start
         metrics = trainer.evaluate() if eval_dataset is not None else {}
+        record_training(inner, config, trainer, _eval_metrics(metrics), train_dataset, resume)
         if config.output and trainer.is_world_process_zero():
             from ..formats.merged import save_merged
 
@@ -223,11 +224,43 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
         first_loss=losses[0] if losses else None,
         train_loss=float(result.training_loss) if math.isfinite(result.training_loss) else None,
         tokens=tokens, tokens_per_second=tokens_run / max(runtime, 1e-9), runtime_seconds=runtime,
-        eval={k.removeprefix("eval_"): v for k, v in metrics.items()
-              if not k.endswith(("runtime", "per_second", "epoch", "num_input_tokens_seen"))},
+        eval=_eval_metrics(metrics),
         output=config.output, run_dir=config.run_dir if config.run_dir and Path(config.run_dir).is_dir() else None,
         resumed_from=resume, log_history=history,
     )
+
+
+def _eval_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k.removeprefix("eval_"): v for k, v in metrics.items()
+            if not k.endswith(("runtime", "per_second", "epoch", "num_input_tokens_seen"))}
+
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def record_training(model: nn.Module, config: TrainConfig, trainer: Any, evaluation: dict[str, Any],
+                    train_dataset: Dataset, resume: str | None) -> None:
+    """Append this run's recipe and results to the ``training`` list of the model's resona section
+    (saved with the checkpoint; the model card shows it)."""
+    state = retrofit_state(model)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e and "step" in e]
+    run = {
+        "data": getattr(train_dataset, "description", None),
+        "steps": trainer.state.global_step, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
+        "processes": trainer.args.world_size, "lr": config.lr,
+        "lr_multiplier": config.lr_multiplier if config.lr_multiplier is not None else state.config.lr_multiplier,
+        "optim": config.optim, "scheduler": config.scheduler, "warmup_ratio": config.warmup_ratio,
+        "weight_decay": config.weight_decay, "max_grad_norm": config.max_grad_norm, "seed": config.seed,
+        "unfrozen_layers": list(config.unfreeze_layers), "lora": is_peft_model(trainer.model),
+        "resumed": resume is not None, "tokens": int(trainer.state.num_input_tokens_seen),
+        "first_loss": _finite(losses[0]) if losses else None, "final_loss": _finite(losses[-1]) if losses else None,
+        "eval": {k: _finite(v) for k, v in evaluation.items() if isinstance(v, (int, float))},
+    }
+    previous = state.extra.get("training")
+    runs = previous if isinstance(previous, list) else [previous] if isinstance(previous, dict) else []
+    state.extra["training"] = [*runs, run]
+    model.config.resona = state.describe()
 
 
 def _kept(config: TrainConfig) -> str:

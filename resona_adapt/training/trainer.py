@@ -4,8 +4,10 @@ Only these things differ from the stock Trainer, so DDP (``torchrun`` / ``accele
 gradient accumulation, schedules, logging and evaluation are the library's own:
 - `create_optimizer` builds the optimizer (``--optim``, AdamW by default) over `param_groups`:
   Resona parameters at ``lr * lr_multiplier``, everything else that trains at ``lr``;
-- `_save` writes `trainable.safetensors` plus a merged (or adapter) checkpoint instead of the
-  model's raw state dict, whose keys would hold the wrapper names (``mixer.base_layer...``);
+- `_save` writes a merged (or adapter) checkpoint instead of the model's raw state dict, whose keys
+  would hold the wrapper names (``mixer.base_layer...``), plus the tokenizer (``processing_class``,
+  or the data collator's ``tokenizer``) as the stock Trainer does; ``checkpoint-N`` directories also
+  get `trainable.safetensors` (what a resume reads), the final ``save_model()`` directory does not;
 - `_load_from_checkpoint` (``resume_from_checkpoint``) and `_load_best_model`
   (``load_best_model_at_end``) load `trainable.safetensors` back;
 - a non-finite loss or trainable weight stops the run with a `TrainingError` at the end of the
@@ -37,6 +39,7 @@ class ResonaTrainer(Trainer):
         self.lr_multiplier = lr_multiplier
         self.checkpoint_format = checkpoint_format
         self.nonfinite_loss: float | None = None
+        self._saving_checkpoint = False
         super().__init__(*args, **kwargs)
         self.add_callback(StopOnNonFinite(self))
         self.add_callback(CheckpointMarker())
@@ -57,11 +60,22 @@ class ResonaTrainer(Trainer):
             self.nonfinite_loss = float(loss.detach().float().reshape(-1)[0])  # reported at the end of the step
         return loss
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        self._saving_checkpoint = True  # `_save` below writes a checkpoint-N: with what a resume reads
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        write_training_checkpoint(model, Path(output_dir or self.args.output_dir), self.checkpoint_format)
+        tokenizer = self.processing_class
+        if tokenizer is None and getattr(self.data_collator, "tokenizer", None) is not None:
+            tokenizer = self.data_collator.tokenizer  # what the stock Trainer saves without a processing_class
+        write_training_checkpoint(model, Path(output_dir or self.args.output_dir), self.checkpoint_format,
+                                  trainable=self._saving_checkpoint, processing_class=tokenizer)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = self.accelerator.unwrap_model(model if model is not None else self.model, keep_torch_compile=False)

@@ -1,0 +1,47 @@
+"""Say so when plain transformers drops the Resona branches of a checkpoint.
+
+``AutoModelForCausalLM.from_pretrained(DIR)`` of a merged checkpoint (and everything built on it:
+``pipeline(model=DIR)``, lm-eval's ``hf`` model) builds the *base* class: the branch tensors that
+``model.safetensors`` also holds are reported by transformers' load report as ``UNEXPECTED`` with
+the generic note "can be ignored when loading from different task/architecture". No field of
+``config.json`` makes transformers print anything more (checked against transformers 5: unknown
+config fields are stored silently), so without resona-adapt imported that report is the only word.
+
+With resona-adapt imported, `install_load_report_hint` adds a `logging.Filter` to transformers'
+``transformers.modeling_utils`` logger (standard logging API; transformers' code is not patched,
+and the filter only appends to a load report whose unexpected keys are Resona tensors): the report
+then ends with a line saying the branches were not loaded and naming ``load_retrofitted``. The
+report is a warning, so it shows at transformers' default verbosity (not after
+``transformers.logging.set_verbosity_error()``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+LOGGER = "transformers.modeling_utils"
+_SOURCE = re.compile(r"LOAD REPORT\S*\s+from:\s*(?P<path>[^\n]+)")
+_RESONA_ROW = re.compile(r"^[^|\n]*\.resona\.[^|\n]*\|[^|\n]*UNEXPECTED", flags=re.M)  # key | status
+HINT = ("\n- RESONA:\tthis is a resona-adapt retrofitted checkpoint and its Resona branches (the UNEXPECTED "
+        "'resona' keys) were NOT loaded: this model is the base alone. Load it with "
+        "resona_adapt.load_retrofitted({path!r}) (CLI: resona-adapt generate --model {path}).")
+
+
+class BranchesNotLoaded(logging.Filter):
+    """Appends `HINT` to transformers' load report when the unused keys are Resona branch tensors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if isinstance(msg, str) and "LOAD REPORT" in msg and "- RESONA:" not in msg and _RESONA_ROW.search(msg):
+            found = _SOURCE.search(msg)
+            record.msg = msg + HINT.format(path=found["path"].strip() if found else "DIR")
+        return True
+
+
+def install_load_report_hint() -> None:
+    """Add the `BranchesNotLoaded` filter to transformers' model-loading logger (once; importing
+    transformers is not needed for it)."""
+    logger = logging.getLogger(LOGGER)
+    if not any(isinstance(f, BranchesNotLoaded) for f in logger.filters):
+        logger.addFilter(BranchesNotLoaded())
