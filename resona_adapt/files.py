@@ -99,6 +99,8 @@ def check_output_dir(final: str | Path, overwrite: bool) -> Path:
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise CheckpointError(f"{final} already exists and is not empty; pass --overwrite to replace it, or choose another --output")
     parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise CheckpointError(f"cannot write {final}: {parent} is a file, not a directory; choose another output path")
     if parent is None or not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"cannot write {final}: {parent} is not writable by this user; choose another output path")
     return path

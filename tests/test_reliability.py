@@ -341,7 +341,9 @@ def test_nan_loss_stops_the_api_loop(tmp_path, private_tmp):
 
 def test_os_errors_interrupts_and_bugs_are_one_line(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("x")
-    refused(run(["inject", "--model", "tiny-mamba", "--output", str(tmp_path / "afile" / "o")]), 1, "afile")
+    # an output below a file is refused before anything runs (a bad option value: exit 2)
+    refused(run(["inject", "--model", "tiny-mamba", "--output", str(tmp_path / "afile" / "o")]), 2, "afile",
+            "is a file")
 
     import resona_adapt.loading
 
