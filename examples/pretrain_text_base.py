@@ -94,7 +94,10 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=550)
+    ap.add_argument("--steps", type=int, default=550, help="optimizer steps (the schedule's length)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="a wall-clock budget instead: the schedule runs on the elapsed fraction of it and training "
+                         "stops when it is spent (training.json records the steps taken; rerun with --steps N)")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -126,9 +129,13 @@ def main() -> None:
     rng = random.Random(args.seed)
     start, recent = time.time(), []
     model.train()
-    for step in range(args.steps):
+    budget = args.minutes * 60 if args.minutes else None
+    step = 0
+    while (step < args.steps) if budget is None else (time.time() - start < budget):
+        # the schedule position: steps, or the elapsed fraction of the wall-clock budget (in 10,000ths)
+        pos, total = (step, args.steps) if budget is None else (int(1e4 * (time.time() - start) / budget), 10_000)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr)
+            group["lr"] = lr_at(pos, total, args.lr)
         starts = [rng.randrange(len(train_ids) - args.seq_len - 1) for _ in range(args.batch)]
         x = torch.stack([train_ids[s:s + args.seq_len] for s in starts])  # (B, T)
         logits = model(input_ids=x).logits  # (B, T, V)
@@ -140,6 +147,7 @@ def main() -> None:
         recent = (recent + [loss.item()])[-args.log_every:]
         if (step + 1) % args.log_every == 0 or step == 0:
             print(f"step {step + 1:5d}  loss {sum(recent) / len(recent):.3f}  {time.time() - start:.0f}s", flush=True)
+        step += 1
     seconds = time.time() - start
     train_loss = sum(recent) / len(recent)
     held_loss = window_loss(model, held_ids, args.seq_len, 64, args.seed)
@@ -158,6 +166,8 @@ def main() -> None:
                        "heldout_tokens": len(held_ids)},
             "recipe": recipe,
             "parameters": n_params,
+            "steps_taken": step,
+            "tokens_seen": step * args.batch * args.seq_len,
             "train_seconds": round(seconds, 1),
             "final_train_loss": round(train_loss, 4),
             "heldout_loss": round(held_loss, 4),

@@ -21,7 +21,11 @@ from .options import CONFIG_FIELDS, build_config, model_options, resona_config_o
               help="Local training data: .jsonl rows {text} or {prompt, completion} (loss on the completion), "
                    "or plain text.")
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), default=None, help="Evaluation data, same formats.")
-@click.option("--task", default=None, help="Built-in synthetic task instead of --data (needs no tokenizer): mqar.")
+@click.option("--task", default=None,
+              help="Built-in task instead of --data: mqar (synthetic, needs no tokenizer), or niah (RULER needles in "
+                   "haystacks of the built-in corpus's training split, loss on the answer; needs the model's tokenizer).")
+@click.option("--lm-fraction", type=float, default=0.2, show_default=True,
+              help="niah: the fraction of examples that are plain corpus text (language modelling on every token).")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per example (task) / maximum (data).")
 @click.option("--kv-pairs", type=int, default=32, show_default=True, help="MQAR key-value pairs per example.")
 @click.option("--filler", default="0", show_default=True,
@@ -61,7 +65,7 @@ from .options import CONFIG_FIELDS, build_config, model_options, resona_config_o
 @resona_config_options
 @click.pass_obj
 def command(app: App, model_name: str, trust_remote_code: bool, block_path: str | None, mixer_attr: str | None,
-            data: str | None, eval_data: str | None, task: str | None, seq_len: int, kv_pairs: int, filler: str,
+            data: str | None, eval_data: str | None, task: str | None, lm_fraction: float, seq_len: int, kv_pairs: int, filler: str,
             bos_id: int | None,
             num_examples: int | None, eval_examples: int, tokenizer: str | None, lr: float,
             lr_multiplier: float | None, unfreeze_layers: str | None, weight_decay: float, warmup_ratio: float,
@@ -86,7 +90,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
 
     if (data is None) == (task is None):
         raise ResonaConfigError("give exactly one of --data FILE or --task NAME (built-in: "
-                                f"{', '.join(sorted(TASKS))})")
+                                f"{', '.join(sorted([*TASKS, 'niah']))})")
     main_process = int(os.environ.get("RANK", "0")) == 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_output_dir(output, overwrite or resume)
@@ -104,7 +108,16 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         raise ResonaConfigError(f"{model_name} is already retrofitted: its layers and Resona configuration come from "
                                 "the checkpoint; drop --layers and the Resona options (or train a base model)")
 
-    if task is not None:
+    if task == "niah":
+        from ..training.niah_task import niah_text_dataset
+
+        tok = load_tokenizer(tokenizer or getattr(model, "name_or_path", None), model_name)
+        n_train = num_examples or min(steps * batch_size * grad_accum * world, 20_000)
+        train_ds = niah_text_dataset(tok, seq_len, n_train, seed=seed, lm_fraction=lm_fraction,
+                                     min_len=max(64, seq_len // 2))
+        eval_ds = niah_text_dataset(tok, seq_len, eval_examples, seed=seed + 1_000_003,
+                                    min_len=max(64, seq_len // 2)) if eval_examples else None
+    elif task is not None:
         consumed = steps * batch_size * grad_accum * world
         n_train = num_examples or min(consumed, 20_000)
         train_ds, eval_ds = task_datasets(task, model_vocab_size(model), seq_len, n_train, eval_examples, seed=seed,
