@@ -153,3 +153,26 @@ def test_train_cli_task_niah(fake_corpus, tmp_path):
                                    "--output", str(tmp_path / "out"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "out" / "config.json").read_text())["resona"]["config"]["chunk_size"] == 16
+
+
+def test_text_demo_pieces_on_a_tiny_model(fake_corpus):
+    from resona_adapt import ResonaConfig, retrofit
+    from resona_adapt.text_demo import TextRecipe, fit_text, heldout_ppl, measure_niah
+    from test_eval_cli import tiny_text_model
+
+    tok = byte_tokenizer()
+    tok.pad_token = tok.eos_token = tok.convert_ids_to_tokens(0)
+    model = retrofit(tiny_text_model(), layers=[-1], config=ResonaConfig(chunk_size=16, top_k=2, num_heads=1, head_dim=8))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recipe = TextRecipe(config=ResonaConfig(chunk_size=16),
+                        steps=2, batch_size=2, seq_len=700, min_len=500, kinds=("number",))
+    summary = fit_text(model, tok, recipe, seed=0)
+    assert summary["examples"] == 4 and summary["final_loss"] > 0 and not model.training
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".resona." in n for n in changed)  # only the branch trains
+    ppl = heldout_ppl(model, tok, windows=2, length=128)
+    assert ppl["base"] > 1 and ppl["retrofit"] > 1 and ppl["tokens"] == 2 * 127
+    rows = measure_niah(model, tok, [400], kinds=("number",), samples=2, variants=("base", "retrofit", "jrt-prompt"))
+    assert [r["length"] for r in rows] == [400] and all(0 <= rows[0][v] <= 5 for v in ("base", "retrofit", "jrt-prompt"))
+    with pytest.raises(ValueError, match="unknown variant"):
+        measure_niah(model, tok, [400], variants=("oracle",))
