@@ -52,9 +52,9 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--score-scale", type=float, default=None)
     ap.add_argument("--chunk-pool", default=None, choices=("mean", "weighted"))
-    for name in ("steps", "batch_size", "seq_len", "min_len"):
+    for name in ("steps", "batch_size", "seq_len", "min_len", "short_len", "questions", "copy_len"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    for name in ("lr", "lm_fraction"):
+    for name in ("lr", "lm_fraction", "short_fraction", "copy_fraction"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=None)
     ap.add_argument("--kinds", default=None, help="training needle kinds (default: the recipe's)")
     ap.add_argument("--eval-kinds", default=None, help="measured needle kinds (default: the training kinds)")
@@ -72,7 +72,8 @@ def main() -> None:
                                           "score_scale", "chunk_pool") if getattr(args, k) is not None}
     if args.key_shift is not None:
         cfg["key_shift"] = bool(args.key_shift)
-    fields = {k: getattr(args, k) for k in ("layers", "steps", "batch_size", "seq_len", "min_len", "lr", "lm_fraction")
+    fields = {k: getattr(args, k) for k in ("layers", "steps", "batch_size", "seq_len", "min_len", "lr", "lm_fraction",
+                                                "short_fraction", "short_len", "questions", "copy_fraction", "copy_len")
               if getattr(args, k) is not None}
     if args.kinds:
         fields["kinds"] = tuple(k.strip() for k in args.kinds.split(",") if k.strip())

@@ -27,7 +27,7 @@ from torch import nn
 from .config import ResonaConfig
 from .evaluation import baselines
 from .evaluation.niah import NEEDLE_KINDS, load_haystack, make_text_sample, niah_score_multi
-from .training.niah_task import answer_text, niah_text_dataset
+from .training.niah_task import answer_text, copy_text_dataset, niah_text_dataset
 
 TEXT_BASE = "text-mamba2"
 VARIANTS = ("base", "retrofit", "jrt-prompt", "rag-append")
@@ -42,13 +42,24 @@ class TextRecipe:
     config: ResonaConfig = field(default_factory=lambda: ResonaConfig(
         chunk_size=64, top_k=4, train_top_k=4, num_heads=2, chunk_pool="weighted"))
     layers: str = "-1"
-    steps: int = 400
-    batch_size: int = 4
+    steps: int = 900
+    batch_size: int = 8
     seq_len: int = 1024
     min_len: int = 256
-    lr: float = 1e-2
+    lr: float = 5e-3
     lm_fraction: float = 0.2
     kinds: tuple[str, ...] = NEEDLE_KINDS
+    short_fraction: float = 0.2
+    """The first ``short_fraction`` of the steps train at ``short_len`` tokens (a curriculum: with few
+    chunks the needle is almost always among those read, so the read path learns first)."""
+    short_len: int = 640
+    questions: int = 3
+    copy_fraction: float = 0.5
+    """The first ``copy_fraction`` of the steps train on copying (`copy_text_dataset`) at ``copy_len``
+    tokens, before any NIAH step: dense supervision for the read path's induction step."""
+    copy_len: int = 256
+    """Needles (and questions, each followed by its answer) per NIAH training example; see
+    `niah_text_dataset`. More supervised tokens per forward than one question."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -77,8 +88,16 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
     if not params:
         raise ValueError("the model has no Resona parameters: retrofit it first")
     n = recipe.steps * recipe.batch_size
-    ds = niah_text_dataset(tokenizer, recipe.seq_len, n, seed=seed, kinds=recipe.kinds,
-                           lm_fraction=recipe.lm_fraction, min_len=recipe.min_len)
+    n_copy = round(recipe.copy_fraction * recipe.steps) * recipe.batch_size
+    n_short = round(recipe.short_fraction * recipe.steps) * recipe.batch_size
+    copy = copy_text_dataset(tokenizer, recipe.copy_len, n_copy, seed=seed + 29) if n_copy else []
+    ds = niah_text_dataset(tokenizer, recipe.seq_len, n - n_short - n_copy, seed=seed, kinds=recipe.kinds,
+                           lm_fraction=recipe.lm_fraction, min_len=recipe.min_len, questions=recipe.questions)
+    short = niah_text_dataset(tokenizer, recipe.short_len, n_short, seed=seed + 17, kinds=recipe.kinds,
+                              lm_fraction=recipe.lm_fraction, min_len=recipe.short_len // 2,
+                              questions=recipe.questions) if n_short else []
+    examples = ([copy[i] for i in range(n_copy)] + [short[i] for i in range(n_short)]
+                + [ds[i] for i in range(n - n_short - n_copy)])
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.95))
     model.train()
     start, losses, exact = time.time(), [], []
@@ -86,7 +105,7 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
         for step in range(recipe.steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, recipe.steps, recipe.lr)
-            batch = [ds[step * recipe.batch_size + b] for b in range(recipe.batch_size)]
+            batch = examples[step * recipe.batch_size:(step + 1) * recipe.batch_size]
             ids = torch.stack([e["input_ids"] for e in batch])  # (B, T)
             target = torch.stack([e["labels"] for e in batch])[:, 1:]  # (B, T-1)
             logits = model(input_ids=ids).logits[:, :-1].float()  # (B, T-1, V)
@@ -98,7 +117,7 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             losses.append(loss.item())
-            needle_rows = mask.sum(1) < mask.shape[1] // 2  # (B,) NIAH rows (LM rows label every token)
+            needle_rows = mask.sum(1) < mask.shape[1] // 3  # (B,) NIAH rows (LM rows label all, copy rows half)
             if bool(needle_rows.any()):
                 exact.append(((logits.argmax(-1) == target) | ~mask)[needle_rows].all(1).float().mean().item())
             if log is not None and (step + 1) % log_every == 0:

@@ -176,3 +176,41 @@ def test_text_demo_pieces_on_a_tiny_model(fake_corpus):
     assert [r["length"] for r in rows] == [400] and all(0 <= rows[0][v] <= 5 for v in ("base", "retrofit", "jrt-prompt"))
     with pytest.raises(ValueError, match="unknown variant"):
         measure_niah(model, tok, [400], variants=("oracle",))
+
+
+def test_niah_training_with_several_questions(fake_corpus):
+    tok = byte_tokenizer()
+    ds = niah_text_dataset(tok, 1400, 3, seed=2, kinds=("number", "word"), questions=3)
+    for i in range(3):
+        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+        assert ids.shape == labels.shape == (1400,)
+        text = tok.decode(ids.tolist())
+        assert text.count("One of the special magic") == 3 and text.count("\nWhat is the special magic") == 3
+        spans, cur = [], []
+        for t, lab in zip(ids.tolist(), labels.tolist()):
+            if lab != IGNORE:
+                assert lab == t
+                cur.append(t)
+            elif cur:
+                spans.append(cur)
+                cur = []
+        spans.append(cur) if cur else None
+        assert len(spans) == 3
+        for span in spans:  # every answer's value is the value of its needle in the haystack
+            value = tok.decode(span).strip(" .")
+            assert f"is: {value}." in text
+
+
+def test_copy_examples_repeat_their_first_half(fake_corpus):
+    from resona_adapt.training.niah_task import copy_text_dataset
+
+    tok = byte_tokenizer()
+    ds = copy_text_dataset(tok, 301, 4, seed=3)
+    for i in range(4):
+        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+        assert ids.shape == labels.shape == (301,)
+        assert torch.equal(ids[:150], ids[150:300]) and bool((labels[:150] == IGNORE).all())
+        assert torch.equal(labels[150:], ids[150:])
+        assert "hamlet" not in tok.decode(ids.tolist())
+    with pytest.raises(DataError, match="seq_len >= 16"):
+        copy_text_dataset(tok, 8, 1)

@@ -147,6 +147,22 @@ def haystack_separator(path: str | Path | None) -> str:
     return "\n" if path is not None and str(path) in CORPUS_HAYSTACKS else " "
 
 
+LABELS = {"number": "number", "multivalue": "number", "multikey": "number", "word": "word", "uuid": "uuid"}
+
+
+def needle_text(kind: str, key: str, value: str) -> str:
+    """RULER's needle sentence."""
+    return f"One of the special magic {LABELS[kind]}s for {key} is: {value}."
+
+
+def question_text(kind: str, key: str) -> str:
+    """RULER's question, ending where the answer starts (after "is" / "are"), with a leading newline."""
+    label, many = LABELS[kind], kind == "multivalue"
+    return (f"\nWhat {'are all' if many else 'is'} the special magic {label}{'s' if many else ''} "
+            f"for {key} mentioned in the provided text? The special magic {label}"
+            f"{'s' if many else ''} for {key} mentioned in the provided text {'are' if many else 'is'}")
+
+
 def make_text_sample(tokenizer: Any, context_len: int, kind: str, haystack: Sequence[str], rng: random.Random,
                      depth: float, sep: str = " ") -> NIAHSample:
     """A RULER-template sample whose prompt is about ``context_len`` tokens, needle at ``depth`` (0..1).
@@ -159,8 +175,8 @@ def make_text_sample(tokenizer: Any, context_len: int, kind: str, haystack: Sequ
     key = f"{rng.choice(ADJECTIVES)}-{rng.choice(WORDS)}"
     n_values = 4 if kind == "multivalue" else 1
     values = [make_value(kind, rng) for _ in range(n_values)]
-    label = {"number": "number", "multivalue": "number", "multikey": "number", "word": "word", "uuid": "uuid"}[kind]
-    needles = [f"One of the special magic {label}s for {key} is: {v}." for v in values]
+    label = LABELS[kind]
+    needles = [needle_text(kind, key, v) for v in values]
     if kind == "multikey":  # distractors: the same template with other keys and values
         others: set[str] = {key}
         while len(others) < 1 + DISTRACTORS:
@@ -170,9 +186,7 @@ def make_text_sample(tokenizer: Any, context_len: int, kind: str, haystack: Sequ
         rng.shuffle(distractors)
         slot = rng.randrange(len(distractors) + 1)
         needles = distractors[:slot] + needles + distractors[slot:]
-    question = (f"\nWhat {'are all' if n_values > 1 else 'is'} the special magic {label}{'s' if n_values > 1 else ''} "
-                f"for {key} mentioned in the provided text? The special magic {label}"
-                f"{'s' if n_values > 1 else ''} for {key} mentioned in the provided text {'are' if n_values > 1 else 'is'}")
+    question = question_text(kind, key)
 
     def n_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
