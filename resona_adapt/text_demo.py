@@ -54,12 +54,12 @@ class TextRecipe:
     chunks the needle is almost always among those read, so the read path learns first)."""
     short_len: int = 640
     questions: int = 3
+    """Needles (and questions, each followed by its answer) per NIAH training example; see
+    `niah_text_dataset`. More supervised tokens per forward than one question."""
     copy_fraction: float = 0.5
     """The first ``copy_fraction`` of the steps train on copying (`copy_text_dataset`) at ``copy_len``
     tokens, before any NIAH step: dense supervision for the read path's induction step."""
     copy_len: int = 256
-    """Needles (and questions, each followed by its answer) per NIAH training example; see
-    `niah_text_dataset`. More supervised tokens per forward than one question."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -68,7 +68,7 @@ class TextRecipe:
 
 
 TEXT_RECIPE = TextRecipe()
-TEXT_QUICK_RECIPE = TextRecipe(steps=40, seq_len=512, min_len=256, kinds=("number",))
+TEXT_QUICK_RECIPE = TextRecipe(steps=60, seq_len=512, min_len=256, kinds=("number",), short_fraction=0.0)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: float = 0.05) -> float:
