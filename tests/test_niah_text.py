@@ -214,3 +214,30 @@ def test_copy_examples_repeat_their_first_half(fake_corpus):
         assert "hamlet" not in tok.decode(ids.tolist())
     with pytest.raises(DataError, match="seq_len >= 16"):
         copy_text_dataset(tok, 8, 1)
+
+
+def test_text_base_ships_with_its_tokenizer_and_recipe():
+    from transformers import AutoTokenizer
+
+    from resona_adapt import load_model
+    from resona_adapt.models import assets
+
+    model = load_model("text-mamba2")
+    path = assets.asset_path("text-mamba2")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    assert type(model).__name__ == "Mamba2ForCausalLM" and model.config.vocab_size == len(tok) == 1024
+    assert tok.convert_ids_to_tokens(tok("is: 1234567")["input_ids"])[-7:] == list("1234567")  # one digit per token
+    info = json.loads((path / "training.json").read_text())
+    assert info["script"] == "examples/pretrain_text_base.py" and info["heldout_perplexity"] > 1
+    assert {"train_seconds", "final_train_loss", "recipe", "corpus"} <= set(info)
+    assert sum(f.stat().st_size for f in path.iterdir()) < 5_000_000
+
+
+def test_missing_text_asset_names_its_script(monkeypatch, tmp_path):
+    from resona_adapt import load_model
+    from resona_adapt.errors import ModelNotFoundError
+    from resona_adapt.models import assets
+
+    monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path)
+    with pytest.raises(ModelNotFoundError, match="pretrain_text_base.py"):
+        load_model("text-mamba2")
