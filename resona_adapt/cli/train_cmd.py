@@ -23,7 +23,11 @@ from .options import (
               help="Local training data: .jsonl rows {text} or {prompt, completion} (loss on the completion), "
                    "or plain text.")
 @click.option("--eval-data", type=click.Path(exists=True, dir_okay=False), default=None, help="Evaluation data, same formats.")
-@click.option("--task", default=None, help="Built-in synthetic task instead of --data (needs no tokenizer): mqar.")
+@click.option("--task", default=None,
+              help="Built-in task instead of --data: mqar (synthetic, needs no tokenizer), or niah (RULER needles in "
+                   "haystacks of the built-in corpus's training split, loss on the answer; needs the model's tokenizer).")
+@click.option("--lm-fraction", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True,
+              help="niah: the fraction of examples that are plain corpus text (language modelling on every token).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per example (task) / maximum (data).")
 @click.option("--kv-pairs", type=click.IntRange(min=1), default=32, show_default=True, help="MQAR key-value pairs per example.")
 @click.option("--filler", default="0", show_default=True,
@@ -66,7 +70,7 @@ from .options import (
 @resona_config_options
 @click.pass_obj
 def command(app: App, model_name: str, trust_remote_code: bool, block_path: str | None, mixer_attr: str | None,
-            data: str | None, eval_data: str | None, task: str | None, seq_len: int, kv_pairs: int, filler: str,
+            data: str | None, eval_data: str | None, task: str | None, lm_fraction: float, seq_len: int, kv_pairs: int, filler: str,
             bos_id: int | None,
             num_examples: int | None, eval_examples: int, tokenizer: str | None, lr: float,
             lr_multiplier: float | None, unfreeze_layers: str | None, weight_decay: float, warmup_ratio: float,
@@ -101,9 +105,9 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     # 1. the options, without touching the disk
     if (data is None) == (task is None):
         raise ResonaConfigError("give exactly one of --data FILE or --task NAME (built-in: "
-                                f"{', '.join(sorted(TASKS))})")
-    if task is not None and task not in TASKS:
-        raise ResonaConfigError(f"unknown task {task!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+                                f"{', '.join(sorted([*TASKS, 'niah']))})")
+    if task is not None and task not in TASKS and task != "niah":
+        raise ResonaConfigError(f"unknown task {task!r}; built-in tasks: {', '.join(sorted([*TASKS, 'niah']))}")
     main_process = int(os.environ.get("RANK", "0")) == 0
     world = int(os.environ.get("WORLD_SIZE", "1"))
     run_dir = run_dir or f"{output.rstrip('/')}.run"
@@ -137,7 +141,16 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         raise ResonaConfigError(f"{model_name} is already retrofitted: its layers and Resona configuration come from "
                                 "the checkpoint; drop --layers and the Resona options (or train a base model)")
 
-    if task is not None:
+    if task == "niah":
+        from ..training.niah_task import niah_text_dataset
+
+        tok = load_tokenizer(tokenizer or getattr(model, "name_or_path", None), model_name)
+        n_train = num_examples or min(steps * batch_size * grad_accum * world, 20_000)
+        train_ds = niah_text_dataset(tok, seq_len, n_train, seed=seed, lm_fraction=lm_fraction,
+                                     min_len=max(64, seq_len // 2))
+        eval_ds = niah_text_dataset(tok, seq_len, eval_examples, seed=seed + 1_000_003,
+                                    min_len=max(64, seq_len // 2)) if eval_examples else None
+    elif task is not None:
         consumed = steps * batch_size * grad_accum * world
         n_train = num_examples or min(consumed, 20_000)
         train_ds, eval_ds = task_datasets(task, model_vocab_size(model), seq_len, n_train, eval_examples, seed=seed,

@@ -8,8 +8,14 @@ multi-value needle scores the mean over its values. Scores are averaged over sam
 
 Two variants:
 - text (`make_text_sample`): RULER's template ("One of the special magic numbers for {key} is:
-  {value}.") inside a haystack of sentences from a local text file or RULER's generated filler,
-  sized in tokens of the model's tokenizer; the model answers by greedy generation.
+  {value}.") inside a haystack of sentences from a local text file, RULER's generated filler, or
+  lines of real text from the built-in corpus (``haystack="corpus"``: the held-out split of
+  `resona_adapt.corpus`; ``"corpus:train"``: its training split, for training data), sized in tokens
+  of the model's tokenizer; the model answers by greedy generation.
+
+Needle kinds (RULER): ``number`` (7 digits), ``word`` (adjective-noun), ``uuid``, ``multikey`` (the
+needle plus 3 distractor needles of other keys; only the asked key's value scores) and
+``multivalue`` (4 values of one key, all asked for).
 - tokens (`make_token_sample`): for tokenizer-less tiny models: filler tokens, a needle
   ``[NEEDLE] key... value...`` and a query ``[QUERY] key...``; the model generates the value tokens.
 """
@@ -23,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-NEEDLE_KINDS = ("number", "word", "uuid", "multivalue")
+NEEDLE_KINDS = ("number", "word", "uuid", "multikey", "multivalue")
+CORPUS_HAYSTACKS = ("corpus", "corpus:train", "corpus:heldout")
+DISTRACTORS = 3  # other-key needles of a multikey sample
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 WORDS = (
     "amber apple arrow autumn badge basket beacon breeze canyon candle carbon cellar cherry cobalt comet "
@@ -96,7 +104,7 @@ class NIAHSample:
 
 def make_value(kind: str, rng: random.Random) -> str:
     """One RULER-style needle value: a 7-digit number, an adjective-noun word, or a UUID."""
-    if kind in ("number", "multivalue"):
+    if kind in ("number", "multivalue", "multikey"):
         return str(rng.randint(1_000_000, 9_999_999))
     if kind == "word":
         return f"{rng.choice(ADJECTIVES)}-{rng.choice(WORDS)}"
@@ -106,37 +114,92 @@ def make_value(kind: str, rng: random.Random) -> str:
 
 
 def load_haystack(path: str | Path | None) -> list[str]:
-    """Sentences of a local text file, or RULER's generated filler when ``path`` is None."""
+    """The units a haystack is built from: sentences of a local text file, RULER's generated filler
+    when ``path`` is None, or non-empty lines of the built-in corpus (``"corpus"`` = held-out split,
+    ``"corpus:train"`` = training split; see `haystack_separator`). Raises ValueError for an empty or
+    non-text file."""
     if path is None:
         return [s.strip() + "." for s in FILLER.split(".") if s.strip()]
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if str(path) in CORPUS_HAYSTACKS:
+        from ..corpus import corpus_text
+
+        split = "train" if str(path) == "corpus:train" else "heldout"
+        return [line for line in corpus_text(split).split("\n") if line.strip()]
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the haystack file {path} ({exc.strerror or exc})") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise ValueError(f"{path} is not a UTF-8 text file; pass a plain-text haystack (or --haystack corpus)")
     sentences = [s.strip() + "." for s in text.replace("\n", " ").split(".") if s.strip()]
     if not sentences:
-        raise ValueError(f"{path} holds no text to build a haystack from")
+        raise ValueError(f"{path} holds no text to build a haystack from; pass a non-empty text file")
     return sentences
 
 
+def haystack_separator(path: str | Path | None) -> str:
+    """How haystack units are joined: lines of the corpus by newlines, sentences by spaces."""
+    return "\n" if path is not None and str(path) in CORPUS_HAYSTACKS else " "
+
+
+LABELS = {"number": "number", "multivalue": "number", "multikey": "number", "word": "word", "uuid": "uuid"}
+
+
+def needle_text(kind: str, key: str, value: str) -> str:
+    """RULER's needle sentence."""
+    return f"One of the special magic {LABELS[kind]}s for {key} is: {value}."
+
+
+def question_text(kind: str, key: str) -> str:
+    """RULER's question, ending where the answer starts (after "is" / "are"), with a leading newline."""
+    label, many = LABELS[kind], kind == "multivalue"
+    return (f"\nWhat {'are all' if many else 'is'} the special magic {label}{'s' if many else ''} "
+            f"for {key} mentioned in the provided text? The special magic {label}"
+            f"{'s' if many else ''} for {key} mentioned in the provided text {'are' if many else 'is'}")
+
+
 def make_text_sample(tokenizer: Any, context_len: int, kind: str, haystack: Sequence[str], rng: random.Random,
-                     depth: float) -> NIAHSample:
-    """A RULER-template sample whose prompt is about ``context_len`` tokens, needle at ``depth`` (0..1)."""
+                     depth: float, sep: str = " ") -> NIAHSample:
+    """A RULER-template sample whose prompt is about ``context_len`` tokens, needle at ``depth`` (0..1).
+
+    Consecutive haystack units (from a random start, wrapping around) are joined by ``sep``; the
+    needle(s) go in as units of their own. Raises ValueError when the needle and question alone do
+    not fit in ``context_len`` tokens."""
+    if kind not in NEEDLE_KINDS:
+        raise ValueError(f"unknown needle kind {kind!r}; choose one of {', '.join(NEEDLE_KINDS)}")
     key = f"{rng.choice(ADJECTIVES)}-{rng.choice(WORDS)}"
     n_values = 4 if kind == "multivalue" else 1
     values = [make_value(kind, rng) for _ in range(n_values)]
-    label = {"number": "number", "multivalue": "number", "word": "word", "uuid": "uuid"}[kind]
-    needles = [f"One of the special magic {label}s for {key} is: {v}." for v in values]
-    question = (f"\nWhat {'are all' if n_values > 1 else 'is'} the special magic {label}{'s' if n_values > 1 else ''} "
-                f"for {key} mentioned in the provided text? The special magic {label}"
-                f"{'s' if n_values > 1 else ''} for {key} mentioned in the provided text {'are' if n_values > 1 else 'is'}")
+    label = LABELS[kind]
+    needles = [needle_text(kind, key, v) for v in values]
+    if kind == "multikey":  # distractors: the same template with other keys and values
+        others: set[str] = {key}
+        while len(others) < 1 + DISTRACTORS:
+            others.add(f"{rng.choice(ADJECTIVES)}-{rng.choice(WORDS)}")
+        distractors = [f"One of the special magic {label}s for {k} is: {make_value(kind, rng)}."
+                       for k in sorted(others - {key})]
+        rng.shuffle(distractors)
+        slot = rng.randrange(len(distractors) + 1)
+        needles = distractors[:slot] + needles + distractors[slot:]
+    question = question_text(kind, key)
 
     def n_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    budget = context_len - n_tokens(" ".join(needles)) - n_tokens(question)
+    budget = context_len - n_tokens(sep.join(needles)) - n_tokens(question) - len(needles)
+    if budget < 0:
+        raise ValueError(f"context length {context_len} is too short for a {kind} needle and its question "
+                         f"({context_len - budget} tokens); use a longer context")
     sentences: list[str] = []
     used, i = 0, rng.randrange(len(haystack))
     while True:
         s = haystack[i % len(haystack)]
-        cost = n_tokens(" " + s)
+        cost = n_tokens(sep + s)
         if used + cost > budget:
             break
         sentences.append(s)
@@ -146,14 +209,14 @@ def make_text_sample(tokenizer: Any, context_len: int, kind: str, haystack: Sequ
             break
     at = round(depth * len(sentences))
     parts = [(False, s) for s in sentences]
-    for j, needle in enumerate(needles):  # several values spread around the depth
-        parts.insert(min(len(parts), at + j * (1 + max(1, len(sentences) // (4 * n_values)))), (True, needle))
-    while n_tokens(" ".join(p for _, p in parts) + question) > context_len:
+    for j, needle in enumerate(needles):  # several needles spread around the depth
+        parts.insert(min(len(parts), at + j * (1 + max(1, len(sentences) // (4 * len(needles))))), (True, needle))
+    while n_tokens(sep.join(p for _, p in parts) + question) > context_len:
         drop = max((i for i, (is_needle, _) in enumerate(parts) if not is_needle), default=None)
         if drop is None:
             raise ValueError(f"context length {context_len} is too short for a {kind} needle and its question")
         del parts[drop]
-    return NIAHSample(" ".join(p for _, p in parts) + question, values, depth, context_len, {"key": key, "kind": kind})
+    return NIAHSample(sep.join(p for _, p in parts) + question, values, depth, context_len, {"key": key, "kind": kind})
 
 
 # -- token variant --------------------------------------------------------------------------------
@@ -174,14 +237,14 @@ class TokenLayout:
     def value_range(self, kind: str) -> range:
         """Value alphabets: 10 'digits' (number), a word range, 16 'hex digits' (uuid)."""
         v = self.vocab_size
-        if kind in ("number", "multivalue"):
+        if kind in ("number", "multivalue", "multikey"):
             return range(v // 2, v // 2 + 10)
         if kind == "uuid":
             return range(v // 2 + 10, v // 2 + 26)
         return range(v // 2 + 26, v)
 
     def value_len(self, kind: str) -> int:
-        return {"number": 7, "multivalue": 7, "uuid": 8, "word": 2}[kind]
+        return {"number": 7, "multivalue": 7, "multikey": 7, "uuid": 8, "word": 2}[kind]
 
     @property
     def key_range(self) -> range:
@@ -204,6 +267,14 @@ def make_token_sample(layout: TokenLayout, context_len: int, kind: str, rng: ran
     alphabet = layout.value_range(kind)
     values = [[rng.choice(alphabet) for _ in range(layout.value_len(kind))] for _ in range(n_values)]
     needles = [[layout.needle_marker, *key, *v] for v in values]
+    if kind == "multikey":  # distractor needles: other keys, values of the same alphabet
+        keys = {tuple(key)}
+        while len(keys) < 1 + DISTRACTORS:
+            keys.add(tuple(rng.choice(layout.key_range) for _ in range(2)))
+        others = [[layout.needle_marker, *k, *[rng.choice(alphabet) for _ in range(layout.value_len(kind))]]
+                  for k in sorted(keys - {tuple(key)})]
+        slot = rng.randrange(len(others) + 1)
+        needles = others[:slot] + needles + others[slot:]
     query = [layout.query_marker, *key]
     n_filler = context_len - sum(map(len, needles)) - len(query)
     if n_filler < 1:
@@ -211,7 +282,7 @@ def make_token_sample(layout: TokenLayout, context_len: int, kind: str, rng: ran
     tokens = [rng.choice(layout.filler_range) for _ in range(n_filler)]
     at = round(depth * n_filler)
     for j, needle in enumerate(needles):
-        pos = min(len(tokens), at + j * max(1, n_filler // (4 * n_values)) + j * len(needle))
+        pos = min(len(tokens), at + j * max(1, n_filler // (4 * len(needles))) + j * len(needle))
         tokens[pos:pos] = needle
     return NIAHSample(tokens + query, values, depth, context_len, {"key": key, "kind": kind})
 
@@ -235,7 +306,13 @@ def evaluate_niah(model: Any, context_lengths: Sequence[int], kind: str = "numbe
 
     if kind not in NEEDLE_KINDS:
         raise ValueError(f"unknown needle kind {kind!r}; choose one of {', '.join(NEEDLE_KINDS)}")
+    if tokenizer is not None:
+        limit = int(getattr(tokenizer, "model_max_length", 0) or 0)
+        if 0 < limit < 10**9 and max(context_lengths) > limit:  # transformers' "no limit" is ~1e30
+            raise ValueError(f"context length {max(context_lengths)} is beyond the tokenizer's model_max_length "
+                             f"({limit}); ask for {limit} tokens or fewer")
     sentences = load_haystack(haystack) if tokenizer is not None else None
+    sep = haystack_separator(haystack)
     layout = None if tokenizer is not None else TokenLayout(int(model.config.vocab_size))
     rows = []
     for context_len in context_lengths:
@@ -243,7 +320,7 @@ def evaluate_niah(model: Any, context_lengths: Sequence[int], kind: str = "numbe
         scores = []
         for depth in depths(samples):
             if tokenizer is not None:
-                sample = make_text_sample(tokenizer, context_len, kind, sentences, rng, depth)
+                sample = make_text_sample(tokenizer, context_len, kind, sentences, rng, depth, sep)
             else:
                 sample = make_token_sample(layout, context_len, kind, rng, depth)
             if prompt_transform is not None:

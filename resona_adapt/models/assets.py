@@ -11,7 +11,10 @@ ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 PRETRAINED_ASSETS: dict[str, str] = {
     "mqar-mamba2": "A 4-layer Mamba2 (width 64, vocabulary 1024) pretrained on MQAR by "
                    "examples/pretrain_mqar_base.py: recalls at 64 tokens, forgets at 256-512.",
+    "text-mamba2": "A 4-layer Mamba2 (width 128, byte-level BPE of 1024 ids, tokenizer included) pretrained on "
+                   "public-domain Shakespeare (resona_adapt.corpus, training split) by examples/pretrain_text_base.py.",
 }
+SCRIPTS = {"mqar-mamba2": "examples/pretrain_mqar_base.py", "text-mamba2": "examples/pretrain_text_base.py"}
 
 
 def asset_path(name: str) -> Path:
@@ -22,6 +25,6 @@ def asset_path(name: str) -> Path:
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(
             f"the shipped model {name!r} is missing from {path} (a broken install?); reinstall resona-adapt, "
-            "or recreate it with: python examples/pretrain_mqar_base.py"
+            f"or recreate it with: python {SCRIPTS[name]}"
         )
     return path

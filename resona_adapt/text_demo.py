@@ -1,0 +1,242 @@
+"""Long-context recall on real text with the shipped ``text-mamba2`` base: the recipe, its training
+loop, the measurement (NIAH by length for the base, the retrofit and the prompt baselines, held-out
+perplexity), and `demo_text`, the CPU-minutes run the demo calls.
+
+    from resona_adapt.text_demo import demo_text
+    result = demo_text(quick=True)   # {"rows": [{"length", "base", "retrofit"}, ...], "ppl": {...}, ...}
+
+Everything here reads the built-in corpus (`resona_adapt.corpus`): training haystacks come from
+its training split, every measurement from its held-out works. The experiment behind the numbers
+in docs/text-niah.md is examples/retrofit_text_niah.py, which uses these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ResonaConfig
+from .evaluation import baselines
+from .evaluation.niah import NEEDLE_KINDS, load_haystack, make_text_sample, niah_score_multi
+from .training.niah_task import answer_text, copy_text_dataset, niah_text_dataset
+
+TEXT_BASE = "text-mamba2"
+VARIANTS = ("base", "retrofit", "jrt-prompt", "rag-append")
+Log = Callable[[str], None]
+
+
+@dataclass
+class TextRecipe:
+    """How the Resona branches of the frozen text base are trained (AdamW on the branch parameters
+    only, linear warm-up over 5% of the steps, cosine decay to 10%, clipping 1.0)."""
+
+    config: ResonaConfig = field(default_factory=lambda: ResonaConfig(
+        chunk_size=64, top_k=4, train_top_k=4, num_heads=2, chunk_pool="weighted"))
+    layers: str = "-1"
+    steps: int = 900
+    batch_size: int = 8
+    seq_len: int = 1024
+    min_len: int = 256
+    lr: float = 5e-3
+    lm_fraction: float = 0.2
+    kinds: tuple[str, ...] = NEEDLE_KINDS
+    short_fraction: float = 0.2
+    """The first ``short_fraction`` of the steps train at ``short_len`` tokens (a curriculum: with few
+    chunks the needle is almost always among those read, so the read path learns first)."""
+    short_len: int = 640
+    questions: int = 3
+    """Needles (and questions, each followed by its answer) per NIAH training example; see
+    `niah_text_dataset`. More supervised tokens per forward than one question."""
+    copy_fraction: float = 0.5
+    """The first ``copy_fraction`` of the steps train on copying (`copy_text_dataset`) at ``copy_len``
+    tokens, before any NIAH step: dense supervision for the read path's induction step."""
+    copy_len: int = 256
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+
+TEXT_RECIPE = TextRecipe()
+TEXT_QUICK_RECIPE = TextRecipe(steps=60, seq_len=512, min_len=256, kinds=("number",), short_fraction=0.0)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: float = 0.05) -> float:
+    w = max(1, int(warmup * steps))
+    if step < w:
+        return lr * (step + 1) / w
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - w) / max(1, steps - w))))
+
+
+def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0, log: Log | None = None,
+             log_every: int = 10) -> dict:
+    """Train the Resona parameters of a retrofitted ``model`` on NIAH + plain-text examples of the
+    corpus's training split. Returns ``{"train_seconds", "final_loss", "examples"}``."""
+    from .retrofit import resona_parameters
+
+    params = [p for _, p in resona_parameters(model)]
+    if not params:
+        raise ValueError("the model has no Resona parameters: retrofit it first")
+    n = recipe.steps * recipe.batch_size
+    n_copy = round(recipe.copy_fraction * recipe.steps) * recipe.batch_size
+    n_short = round(recipe.short_fraction * recipe.steps) * recipe.batch_size
+    copy = copy_text_dataset(tokenizer, recipe.copy_len, n_copy, seed=seed + 29) if n_copy else []
+    ds = niah_text_dataset(tokenizer, recipe.seq_len, n - n_short - n_copy, seed=seed, kinds=recipe.kinds,
+                           lm_fraction=recipe.lm_fraction, min_len=recipe.min_len, questions=recipe.questions)
+    short = niah_text_dataset(tokenizer, recipe.short_len, n_short, seed=seed + 17, kinds=recipe.kinds,
+                              lm_fraction=recipe.lm_fraction, min_len=recipe.short_len // 2,
+                              questions=recipe.questions) if n_short else []
+    examples = ([copy[i] for i in range(n_copy)] + [short[i] for i in range(n_short)]
+                + [ds[i] for i in range(n - n_short - n_copy)])
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    model.train()
+    start, losses, exact = time.time(), [], []
+    try:
+        for step in range(recipe.steps):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, recipe.steps, recipe.lr)
+            batch = examples[step * recipe.batch_size:(step + 1) * recipe.batch_size]
+            ids = torch.stack([e["input_ids"] for e in batch])  # (B, T)
+            target = torch.stack([e["labels"] for e in batch])[:, 1:]  # (B, T-1)
+            logits = model(input_ids=ids).logits[:, :-1].float()  # (B, T-1, V)
+            mask = target != -100  # (B, T-1)
+            tok_loss = F.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")  # (B, T-1)
+            loss = ((tok_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()  # rows weigh equally
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(loss.item())
+            needle_rows = mask.sum(1) < mask.shape[1] // 3  # (B,) NIAH rows (LM rows label all, copy rows half)
+            if bool(needle_rows.any()):
+                exact.append(((logits.argmax(-1) == target) | ~mask)[needle_rows].all(1).float().mean().item())
+            if log is not None and (step + 1) % log_every == 0:
+                k = log_every
+                log(f"step {step + 1:4d}  loss {sum(losses[-k:]) / len(losses[-k:]):.3f}  answer exact "
+                    f"{sum(exact[-k:]) / max(1, len(exact[-k:])):.2f}  {time.time() - start:.0f}s")
+    finally:
+        model.eval()
+    tail = losses[-20:]
+    return {"train_seconds": round(time.time() - start, 1), "final_loss": round(sum(tail) / len(tail), 4),
+            "examples": n}
+
+
+@torch.no_grad()
+def answer(model: nn.Module, tokenizer: Any, prompt: str, n_new: int, bypass: bool) -> str:
+    """Greedy answer of ``model`` (its base when ``bypass``), decoded with the model's cache."""
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])  # (1, T)
+    ctx = baselines.resona_bypassed(model) if bypass else torch.no_grad()
+    with ctx:
+        out = model.generate(ids, max_new_tokens=n_new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
+
+def measure_niah(model: nn.Module, tokenizer: Any, lengths: Sequence[int], kinds: Sequence[str] = NEEDLE_KINDS,
+                 samples: int = 10, variants: Sequence[str] = VARIANTS, seed: int = 0,
+                 log: Log | None = None) -> list[dict]:
+    """Mean NIAH score (0..5) per length and variant on held-out haystacks; the needle kinds are
+    cycled over the samples and every variant answers the same samples."""
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
+    units = load_haystack("corpus")  # held-out lines
+    rows = []
+    for length in lengths:
+        rng = random.Random(seed * 1_000_003 + length)
+        scores: dict[str, list[float]] = {v: [] for v in variants}
+        by_kind: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
+        t0 = time.time()
+        for i in range(samples):
+            kind = kinds[i % len(kinds)]
+            s = make_text_sample(tokenizer, length, kind, units, rng, rng.random(), "\n")
+            n_new = len(tokenizer(answer_text(s.values), add_special_tokens=False)["input_ids"]) + 2
+            cut = s.prompt.rindex("\nWhat ")
+            context, question = s.prompt[:cut], s.prompt[cut:]
+            for v in variants:
+                if v in ("base", "retrofit"):
+                    prompt = s.prompt
+                elif v == "jrt-prompt":
+                    prompt = baselines.jrt_text(context, question, sep="\n")
+                else:  # the retrofit's search picks the chunks, the base answers
+                    prompt = baselines.rag_text(model, tokenizer, context, question)
+                sc = niah_score_multi(s.values, answer(model, tokenizer, prompt, n_new, bypass=v != "retrofit"))
+                scores[v].append(sc)
+                by_kind[v].setdefault(kind, []).append(sc)
+        row = {"length": length, "samples": samples, **{v: round(sum(x) / len(x), 3) for v, x in scores.items()},
+               "by_kind": {v: {k: round(sum(x) / len(x), 2) for k, x in d.items()} for v, d in by_kind.items()},
+               "seconds": round(time.time() - t0, 1)}
+        if log is not None:
+            log(f"NIAH {length} tokens: " + ", ".join(f"{v} {row[v]:.2f}" for v in variants) + f" ({row['seconds']}s)")
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def heldout_ppl(model: nn.Module, tokenizer: Any, windows: int = 32, length: int = 2048) -> dict:
+    """Perplexity of ``windows`` evenly spaced windows of ``length`` tokens of the held-out works,
+    for the base (branches bypassed) and the retrofit, on the same tokens."""
+    from .corpus import corpus_text
+
+    ids = torch.tensor(tokenizer(corpus_text("heldout"), add_special_tokens=False)["input_ids"])
+    if len(ids) <= length:
+        raise ValueError(f"the held-out text has {len(ids)} tokens, fewer than one window of {length}")
+    starts = torch.linspace(0, len(ids) - length - 1, windows).long().tolist()
+    out: dict[str, Any] = {}
+    for name, bypass in (("base", True), ("retrofit", False)):
+        nll, n = 0.0, 0
+        for s in starts:
+            x = ids[s:s + length].unsqueeze(0)  # (1, W)
+            with baselines.resona_bypassed(model) if bypass else torch.no_grad():
+                logits = model(input_ids=x).logits[0, :-1].float()  # (W-1, V)
+            nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+            n += x.shape[1] - 1
+        out[name] = round(math.exp(nll / n), 4)
+    out["ratio"] = round(out["retrofit"] / out["base"], 5)
+    out["tokens"] = n
+    return out
+
+
+def load_text_base(name: str = TEXT_BASE) -> tuple[nn.Module, Any]:
+    """The text base and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from .loading import load_model, resolve_model_path
+
+    model = load_model(name)
+    return model, AutoTokenizer.from_pretrained(str(resolve_model_path(name)), local_files_only=True)
+
+
+def demo_text(quick: bool = False, seed: int = 0, lengths: Sequence[int] | None = None, samples: int | None = None,
+              recipe: TextRecipe | None = None, log: Log | None = None, return_model: bool = False) -> Any:
+    """Retrofit ``text-mamba2`` (frozen), train the branches with `TEXT_RECIPE` (`TEXT_QUICK_RECIPE`
+    when ``quick``), and measure NIAH by length (base, retrofit) and held-out perplexity.
+
+    Returns ``{"rows": [{"length", "base", "retrofit", "samples"}], "ppl": {"base", "retrofit",
+    "ratio", "tokens"}, "train": {...}, "recipe": {...}}``; plain JSON-able values. With
+    ``return_model``: ``(result, model, tokenizer)``, to export or reuse the trained retrofit."""
+    from .retrofit import retrofit
+
+    recipe = recipe or (TEXT_QUICK_RECIPE if quick else TEXT_RECIPE)
+    lengths = list(lengths or ((1024, 2048) if quick else (1024, 2048, 4096, 8192, 16384)))
+    samples = samples or (4 if quick else 10)
+    torch.manual_seed(seed)
+    model, tokenizer = load_text_base()
+    retrofit(model, layers=recipe.layers, config=recipe.config)
+    train = fit_text(model, tokenizer, recipe, seed=seed, log=log)
+    ppl = heldout_ppl(model, tokenizer, windows=4 if quick else 16)
+    rows = measure_niah(model, tokenizer, lengths, kinds=recipe.kinds, samples=samples,
+                        variants=("base", "retrofit"), seed=seed, log=log)
+    result = {"rows": [{"length": r["length"], "base": r["base"], "retrofit": r["retrofit"], "samples": r["samples"]}
+                       for r in rows],
+              "ppl": ppl, "train": train, "recipe": recipe.to_dict()}
+    return (result, model, tokenizer) if return_model else result
