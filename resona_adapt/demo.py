@@ -5,7 +5,8 @@ LRM recall what it forgot.
    aligned to the chunks and shifted by one random token (it recalls at 64 tokens, forgets later);
 2. `retrofit` at the paper's default layers: the table is unchanged (function-preserving);
 3. train only the Resona parameters, base frozen, at the multiplied learning rate
-   (`resona_adapt.training.train`, transformers' Trainer, with the measured `recipes.MQAR_RECIPE`);
+   (`resona_adapt.training.train`, transformers' Trainer, with the measured `recipes.MQAR_RECIPE`;
+   `recipes.recipe_datasets` / `recipe_train_config`, or `recipes.train_recipe` for a length curriculum);
 4. the table again;
 5. export the merged checkpoint, reload it, and check the reloaded model scores the same.
 
@@ -21,8 +22,11 @@ from typing import Any
 
 import torch
 
-from .evaluation.mqar_eval import TRAIN_SEED_BASE, MQARResult, evaluate_mqar
-from .recipes import MQAR_QUICK_RECIPE, MQAR_RECIPE, RetrofitRecipe
+from .evaluation.mqar_eval import MQARResult, evaluate_mqar
+from .recipes import MQAR_QUICK_RECIPE, MQAR_RECIPE, RetrofitRecipe, recipe_datasets, recipe_train_config
+
+__all__ = ["BASE_MODEL", "DEMO_FILLERS", "DEMO_GRID", "QUICK_GRID", "RetrofitRecipe", "recipe_datasets",
+           "recipe_train_config", "run_demo"]  # the recipe conversions live in `recipes` (importable here as before)
 
 DEMO_GRID = [(64, 8), (128, 16), (256, 32), (512, 64), (512, 128)]
 QUICK_GRID = [(64, 8), (256, 32)]
@@ -30,35 +34,6 @@ DEMO_FILLERS = ("0", "1")
 """Random tokens in front of every test example: none (pairs aligned with chunks of 2), and one (every
 pair straddles a chunk boundary, as after a BOS token or any text before the pairs)."""
 BASE_MODEL = "mqar-mamba2"
-
-
-def recipe_datasets(recipe: RetrofitRecipe, vocab_size: int):
-    """The recipe's MQAR training examples (steps x batch, split evenly over its kv choices) as one dataset."""
-    from torch.utils.data import ConcatDataset
-
-    from .training import mqar_dataset
-
-    lengths = {p.seq_len for p in recipe.phases}
-    if len(lengths) != 1:
-        raise ValueError("the Trainer path trains one sequence length; use recipes.fit_mqar for a length curriculum")
-    total = recipe.steps * recipe.batch_size
-    parts = []
-    for phase in recipe.phases:
-        share = max(1, round(total * phase.fraction / len(phase.kv_pairs)))
-        for pairs in phase.kv_pairs:
-            parts.append(mqar_dataset(vocab_size, phase.seq_len, share, seed=TRAIN_SEED_BASE + 700_000 + pairs,
-                                      num_kv_pairs=pairs, filler=recipe.filler))
-    return ConcatDataset(parts)
-
-
-def recipe_train_config(recipe: RetrofitRecipe, progress: bool):
-    """The `TrainConfig` of a recipe: Resona lr = base lr x multiplier, AdamW, cosine with warm-up, clipping."""
-    from .training import TrainConfig
-
-    return TrainConfig(lr=recipe.base_lr, lr_multiplier=recipe.config.lr_multiplier, weight_decay=recipe.weight_decay,
-                       warmup_ratio=recipe.warmup, max_grad_norm=recipe.clip, steps=recipe.steps,
-                       batch_size=recipe.batch_size, log_every=max(1, recipe.steps // 20), seed=recipe.seed,
-                       progress=progress)
 
 
 def run_demo(output: str | Path, *, quick: bool = False, examples: int | None = None,
@@ -87,11 +62,15 @@ def run_demo(output: str | Path, *, quick: bool = False, examples: int | None = 
 
     say(f"3/5 training only the Resona parameters ({n_params:,}), base frozen, lr {recipe.base_lr:g} x "
         f"{recipe.config.lr_multiplier:g}, {recipe.steps} steps")
+    from .recipes import train_recipe
     from .training import train
 
     start = time.perf_counter()
-    summary = train(model, recipe_datasets(recipe, int(model.config.vocab_size)),
-                    config=recipe_train_config(recipe, progress), console=console)
+    if len({p.seq_len for p in recipe.phases}) == 1:  # one shuffled pool (the measured demo)
+        summary = train(model, recipe_datasets(recipe, int(model.config.vocab_size)),
+                        config=recipe_train_config(recipe, progress), console=console)
+    else:  # a length curriculum: one batch per step from the step's phase
+        summary = train_recipe(model, recipe, progress=progress, console=console)
     train_seconds = time.perf_counter() - start
 
     say("4/5 measuring the retrofitted model")

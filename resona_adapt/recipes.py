@@ -1,26 +1,35 @@
-"""Measured recipes: a Resona configuration plus the training schedule that makes it learn.
+"""Measured recipes: a Resona configuration plus the training schedule that makes it learn, and their
+conversion to what the Trainer path (`resona_adapt.training.train`) takes.
 
 `MQAR_RECIPE` is the recipe docs/retrofit-learning.md measures on the shipped ``mqar-mamba2`` base
-(examples/retrofit_mqar_experiment.py); the demo uses it. `fit_mqar` is a small internal training
-loop (AdamW on the Resona parameters only, cosine schedule with warm-up, gradient clipping, a
-length curriculum). It stands in for the Trainer-based training API until that lands: callers
-should switch to it then, keeping the recipe.
+(examples/retrofit_mqar_experiment.py); the demo uses it. `fit_mqar` trains a recipe on MQAR through
+the Trainer path (`train_recipe`): AdamW on the Resona parameters only (weight decay on matrices),
+the recipe's warm-up + cosine schedule, gradient clipping, and a length curriculum (one fresh, seeded
+batch per step from the step's `Phase`, `recipe_curriculum`). `recipe_datasets` /
+`recipe_train_config` turn a one-length recipe into a shuffled dataset and a `TrainConfig` (the demo).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ResonaConfig
-from .evaluation.mqar_eval import TRAIN_SEED_BASE
-from .tasks.mqar import IGNORE, mqar
+from .tasks.mqar import IGNORE, TRAIN_SEED_BASE, mqar
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from .training import TrainConfig, TrainSummary
+    from .training.curriculum import StepBatches
 
 
 @dataclass(frozen=True)
@@ -114,6 +123,88 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def recipe_optimizer(recipe: RetrofitRecipe, params: Sequence[nn.Parameter]) -> tuple[Any, Any]:
+    """(AdamW, schedule) of a recipe: weight decay on matrices (dim >= 2) only, betas (0.9, 0.98), peak
+    LR ``recipe.lr``; the schedule sets every group's LR to ``recipe.lr_at(step)``."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: recipe.lr_at(step) / recipe.lr)
+    return opt, schedule
+
+
+def recipe_curriculum(recipe: RetrofitRecipe, vocab_size: int) -> "StepBatches":
+    """The recipe's MQAR training batches, one per step (a length curriculum): step ``s`` draws
+    ``recipe.batch_size`` fresh examples at ``phase_at(s)``'s length, with a kv-pair count drawn from the
+    phase's choices (seeded by ``recipe.seed``), from a seed range disjoint from the test sets."""
+    from .training.curriculum import StepBatches
+    from .training.data import shift_targets_to_labels
+
+    g = torch.Generator().manual_seed(recipe.seed)
+    plan = []  # (phase, pairs) of every step, drawn in step order
+    for step in range(recipe.steps):
+        phase = recipe.phase_at(step)
+        plan.append((phase, phase.kv_pairs[int(torch.randint(len(phase.kv_pairs), (1,), generator=g))]))
+    for phase, pairs in set(plan):  # refuse a phase MQAR cannot make before the first step
+        mqar(1, phase.seq_len, pairs, vocab_size, filler=recipe.filler)
+
+    def make_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        phase, pairs = plan[step]
+        data = mqar(recipe.batch_size, phase.seq_len, pairs, vocab_size,
+                    seed=TRAIN_SEED_BASE + 500_000 + recipe.seed * 100_000 + step, filler=recipe.filler)
+        return data.inputs, shift_targets_to_labels(data.labels)  # (B, T) each
+
+    lengths = "/".join(str(p.seq_len) for p in recipe.phases)
+    return StepBatches(make_batch, recipe.steps, recipe.batch_size,
+                       f"MQAR curriculum {recipe.steps} x {recipe.batch_size} at {lengths} tokens, filler {recipe.filler}")
+
+
+def train_recipe(model: nn.Module, recipe: RetrofitRecipe, *, vocab_size: int | None = None,
+                 on_step: Callable[[int, float, Phase], None] | None = None, progress: bool = False,
+                 console: Any = None) -> "TrainSummary":
+    """Train the Resona branches of a retrofitted ``model`` on the recipe's MQAR curriculum with the
+    Trainer path (`resona_adapt.training.train`); returns its `TrainSummary`.
+
+    Optimizer and schedule: `recipe_optimizer`; batches: `recipe_curriculum`; each phase's
+    ``train_top_k`` applies during its steps. ``on_step(step, loss, phase)`` after every step.
+    The branches' ``train_top_k``, the model's train/eval mode and the global RNG states are restored.
+    """
+    from .retrofit import resona_layers
+    from .training import TrainConfig, train
+    from .training.curriculum import StepCallback
+
+    vocab = vocab_size or int(model.config.vocab_size)
+    params = trainable_parameters(model)
+    data = recipe_curriculum(recipe, vocab)
+    branches = [layer.resona for layer in resona_layers(model).values()]
+    default_k = [b.config.train_top_k for b in branches]
+
+    def set_phase(step: int) -> None:
+        phase = recipe.phase_at(step)
+        for b, k in zip(branches, default_k):
+            b.config.train_top_k = phase.train_top_k or k
+
+    def restore_k() -> None:
+        for b, k in zip(branches, default_k):
+            b.config.train_top_k = k
+
+    config = TrainConfig(lr=recipe.base_lr, lr_multiplier=recipe.config.lr_multiplier,
+                         weight_decay=recipe.weight_decay, warmup_ratio=recipe.warmup, max_grad_norm=recipe.clip,
+                         steps=recipe.steps, batch_size=recipe.batch_size, log_every=max(1, recipe.steps // 20),
+                         seed=recipe.seed, progress=progress)
+    report = None if on_step is None else lambda step, loss: on_step(step, loss, recipe.phase_at(step))
+    was_training = model.training
+    rng = _rng_states()  # the Trainer seeds the global RNGs; callers' later draws must not change
+    try:
+        return train(model, data, config=config, optimizers=recipe_optimizer(recipe, params),
+                     callbacks=[StepCallback(before=set_phase, end=restore_k)], on_step=report, console=console)
+    finally:
+        restore_k()
+        model.train(was_training)
+        _set_rng_states(rng)
+
+
 def fit_mqar(
     model: nn.Module,
     recipe: RetrofitRecipe,
@@ -126,45 +217,66 @@ def fit_mqar(
     Only Resona parameters are optimised (AdamW at ``recipe.lr`` = base LR x multiplier). Batches
     are fresh, seeded examples from a seed range disjoint from the evaluation sets.
     ``on_step(step, loss, phase)`` is called after every optimiser step (progress bars).
+    The Trainer path (`train_recipe`) with every step's loss collected.
     """
-    vocab = vocab_size or int(model.config.vocab_size)
-    params = trainable_parameters(model)
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
-    g = torch.Generator().manual_seed(recipe.seed)
-    from .retrofit import resona_layers
+    losses: list[float] = []
 
-    branches = [layer.resona for layer in resona_layers(model).values()]
-    default_k = [b.config.train_top_k for b in branches]
-    was_training = model.training
-    model.train()
-    losses = []
-    try:
-        for step in range(recipe.steps):
-            phase = recipe.phase_at(step)
-            for b, k in zip(branches, default_k):
-                b.config.train_top_k = phase.train_top_k or k
-            pairs = phase.kv_pairs[int(torch.randint(len(phase.kv_pairs), (1,), generator=g))]
-            data = mqar(recipe.batch_size, phase.seq_len, pairs, vocab,
-                        seed=TRAIN_SEED_BASE + 500_000 + recipe.seed * 100_000 + step, filler=recipe.filler)
-            for group in opt.param_groups:
-                group["lr"] = recipe.lr_at(step)
-            loss = mqar_loss(model, data.inputs, data.labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.clip:
-                torch.nn.utils.clip_grad_norm_(params, recipe.clip)
-            opt.step()
-            losses.append(loss.item())
-            if on_step is not None:
-                on_step(step, losses[-1], phase)
-    finally:
-        model.train(was_training)
-        for b, k in zip(branches, default_k):
-            b.config.train_top_k = k
+    def record(step: int, loss: float, phase: Phase) -> None:
+        losses.append(loss)
+        if on_step is not None:
+            on_step(step, loss, phase)
+
+    train_recipe(model, recipe, vocab_size=vocab_size, on_step=record)
     return losses
+
+
+def _rng_states() -> tuple[Any, ...]:
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.get_rng_state(), random.getstate(), np.random.get_state(), cuda
+
+
+def _set_rng_states(states: tuple[Any, ...]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(states[0])
+    random.setstate(states[1])
+    np.random.set_state(states[2])
+    if states[3] is not None:
+        torch.cuda.set_rng_state_all(states[3])
+
+
+def recipe_datasets(recipe: RetrofitRecipe, vocab_size: int) -> "Dataset":
+    """The recipe's MQAR training examples (steps x batch, split evenly over its kv choices) as one
+    shuffled dataset of one sequence length (the demo's data); `recipe_curriculum` keeps the phases."""
+    from torch.utils.data import ConcatDataset
+
+    from .training import mqar_dataset
+
+    lengths = {p.seq_len for p in recipe.phases}
+    if len(lengths) != 1:
+        raise ValueError(f"recipe_datasets makes one shuffled pool at one sequence length, but the recipe's phases "
+                         f"have {sorted(lengths)}; train a length curriculum with recipe_curriculum / train_recipe")
+    total = recipe.steps * recipe.batch_size
+    parts = []
+    for phase in recipe.phases:
+        share = max(1, round(total * phase.fraction / len(phase.kv_pairs)))
+        for pairs in phase.kv_pairs:
+            parts.append(mqar_dataset(vocab_size, phase.seq_len, share, seed=TRAIN_SEED_BASE + 700_000 + pairs,
+                                      num_kv_pairs=pairs, filler=recipe.filler))
+    return ConcatDataset(parts)
+
+
+def recipe_train_config(recipe: RetrofitRecipe, progress: bool) -> "TrainConfig":
+    """The `TrainConfig` of a recipe for `recipe_datasets`: Resona lr = base lr x multiplier, AdamW,
+    transformers' cosine schedule with warm-up, clipping."""
+    from .training import TrainConfig
+
+    return TrainConfig(lr=recipe.base_lr, lr_multiplier=recipe.config.lr_multiplier, weight_decay=recipe.weight_decay,
+                       warmup_ratio=recipe.warmup, max_grad_norm=recipe.clip, steps=recipe.steps,
+                       batch_size=recipe.batch_size, log_every=max(1, recipe.steps // 20), seed=recipe.seed,
+                       progress=progress)
 
 
 def parse_phases(specs: Sequence[str]) -> tuple[Phase, ...]:

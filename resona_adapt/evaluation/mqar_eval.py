@@ -13,10 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ..tasks.mqar import IGNORE, mqar, mqar_accuracy, parse_filler, prepend_filler
-
-TRAIN_SEED_BASE = 1_000_000
-"""Training batches use seeds >= this; test sets use smaller ones, so they never overlap."""
+from ..tasks.mqar import IGNORE, TRAIN_SEED_BASE, mqar, mqar_accuracy, parse_filler, prepend_filler, test_seed
 
 
 @dataclass
@@ -35,11 +32,6 @@ class MQARResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def test_seed(seed: int, seq_len: int, kv_pairs: int) -> int:
-    """The seed of the test set at one grid point (always below `TRAIN_SEED_BASE`)."""
-    return (seed * 7919 + seq_len * 131 + kv_pairs) % TRAIN_SEED_BASE
 
 
 def parse_grid(seq_lens: Iterable[int], kv_pairs: Iterable[int]) -> list[tuple[int, int]]:

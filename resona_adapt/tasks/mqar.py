@@ -22,6 +22,15 @@ import torch
 from torch import Tensor
 
 IGNORE = -100
+"""The label of a position without a loss (transformers' and PyTorch's ``ignore_index``)."""
+
+TRAIN_SEED_BASE = 1_000_000
+"""Training batches use seeds >= this; test sets use smaller ones (`test_seed`), so they never overlap."""
+
+
+def test_seed(seed: int, seq_len: int, kv_pairs: int) -> int:
+    """The seed of the test set at one grid point (always below `TRAIN_SEED_BASE`)."""
+    return (seed * 7919 + seq_len * 131 + kv_pairs) % TRAIN_SEED_BASE
 
 
 @dataclass

@@ -153,7 +153,8 @@ def check_setup(model: nn.Module, train_dataset: Dataset, config: TrainConfig) -
 def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None = None,
           config: TrainConfig | None = None, *, callbacks: Sequence[Any] = (),
           compute_metrics: Callable[[Any], dict[str, float]] | None = None, data_collator: Any = None,
-          console: Any = None) -> TrainSummary:
+          console: Any = None, optimizers: tuple[Any, Any] = (None, None),
+          on_step: Callable[[int, float], None] | None = None) -> TrainSummary:
     """Train a retrofitted model (optionally with a LoRA from `resona_adapt.lora.add_lora`) in place.
 
     The base stays frozen except ``config.unfreeze_layers``; Resona parameters train at
@@ -161,9 +162,15 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
     ``config.eval_every`` steps and at the end; checkpoints go to ``config.run_dir`` every
     ``config.save_every`` steps; ``config.output`` receives the final merged checkpoint. The model
     is returned to eval mode. Returns a `TrainSummary`.
+
+    A dataset marked ``ordered`` (`curriculum.StepBatches`) gives one batch per step, in order: a
+    length curriculum. ``optimizers``: (optimizer, scheduler) built by the caller, as transformers'
+    ``Trainer`` takes them (then ``config``'s optimizer, schedule and weight decay are unused).
+    ``on_step(step, loss)`` is called after every optimizer step (step from 0, that step's loss).
     """
     from transformers import PrinterCallback
 
+    from .curriculum import StepCallback
     from .progress import RichProgressCallback
     from .trainer import ResonaTrainer
 
@@ -187,15 +194,18 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
         data_collator=data_collator or PadCollator(pad_id if isinstance(pad_id, int) else 0),
         compute_metrics=compute_metrics or _compute_metrics,
         preprocess_logits_for_metrics=_argmax_logits, callbacks=all_callbacks,
-        lr_multiplier=config.lr_multiplier, checkpoint_format=config.checkpoint_format,
+        lr_multiplier=config.lr_multiplier, checkpoint_format=config.checkpoint_format, optimizers=optimizers,
     )
     trainer.remove_callback(PrinterCallback)
+    if on_step is not None:
+        trainer.add_callback(StepCallback(after=lambda step: on_step(step, trainer.step_loss)))
     start = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=resume)
         runtime = time.perf_counter() - start
         metrics = trainer.evaluate() if eval_dataset is not None else {}
-        record_training(inner, config, trainer, _eval_metrics(metrics), train_dataset, resume)
+        record_training(inner, config, trainer, _eval_metrics(metrics), train_dataset, resume,
+                        given_optimizer=optimizers[0] is not None)
         if config.output and trainer.is_world_process_zero():
             from ..formats.merged import save_merged
 
@@ -240,9 +250,10 @@ def _finite(value: Any) -> Any:
 
 
 def record_training(model: nn.Module, config: TrainConfig, trainer: Any, evaluation: dict[str, Any],
-                    train_dataset: Dataset, resume: str | None) -> None:
+                    train_dataset: Dataset, resume: str | None, given_optimizer: bool = False) -> None:
     """Append this run's recipe and results to the ``training`` list of the model's resona section
-    (saved with the checkpoint; the model card shows it)."""
+    (saved with the checkpoint; the model card shows it). ``given_optimizer``: the caller built the
+    optimizer and schedule (recorded by the optimizer's class name, schedule "given")."""
     state = retrofit_state(model)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e and "step" in e]
     run = {
@@ -250,7 +261,8 @@ def record_training(model: nn.Module, config: TrainConfig, trainer: Any, evaluat
         "steps": trainer.state.global_step, "batch_size": config.batch_size, "grad_accum": config.grad_accum,
         "processes": trainer.args.world_size, "lr": config.lr,
         "lr_multiplier": config.lr_multiplier if config.lr_multiplier is not None else state.config.lr_multiplier,
-        "optim": config.optim, "scheduler": config.scheduler, "warmup_ratio": config.warmup_ratio,
+        "optim": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__ if given_optimizer else config.optim,
+        "scheduler": "given" if given_optimizer else config.scheduler, "warmup_ratio": config.warmup_ratio,
         "weight_decay": config.weight_decay, "max_grad_norm": config.max_grad_norm, "seed": config.seed,
         "unfrozen_layers": list(config.unfreeze_layers), "lora": is_peft_model(trainer.model),
         "resumed": resume is not None, "tokens": int(trainer.state.num_input_tokens_seen),

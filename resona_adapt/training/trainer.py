@@ -11,7 +11,10 @@ gradient accumulation, schedules, logging and evaluation are the library's own:
 - `_load_from_checkpoint` (``resume_from_checkpoint``) and `_load_best_model`
   (``load_best_model_at_end``) load `trainable.safetensors` back;
 - a non-finite loss or trainable weight stops the run with a `TrainingError` at the end of the
-  step, before that step's checkpoint would be written (`StopOnNonFinite`).
+  step, before that step's checkpoint would be written (`StopOnNonFinite`);
+- a training dataset marked ``ordered`` (`curriculum.StepBatches`: one batch per step, a length
+  curriculum) is read in order instead of shuffled;
+- `step_loss` is the loss of the last optimizer step (this process's, over its micro-batches).
 The optimizer, scheduler, RNG and trainer-state files are the Trainer's, so a resumed run
 continues exactly where the interrupted one stopped.
 """
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainerCallback
 
 from ..errors import TrainingError
@@ -40,6 +44,7 @@ class ResonaTrainer(Trainer):
         self.checkpoint_format = checkpoint_format
         self.nonfinite_loss: float | None = None
         self._saving_checkpoint = False
+        self._step_loss: tuple[int, torch.Tensor] | None = None  # (global step, summed micro-batch losses)
         super().__init__(*args, **kwargs)
         self.add_callback(StopOnNonFinite(self))
         self.add_callback(CheckpointMarker())
@@ -54,8 +59,23 @@ class ResonaTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def _get_train_sampler(self, train_dataset: Dataset | None = None) -> torch.utils.data.Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(dataset, "ordered", False):
+            return SequentialSampler(dataset)  # one batch per step, in the dataset's order (a curriculum)
+        return super()._get_train_sampler(train_dataset)
+
+    @property
+    def step_loss(self) -> float | None:
+        """The training loss of the last optimizer step (the micro-batches' losses as the Trainer scales
+        them for gradient accumulation, summed: the step's mean loss), or None before the first step."""
+        return None if self._step_loss is None else float(self._step_loss[1])
+
     def training_step(self, model: nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
         loss = super().training_step(model, inputs, *args, **kwargs)
+        step = self.state.global_step
+        same_step = self._step_loss is not None and self._step_loss[0] == step
+        self._step_loss = (step, self._step_loss[1] + loss.detach() if same_step else loss.detach().clone())
         if self.nonfinite_loss is None and not bool(torch.isfinite(loss.detach()).all()):
             self.nonfinite_loss = float(loss.detach().float().reshape(-1)[0])  # reported at the end of the step
         return loss
