@@ -10,7 +10,7 @@ import re
 import shutil
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,16 @@ from .errors import CheckpointError
 RESONA_WEIGHTS = "resona.safetensors"
 FORMAT_NAME = "resona-adapt"
 FORMAT_VERSION = "1"
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+"""A directory holds a tokenizer when it has one of these (`tokenizer.load_tokenizer`)."""
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
-    "chat_template.json", "generation_config.json",
+    "chat_template.json", "generation_config.json", "spiece.model",
 )
+"""What a writer copies next to a checkpoint: the tokenizer files (every vocabulary file among them) and
+the generation config."""
+assert set(TOKENIZER_VOCAB_FILES) <= set(TOKENIZER_FILES)
 
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
@@ -224,6 +229,28 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path} is not a text (UTF-8 JSON) file; copy the checkpoint again") from exc
     except OSError as exc:
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def parse_jsonl(text: str, source: str, error: type[Exception] = ValueError,
+                check: Callable[[dict[str, Any]], str | None] | None = None) -> list[dict[str, Any]]:
+    """The JSON objects of JSON-lines ``text`` (blank lines skipped); a line that is not one JSON object, or
+    whose object ``check`` faults (it returns what is wrong, or None), is an ``error`` naming ``source`` and
+    the line number."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{source}:{n} is not valid JSON ({exc.msg}); each line must be one JSON object") from exc
+        if not isinstance(row, dict):
+            raise error(f"{source}:{n} is not a JSON object")
+        problem = check(row) if check is not None else None
+        if problem:
+            raise error(f"{source}:{n} {problem}")
+        rows.append(row)
+    return rows
 
 
 def copy_tokenizer_files(source: str | Path | None, dest: Path) -> list[str]:

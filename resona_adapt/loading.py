@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import CheckpointError
 from .formats import (
-    apply_adapter, detect_format, is_adapter_dir, load_base_model, load_mamba_ssm, load_merged,
+    apply_adapter, detect_format, is_adapter_dir, is_retrofitted_dir, load_base_model, load_mamba_ssm, load_merged,
     load_retrofitted_mamba_ssm, read_adapter,
 )
 from .models import BUILTIN_MODELS, build_builtin
@@ -103,7 +103,7 @@ def load_model(name: str, *, dtype: torch.dtype | None = None, trust_remote_code
     kind = detect_format(path)
     if kind == "adapter":
         raise _adapter_only_error(path)
-    if kind == "merged" or is_adapter_dir(path):
+    if is_retrofitted_dir(path):
         return _load_retrofitted_dir(path, dtype, trust_remote_code)
     if kind == "mamba-ssm":
         return load_mamba_ssm(path, dtype=dtype)

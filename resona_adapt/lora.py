@@ -21,6 +21,7 @@ Choices (documented in the README):
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -77,13 +78,32 @@ def add_lora(model: nn.Module, target_modules: Sequence[str] | str = ("in_proj",
     return peft_model
 
 
-def _tuner_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def peft_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost peft layers of ``model`` (LoRA layers, ``modules_to_save`` wrappers) with their
+    names; [] when peft was never imported (then no module can be one)."""
+    if "peft" not in sys.modules:
+        return []
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
     # outermost only: a module inside another tuner layer is handled with its parent
     return [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n)]
+
+
+def peft_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters peft added to ``model`` (LoRA matrices, ``modules_to_save`` copies), not
+    those of the base layers its layers wrap."""
+    layers = peft_layers(model)
+    if not layers:
+        return set()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out: set[int] = set()
+    for _, layer in layers:
+        base = layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer.original_module
+        out |= {id(p) for p in layer.parameters()} - {id(p) for p in base.parameters()}
+    return out
 
 
 def _folded_copy(module: nn.Module) -> nn.Module:
@@ -105,7 +125,7 @@ def lora_folded(model: nn.Module) -> Iterator[nn.Module]:
     LoRA layers are put back afterwards, untouched (nothing is merged into them)."""
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     try:
-        for name, layer in _tuner_layers(model):
+        for name, layer in peft_layers(model):
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             swaps.append((parent, attr, layer))

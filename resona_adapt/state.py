@@ -12,7 +12,7 @@ The checkpoint formats (`resona_adapt.formats`) build on this module; it reads a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,21 +37,29 @@ def resona_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_resona_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "<tensors>") -> None:
     """Copy branch weights into ``model``; any missing, unexpected or mis-shaped tensor is an error
     that names ``source`` and the tensor, and nothing is copied unless everything matches."""
-    params = dict(resona_parameters(model))
+    def mismatch(missing: list[str], unexpected: list[str]) -> str:
+        return (f"{source} does not match this model's Resona layers {sorted(resona_layers(model))}: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+                f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+
+    copy_named_tensors(dict(resona_parameters(model)), tensors, source, mismatch,
+                       "the checkpoint was made for another base or Resona config")
+
+
+def copy_named_tensors(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], source: str,
+                       mismatch: Callable[[list[str], list[str]], str], why: str) -> None:
+    """Copy ``tensors`` into the parameters of the same names, all or nothing: first check that the names
+    match exactly (else a `CheckpointError` with ``mismatch(missing, unexpected)``, both sorted) and every
+    shape fits (else one naming ``source``, the tensor and ``why``), then copy (cast to each parameter's
+    dtype and device)."""
     missing = sorted(set(params) - set(tensors))
     unexpected = sorted(set(tensors) - set(params))
     if missing or unexpected:
-        raise CheckpointError(
-            f"{source} does not match this model's Resona layers {sorted(resona_layers(model))}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
+        raise CheckpointError(mismatch(missing, unexpected))
     for name, p in params.items():
         if tuple(tensors[name].shape) != tuple(p.shape):
-            raise CheckpointError(
-                f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, the model expects "
-                f"{tuple(p.shape)}; the checkpoint was made for another base or Resona config"
-            )
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, the model expects "
+                                  f"{tuple(p.shape)}; {why}")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(dtype=p.dtype, device=p.device))

@@ -27,6 +27,7 @@ from torch import nn
 from .config import ResonaConfig
 from .evaluation import baselines
 from .evaluation.niah import NEEDLE_KINDS, load_haystack, make_text_sample, niah_score_multi
+from .tasks.mqar import IGNORE
 from .training.niah_task import answer_text, copy_text_dataset, niah_text_dataset
 
 TEXT_BASE = "text-mamba2"
@@ -109,7 +110,7 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
             ids = torch.stack([e["input_ids"] for e in batch])  # (B, T)
             target = torch.stack([e["labels"] for e in batch])[:, 1:]  # (B, T-1)
             logits = model(input_ids=ids).logits[:, :-1].float()  # (B, T-1, V)
-            mask = target != -100  # (B, T-1)
+            mask = target != IGNORE  # (B, T-1)
             tok_loss = F.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")  # (B, T-1)
             loss = ((tok_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()  # rows weigh equally
             opt.zero_grad(set_to_none=True)
@@ -208,12 +209,11 @@ def heldout_ppl(model: nn.Module, tokenizer: Any, windows: int = 32, length: int
 
 def load_text_base(name: str = TEXT_BASE) -> tuple[nn.Module, Any]:
     """The text base and its tokenizer."""
-    from transformers import AutoTokenizer
-
-    from .loading import load_model, resolve_model_path
+    from .loading import load_model
+    from .tokenizer import load_tokenizer
 
     model = load_model(name)
-    return model, AutoTokenizer.from_pretrained(str(resolve_model_path(name)), local_files_only=True)
+    return model, load_tokenizer(name, model_name=name)
 
 
 def demo_text(quick: bool = False, seed: int = 0, lengths: Sequence[int] | None = None, samples: int | None = None,

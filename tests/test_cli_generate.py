@@ -126,3 +126,12 @@ def test_generate_decodes_incrementally_even_when_the_config_says_no_cache(runne
     assert res.exit_code == 0, res.output
     assert [int(t) for t in res.stdout.split()] == greedy(path, prompt, 6)
     assert len(calls) >= 2 * 6  # both Resona layers went through the cached path at every step
+
+
+def test_a_directory_with_only_a_tokenizer_config_has_no_tokenizer(tmp_path):
+    from resona_adapt.cli.generate_cmd import load_tokenizer
+    from resona_adapt.tokenizer import tokenizer_dir
+
+    (tmp_path / "tokenizer_config.json").write_text("{}")  # transformers would build an empty tokenizer from it
+    assert tokenizer_dir(tmp_path) is None and load_tokenizer(str(tmp_path), False) is None
+    assert tokenizer_dir("tiny-mamba") is None

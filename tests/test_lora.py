@@ -91,3 +91,17 @@ def test_saving_during_training_leaves_the_lora_unmerged(tmp_path):
     for n, p in peft_model.named_parameters():
         assert torch.equal(p, snapshot[n]), n
     assert any("lora_A" in n for n, _ in peft_model.named_parameters())
+
+
+def test_unfreezing_a_layer_under_a_lora_trains_its_base_weights_not_the_lora_twice():
+    from resona_adapt.lora import peft_layers, peft_parameter_ids
+
+    peft_model = add_lora(lora_model(), "in_proj", r=4)
+    lora = {id(p) for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert peft_parameter_ids(peft_model) == lora and len(peft_layers(peft_model)) == 4  # one in_proj per layer
+    groups = {g["name"]: g for g in param_groups(peft_model, lr=1e-3, unfreeze_layers=[1])}
+    unfrozen = {id(p) for p in groups["unfrozen"]["params"] + groups.get("unfrozen_no_decay", {"params": []})["params"]}
+    names = {id(p): n for n, p in peft_model.named_parameters()}
+    assert unfrozen and not unfrozen & lora  # the LoRA matrices stay in "other", once
+    assert any(".1.mixer.in_proj.base_layer.weight" in names[i] for i in unfrozen)  # the weight under the LoRA
+    assert peft_layers(build_tiny("mamba2")) == [] and peft_parameter_ids(build_tiny("mamba2")) == set()

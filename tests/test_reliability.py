@@ -331,7 +331,7 @@ def test_nan_loss_stops_the_api_loop(tmp_path, private_tmp):
     model = retrofit(build_builtin("tiny-mamba"), layers=[-1], config=ResonaConfig(chunk_size=4))
     with torch.no_grad():
         next(p for _, p in resona_parameters(model) if p.ndim == 2).fill_(math.nan)
-    from resona_adapt.training.tasks import model_vocab_size
+    from resona_adapt.tasks.mqar import model_vocab_size
 
     train_ds, _ = task_datasets("mqar", model_vocab_size(model), 32, 8, 0, num_kv_pairs=4)
     with pytest.raises(TrainingError, match="training stopped at step 1: the loss became nan"):

@@ -152,3 +152,38 @@ def test_train_refuses_new_resona_options_for_a_retrofitted_model(runner, tmp_pa
                               "--chunk-size", "8", "--output", str(tmp_path / "o")])
     assert res.exit_code == 2 and "already retrofitted" in res.output
     assert load_model(str(tmp_path / "r")).config.resona["config"]["chunk_size"] == 64
+
+
+def test_jsonl_errors_name_the_file_line_after_blank_lines(tmp_path):
+    from resona_adapt.evaluation.qa import load_qa_jsonl
+    from resona_adapt.training.data import read_jsonl
+
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n\n\n{"txt": "b"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:4 needs a string field 'text'"):
+        read_jsonl(tmp_path / "d.jsonl")
+    (tmp_path / "q.jsonl").write_text('{"question": "q", "answer": "a"}\n\n[1]\n')
+    with pytest.raises(ValueError, match=r"q\.jsonl:3 is not a JSON object"):
+        load_qa_jsonl(tmp_path / "q.jsonl")
+    (tmp_path / "q.jsonl").write_text('\n{"question": "q"}\n')
+    with pytest.raises(ValueError, match=r"q\.jsonl:2 needs a 'question' and an 'answers'"):
+        load_qa_jsonl(tmp_path / "q.jsonl")
+
+
+def test_moved_names_stay_importable():
+    import importlib
+    import warnings
+
+    from resona_adapt import demo, recipes
+    from resona_adapt.evaluation import mqar_eval
+    from resona_adapt.training import groups
+
+    mqar = importlib.import_module("resona_adapt.tasks.mqar")  # the package exports the function `mqar`
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from resona_adapt.training import tasks as old_tasks
+        old_parse = groups.parse_layers
+    assert old_tasks.model_vocab_size is mqar.model_vocab_size is mqar_eval.model_vocab_size
+    assert old_tasks.task_datasets is task_datasets
+    assert mqar_eval.TRAIN_SEED_BASE == mqar.TRAIN_SEED_BASE and old_parse("1,-1") == [1, -1] and old_parse(None) == []
+    assert demo.recipe_datasets is recipes.recipe_datasets and demo.recipe_train_config is recipes.recipe_train_config

@@ -39,30 +39,17 @@ def _progress(app: App, total: int, label: str) -> Iterator[Callable[[int], None
 
 
 def _tokenizer(model_name: str, tokenizer_path: str | None, trust_remote_code: bool) -> Any:
-    """The tokenizer of --tokenizer, else the checkpoint's own, else None."""
-    from pathlib import Path
+    """The tokenizer of --tokenizer, else the checkpoint's own, else None (`resona_adapt.tokenizer`)."""
+    from ..errors import ResonaError
+    from ..tokenizer import load_tokenizer, tokenizer_dir
 
-    from transformers import AutoTokenizer
-
-    from ..loading import resolve_model_path
-    from ..models import BUILTIN_MODELS
-
-    source = tokenizer_path
-    if source is None:
-        if model_name in BUILTIN_MODELS:
-            return None
-        try:
-            source = str(resolve_model_path(model_name))
-        except Exception:  # noqa: BLE001 - built-in assets and the like: no tokenizer
-            return None
-        if not any((Path(source) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            return None
+    if tokenizer_path is not None:
+        return load_tokenizer(tokenizer_path, model_name=tokenizer_path, trust_remote_code=trust_remote_code)
     try:
-        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001
-        from ..errors import CheckpointError
-
-        raise CheckpointError(f"cannot load a tokenizer from {source}: {exc}") from exc
+        path = tokenizer_dir(model_name)
+    except ResonaError:  # a name that is no directory: the model loader says why
+        return None
+    return None if path is None else load_tokenizer(path, model_name=model_name, trust_remote_code=trust_remote_code)
 
 
 @click.command("eval")

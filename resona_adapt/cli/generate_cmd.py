@@ -9,8 +9,6 @@ import click
 from .app import App
 from .options import FiniteFloat
 
-TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
     """``"1,2,3"`` -> [1, 2, 3], every id inside the vocabulary."""
@@ -29,17 +27,11 @@ def parse_ids(text: str, vocab_size: int) -> list[int]:
 
 def load_tokenizer(model_name: str, trust_remote_code: bool) -> Any | None:
     """The checkpoint's tokenizer, or None when it has no tokenizer files (e.g. built-in models)."""
-    from ..loading import resolve_model_path
-    from ..models import BUILTIN_MODELS
+    from ..tokenizer import load_tokenizer as load
+    from ..tokenizer import tokenizer_dir
 
-    if model_name in BUILTIN_MODELS:
-        return None
-    path = resolve_model_path(model_name)
-    if not any((path / name).is_file() for name in TOKENIZER_MARKERS):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    path = tokenizer_dir(model_name)
+    return None if path is None else load(path, model_name=model_name, trust_remote_code=trust_remote_code)
 
 
 def make_streamer(app: App, tokenizer: Any | None) -> Any:

@@ -94,13 +94,13 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     from ..lora import add_lora
     from ..models import BUILTIN_MODELS
     from ..retrofit import retrofit, retrofit_state
+    from ..surgery.select import as_layer_list
     from ..surgery.select import parse_layers as parse_retrofit_layers
+    from ..tasks.mqar import model_vocab_size
     from ..training import TrainConfig, load_text_dataset, load_tokenizer, task_datasets, train
     from ..training.checkpoints import check_run_dir, clear_run_dir
-    from ..training.data import check_token_ids
-    from ..training.groups import parse_layers
+    from ..training.data import TASKS, check_token_ids
     from ..training.loop import check_setup, resolve_resume
-    from ..training.tasks import TASKS, model_vocab_size
 
     # 1. the options, without touching the disk
     if (data is None) == (task is None):
@@ -114,8 +114,9 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     retrofit_layers = parse_retrofit_layers(layers, "--layers")
     config_given = config_file is not None or any(config_values.get(k) is not None for k in CONFIG_FIELDS)
     resona_config = build_config(config_file, config_values)
+    unfreeze = as_layer_list(unfreeze_layers, "--unfreeze-layers") or []
     config = TrainConfig(
-        lr=lr, lr_multiplier=lr_multiplier, unfreeze_layers=parse_layers(unfreeze_layers), weight_decay=weight_decay,
+        lr=lr, lr_multiplier=lr_multiplier, unfreeze_layers=unfreeze, weight_decay=weight_decay,
         warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, steps=steps, batch_size=batch_size,
         grad_accum=grad_accum, eval_every=eval_every, save_every=save_every, save_total_limit=save_total_limit,
         checkpoint_format=checkpoint_format, log_every=log_every, run_dir=run_dir, output=output, resume=resume,

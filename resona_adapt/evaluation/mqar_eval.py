@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from ..tasks.mqar import IGNORE, TRAIN_SEED_BASE, mqar, mqar_accuracy, parse_filler, prepend_filler, test_seed
+from ..tasks.mqar import (  # noqa: F401 - TRAIN_SEED_BASE, model_vocab_size: importable here as before
+    IGNORE, TRAIN_SEED_BASE, model_vocab_size, mqar, mqar_accuracy, parse_filler, prepend_filler, test_seed,
+)
 
 
 @dataclass
@@ -37,14 +39,6 @@ class MQARResult:
 def parse_grid(seq_lens: Iterable[int], kv_pairs: Iterable[int]) -> list[tuple[int, int]]:
     """Every valid (seq_len, kv_pairs) combination (MQAR needs 4 * pairs <= seq_len)."""
     return [(t, p) for t in seq_lens for p in kv_pairs if 4 * p <= t]
-
-
-def model_vocab_size(model: nn.Module) -> int:
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if vocab is None:
-        raise ValueError("the model's config has no vocab_size; pass vocab_size= explicitly")
-    return int(vocab)
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ BLEU over all references.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import string
 from collections import Counter
@@ -17,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ResonaError
+from ..files import parse_jsonl
 
 EXTRA_HINT = "install the optional evaluation extra: pip install 'resona-adapt[eval]'"
 LIBRARIES = {"bleu": "sacrebleu", "rouge_l": "rouge_score", "meteor": "nltk"}
@@ -134,17 +134,14 @@ def qa_metrics(predictions: Sequence[str], references: Sequence[str | Sequence[s
 
 def load_qa_jsonl(path: str | Path) -> list[dict]:
     """Rows of ``{"question", "answers" | "answer", "context"?}`` from a JSON-lines file."""
+    def check(row: dict) -> str | None:
+        if "question" not in row or row.get("answers", row.get("answer")) is None:
+            return "needs a 'question' and an 'answers' (list) or 'answer' (string) field"
+        return None
+
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n} is not valid JSON ({exc})") from exc
+    for row in parse_jsonl(Path(path).read_text(encoding="utf-8"), str(path), ValueError, check):
         answers = row.get("answers", row.get("answer"))
-        if "question" not in row or answers is None:
-            raise ValueError(f"{path}:{n} needs a 'question' and an 'answers' (list) or 'answer' (string) field")
         rows.append({"question": row["question"], "context": row.get("context", ""),
                      "answers": [answers] if isinstance(answers, str) else list(answers)})
     if not rows:

@@ -32,7 +32,7 @@ from ..retrofit import is_retrofitted, retrofit_state, unretrofit
 from ..state import (
     base_description, check_base, check_section, load_resona_state_dict, resona_state_dict, retrofit_from_section,
 )
-from .base import read_config
+from .base import has_resona_section, read_config
 from .card import origin_name, write_card
 
 ADAPTER_CONFIG = "resona_config.json"
@@ -116,7 +116,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], Path]:
                                   f"version {found[1]!r})")
         if meta.get("base") is not None and not isinstance(meta["base"], dict):
             raise CheckpointError(f"{source}: 'base' is not an object; re-export the adapter")
-    elif (path / "config.json").is_file() and isinstance((config := read_config(path)).get("resona"), dict):
+    elif (path / "config.json").is_file() and has_resona_section(config := read_config(path)):
         source = path / "config.json"
         meta = {"resona": config["resona"], "base": _recorded_base(config["resona"], config, path)}
     else:

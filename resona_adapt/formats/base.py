@@ -29,6 +29,12 @@ def read_config(path: Path) -> dict[str, Any]:
 FLA_CONFIG_KEYS = ("fuse_cross_entropy", "fuse_norm")  # keys only flash-linear-attention's configs write
 
 
+def has_resona_section(config: dict[str, Any]) -> bool:
+    """True when a ``config.json`` (as a dict) carries a ``resona`` section: a merged, retrofitted checkpoint
+    (whether or not the section is valid)."""
+    return isinstance(config.get("resona"), dict)
+
+
 def _fla_classes(path: Path, raw: dict) -> tuple[type, type | None]:
     """fla's config and model classes for a checkpoint written by flash-linear-attention."""
     try:

@@ -29,13 +29,13 @@ from ..files import (
     RESONA_WEIGHTS, atomic_directory, copy_tokenizer_files, load_tensors, save_tensors, sha256_file,
     verify_sha256,
 )
-from ..lora import is_peft_model, lora_folded, unwrap_model
+from ..lora import is_peft_model, lora_folded, peft_layers, unwrap_model
 from ..retrofit import register_merged_writer, retrofit_state
 from ..state import (
     base_description, base_view, check_section, load_resona_state_dict, merged_state_dict, resona_state_dict,
     retrofit_from_section,
 )
-from .base import load_base_model, read_config
+from .base import has_resona_section, load_base_model, read_config
 from .card import origin_name, write_card
 from .mamba_ssm import save_native_mamba_ssm
 
@@ -43,7 +43,7 @@ from .mamba_ssm import save_native_mamba_ssm
 def is_merged_dir(path: str | Path) -> bool:
     """True when ``path/config.json`` has a ``resona`` section (whether or not it is valid)."""
     try:
-        return isinstance(read_config(Path(path)).get("resona"), dict)
+        return has_resona_section(read_config(Path(path)))
     except CheckpointError:
         return False
 
@@ -147,7 +147,7 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 
 def _has_tuner_layers(model: nn.Module) -> bool:
-    return any(type(m).__module__.startswith("peft.") for m in model.modules())
+    return bool(peft_layers(model))
 
 
 register_merged_writer(save_retrofitted)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 IGNORE = -100
 """The label of a position without a loss (transformers' and PyTorch's ``ignore_index``)."""
@@ -159,3 +159,25 @@ def mqar_accuracy(predictions: Tensor, labels: Tensor) -> dict[str, float]:
         "accuracy": per_example.mean().item(),
         "strict": (correct.sum(dim=1) == mask.sum(dim=1)).float().mean().item(),
     }
+
+
+def next_token_metrics(predictions: Tensor, labels: Tensor) -> dict[str, float]:
+    """`mqar_accuracy` for causal-LM labels (``labels[:, t + 1]`` is the token to predict after position
+    t): ``accuracy`` (per example, the fraction of labelled next tokens predicted right, averaged) and
+    ``strict`` (the fraction of examples with every labelled token right: the paper's MQAR score).
+
+    predictions: (N, T) argmax ids at each position; labels: (N, T) causal-LM labels.
+    """
+    return mqar_accuracy(predictions[:, :-1], labels[:, 1:])
+
+
+def model_vocab_size(model: nn.Module) -> int:
+    """The token ids a task may use with ``model``: the rows of its input embedding, else its
+    ``config.vocab_size``."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[0])
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        raise ValueError("the model has no input embedding and its config no vocab_size; pass vocab_size= explicitly")
+    return int(vocab)

@@ -12,9 +12,11 @@ from __future__ import annotations
 from typing import Any
 
 from .config import TrainConfig
-from .data import DataError, PadCollator, TokenDataset, load_text_dataset, load_tokenizer
+from ..tasks.mqar import next_token_metrics
+from .data import (
+    TASKS, DataError, PadCollator, TokenDataset, load_text_dataset, load_tokenizer, mqar_dataset, task_datasets,
+)
 from .groups import no_weight_decay, param_groups, unfreeze_base_layers
-from .tasks import TASKS, mqar_dataset, next_token_metrics, task_datasets
 
 _LAZY = {"train": "loop", "TrainSummary": "loop", "ResonaTrainer": "trainer", "RichProgressCallback": "progress"}
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..files import load_tensors, save_tensors
+from ..state import copy_named_tensors
 
 TRAINABLE_FILE = "trainable.safetensors"
 MARKER_FILE = "resona_checkpoint.json"
@@ -83,22 +84,13 @@ def load_trainable(model: nn.Module, directory: str | Path) -> None:
             f"{directory} has no {TRAINABLE_FILE}: it is not a training checkpoint (a checkpoint-N directory of a "
             f"run). Resume from a checkpoint-N directory, or start a new run from its weights: train --model {directory}"
         )
-    tensors = load_tensors(file)
+    def mismatch(missing: list[str], unexpected: list[str]) -> str:
+        return (f"{file} was written by a different training setup: the model trains {missing[:3]} which the "
+                f"checkpoint lacks, the checkpoint has {unexpected[:3]} which the model does not train. Resume with "
+                "the same --model, --unfreeze-layers and LoRA options as the interrupted run")
+
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{file} was written by a different training setup: the model trains {missing[:3]} which the "
-            f"checkpoint lacks, the checkpoint has {unexpected[:3]} which the model does not train. Resume with "
-            "the same --model, --unfreeze-layers and LoRA options as the interrupted run"
-        )
-    for name, p in params.items():
-        if tuple(tensors[name].shape) != tuple(p.shape):
-            raise CheckpointError(f"{file}: tensor {name} has shape {tuple(tensors[name].shape)}, the model expects "
-                                  f"{tuple(p.shape)}; the checkpoint was made for another model")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name].to(dtype=p.dtype, device=p.device))
+    copy_named_tensors(params, load_tensors(file), str(file), mismatch, "the checkpoint was made for another model")
 
 
 def mark_complete(directory: str | Path, step: int) -> None:

@@ -1,6 +1,14 @@
 """Training data: token datasets, the batch collator, and local JSONL / plain-text files tokenized
 with the checkpoint's tokenizer.
 
+Built-in synthetic tasks need no tokenizer (token ids drawn from the model's vocabulary):
+
+    train_ds, eval_ds = task_datasets("mqar", vocab_size=model_vocab_size(model), seq_len=256,
+                                      num_kv_pairs=32, num_train=8000, num_eval=256)
+
+`TASKS` maps a name to a builder ``(vocab_size, seq_len, num_examples, seed, **options) -> TokenDataset``;
+other tasks register there.
+
 Every example is ``{"input_ids": (T,), "labels": (T,)}`` in transformers' causal-LM convention:
 ``labels`` sits at the same positions as ``input_ids`` (the model shifts it), -100 where no loss is
 taken (prompt tokens, padding).
@@ -14,8 +22,7 @@ File formats:
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +31,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import ResonaError
-
-IGNORE = -100
-TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+from ..files import TOKENIZER_VOCAB_FILES, parse_jsonl  # noqa: F401 - TOKENIZER_VOCAB_FILES: importable here as before
+from ..tasks.mqar import IGNORE, model_vocab_size, mqar, next_token_metrics  # noqa: F401 - importable here
 
 
 class DataError(ResonaError, ValueError):
@@ -86,33 +92,19 @@ class PadCollator:
 
 
 def load_tokenizer(source: str | Path | None, model_name: str = "the model"):
-    """The tokenizer of a checkpoint directory or a hub id in the HF cache, offline."""
-    from transformers import AutoTokenizer
-
-    from ..loading import resolve_model_path
+    """The tokenizer of a checkpoint directory or a hub id in the HF cache, offline (`resona_adapt.tokenizer`);
+    a `DataError` with the way out when there is none."""
+    from ..errors import ModelNotFoundError
+    from ..tokenizer import load_tokenizer as load
 
     hint = ("pass --tokenizer with a local tokenizer directory or a hub id already in the HF cache, or train "
             "on a built-in task that needs no tokenizer (--task mqar)")
-    if not source:
-        raise DataError(f"{model_name} has no tokenizer to read text data with; {hint}")
-    from ..models import BUILTIN_MODELS
-
-    if str(source) in BUILTIN_MODELS:
-        raise DataError(f"{source} is a built-in model without a tokenizer, so it cannot read text data; {hint}")
     try:
-        path = resolve_model_path(str(source))
-    except ResonaError as exc:
+        return load(source, model_name=model_name, hint=hint)
+    except ModelNotFoundError as exc:
         raise DataError(f"tokenizer {source}: {exc}") from exc
-    if not any((path / name).is_file() for name in TOKENIZER_VOCAB_FILES):
-        # transformers 5 would build an empty tokenizer from the model type alone
-        raise DataError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_VOCAB_FILES)}); {hint}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise DataError(f"no usable tokenizer in {path} ({str(exc).splitlines()[0][:200]}); {hint}") from exc
-    if len(tokenizer) < 2:
-        raise DataError(f"the tokenizer in {path} is empty; {hint}")
-    return tokenizer
+    except ResonaError as exc:
+        raise DataError(str(exc)) from exc
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -141,23 +133,15 @@ def check_token_ids(dataset: TokenDataset, vocab_size: int, tokenizer_name: str 
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(read_text_file(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{n} is not valid JSON ({exc.msg}); each line must be one JSON object") from exc
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{n} is not a JSON object")
+    """The rows of a training JSONL file, each with ``text`` or ``prompt`` and ``completion`` (`DataError` otherwise)."""
+
+    def check(row: dict[str, Any]) -> str | None:
         has_text = isinstance(row.get("text"), str)
         has_pair = isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str)
-        if not has_text and not has_pair:
-            raise DataError(f"{path}:{n} needs a string field 'text', or string fields 'prompt' and 'completion'; "
-                            f"it has {sorted(row)}")
-        rows.append(row)
-    return rows
+        return None if has_text or has_pair else (
+            f"needs a string field 'text', or string fields 'prompt' and 'completion'; it has {sorted(row)}")
+
+    return parse_jsonl(read_text_file(path), str(path), DataError, check)
 
 
 def load_text_dataset(path: str | Path, tokenizer: Any, seq_len: int) -> TokenDataset:
@@ -195,3 +179,34 @@ def load_text_dataset(path: str | Path, tokenizer: Any, seq_len: int) -> TokenDa
     if not examples:
         raise DataError(f"{path} holds no training example")
     return TokenDataset(examples, f"{path.name}: {len(examples)} examples")
+
+
+def mqar_dataset(vocab_size: int, seq_len: int, num_examples: int, seed: int = 0, num_kv_pairs: int = 8,
+                 **options: Any) -> TokenDataset:
+    """MQAR examples (Zoology layout, `resona_adapt.tasks.mqar`) as a causal-LM `TokenDataset`."""
+    if vocab_size <= seq_len:
+        raise DataError(
+            f"MQAR with --seq-len {seq_len} needs a vocabulary larger than {seq_len} tokens (its keys come from the "
+            f"lower half of the vocabulary and its values from the upper half, and every position may hold a random "
+            f"token); this model has {vocab_size}. Lower --seq-len below {vocab_size}, or use a model with a larger "
+            "vocabulary"
+        )
+    try:
+        data = mqar(num_examples, seq_len, num_kv_pairs, vocab_size, seed=seed, **options)
+    except ValueError as exc:
+        raise DataError(f"{exc} (choose --seq-len and --kv-pairs accordingly)") from exc
+    return TokenDataset.from_tensors(data.inputs, shift_targets_to_labels(data.labels),
+                                     f"MQAR {num_examples} x {seq_len} tokens, {num_kv_pairs} pairs")
+
+
+TASKS: dict[str, Callable[..., TokenDataset]] = {"mqar": mqar_dataset}
+
+
+def task_datasets(name: str, vocab_size: int, seq_len: int, num_train: int, num_eval: int = 0, seed: int = 0,
+                  **options: Any) -> tuple[TokenDataset, TokenDataset | None]:
+    """(train, eval) datasets of a built-in task; the eval split uses another seed."""
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; built-in tasks: {', '.join(sorted(TASKS))}")
+    train = TASKS[name](vocab_size, seq_len, num_train, seed=seed, **options)
+    evaluation = TASKS[name](vocab_size, seq_len, num_eval, seed=seed + 1_000_003, **options) if num_eval else None
+    return train, evaluation

@@ -22,8 +22,9 @@ from typing import Any
 from torch import nn
 
 from ..errors import ResonaConfigError, SurgeryError
-from ..lora import unwrap_model
+from ..lora import peft_parameter_ids, unwrap_model
 from ..retrofit import resona_parameters, retrofit_state
+from ..surgery.select import as_layer_list
 
 NO_DECAY_NAMES = ("pos_bias", "sink_logit", "A_log", "D", "dt_bias")
 
@@ -34,18 +35,20 @@ def no_weight_decay(name: str, p: nn.Parameter) -> bool:
     return p.ndim < 2 or leaf in NO_DECAY_NAMES or bool(getattr(p, "_no_weight_decay", False))
 
 
-def parse_layers(layers: Sequence[int] | str | None, flag: str = "--unfreeze-layers") -> list[int]:
-    """Decoder-layer indices from ``"8,9,-1"`` or a sequence of ints; None -> []. An empty string or
-    item is an error (`resona_adapt.surgery.select.parse_layers`)."""
-    from ..surgery.select import as_layer_list
+def __getattr__(name: str) -> Any:
+    if name == "parse_layers":  # the former second parser of layer lists
+        import warnings
 
-    return as_layer_list(layers, flag) or []
+        warnings.warn("resona_adapt.training.groups.parse_layers is deprecated: use "
+                      "resona_adapt.surgery.select.as_layer_list(layers, flag) or []", DeprecationWarning, stacklevel=2)
+        return lambda layers, flag="--unfreeze-layers": as_layer_list(layers, flag) or []
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def unfreeze_base_layers(model: nn.Module, layers: Sequence[int] | str | None) -> list[tuple[str, nn.Parameter]]:
     """Make the base parameters of the given decoder layers trainable (the paper's Hymba ablation)
     and return them as (name, parameter); Resona parameters inside those layers are not included."""
-    indices = parse_layers(layers)
+    indices = as_layer_list(layers, "--unfreeze-layers") or []
     if not indices:
         return []
     inner = unwrap_model(model)
@@ -53,14 +56,14 @@ def unfreeze_base_layers(model: nn.Module, layers: Sequence[int] | str | None) -
     if state is None:
         raise SurgeryError("unfreeze_base_layers needs a retrofitted model (it finds the decoder layers through retrofit)")
     n = len(state.discovery.blocks)
-    resona_ids = {id(p) for _, p in resona_parameters(inner)}
+    skip = {id(p) for _, p in resona_parameters(inner)} | peft_parameter_ids(inner)  # branches, LoRA matrices
     out: list[tuple[str, nn.Parameter]] = []
     for i in indices:
         if not -n <= i < n:
             raise ResonaConfigError(f"cannot unfreeze layer {i}: the model has {n} layers (0..{n - 1})")
         block = state.discovery.blocks[i % n].block
         for name, p in block.named_parameters(prefix=f"{state.discovery.layers_path}.{i % n}"):
-            if id(p) in resona_ids or "lora_" in name:
+            if id(p) in skip:
                 continue
             p.requires_grad_(True)
             out.append((name, p))

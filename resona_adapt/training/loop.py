@@ -29,11 +29,11 @@ from torch.utils.data import Dataset
 from ..errors import ResonaConfigError, SurgeryError, TrainingError
 from ..lora import is_peft_model, unwrap_model
 from ..retrofit import retrofit_state
+from ..tasks.mqar import next_token_metrics
 from .checkpoints import MARKER_FILE, check_resumable, last_complete_checkpoint, list_checkpoints
 from .config import TrainConfig
 from .data import PadCollator
 from .groups import unfreeze_base_layers
-from .tasks import next_token_metrics
 
 
 @dataclass
