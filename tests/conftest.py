@@ -1,8 +1,10 @@
-"""Shared fixtures: one torch thread, tiny random models of each Mamba family, built on the fly."""
+"""Shared fixtures: one torch thread, each Mamba family, spies and isolated caches used by several test files.
+The helpers the tests import (tiny models, the family matrix, ...) live in tests/helpers/."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -15,7 +17,7 @@ if not torch.cuda.is_available():
     # flash-linear-attention's Triton kernels run on CPU only through Triton's interpreter, which must
     # be chosen before fla is first imported (its @triton.jit decorators read it at import time), and
     # transformers imports fla as soon as a Qwen3-Next/Qwen3.5/OLMo-hybrid/Kimi/Bailing modeling module
-    # loads. So it is set here, for the whole session. See tests/fla_support.py.
+    # loads. So it is set here, for the whole session. See tests/helpers/fla_support.py.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import transformers  # noqa: E402
@@ -23,39 +25,16 @@ import transformers  # noqa: E402
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-VOCAB = 64
+from helpers.models import FAMILIES  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _transformers_keeps_its_model_types():
-    """After each test, undo fla's re-registration of "mamba"/"mamba2" (see fla_support)."""
+    """After each test, undo fla's re-registration of "mamba"/"mamba2" (see helpers/fla_support)."""
     yield
-    from fla_support import restore_transformers_model_types
+    from helpers.fla_support import restore_transformers_model_types
 
     restore_transformers_model_types()
-
-
-def build_tiny(family: str, layers: int = 4, seed: int = 0) -> torch.nn.Module:
-    """A tiny random causal LM of the family ("mamba", "mamba2", "falcon_mamba"), in eval mode."""
-    from transformers import (
-        FalconMambaConfig, FalconMambaForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM,
-    )
-
-    torch.manual_seed(seed)
-    if family == "mamba":
-        model = MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, state_size=4))
-    elif family == "mamba2":
-        model = Mamba2ForCausalLM(Mamba2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, state_size=8,
-                                               num_heads=4, head_dim=16, n_groups=1, expand=2, chunk_size=16))
-    elif family == "falcon_mamba":
-        model = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers,
-                                                         state_size=4))
-    else:
-        raise ValueError(family)
-    return model.eval()
-
-
-FAMILIES = ("mamba", "mamba2", "falcon_mamba")
 
 
 @pytest.fixture(params=FAMILIES)
@@ -63,11 +42,33 @@ def family(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def randomize_resona(model: torch.nn.Module, seed: int = 1, scale: float = 0.3) -> None:
-    """Give every Resona parameter non-zero values, as training would (so tests exercise a live branch)."""
-    from resona_adapt import resona_parameters
+@pytest.fixture
+def cache_reorders(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The beam reorders of the Resona decoding state: every index `ResonaCacheState.select` receives
+    (the reorder itself still happens), in call order."""
+    from resona_adapt.adapters.cache import ResonaCacheState
 
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in resona_parameters(model):
-            p.add_(torch.randn(p.shape, generator=g) * scale)
+    reorders: list[torch.Tensor] = []
+    original = ResonaCacheState.select
+
+    def spy(self, index):  # noqa: ANN001 - the method's own signature
+        reorders.append(index.clone())
+        return original(self, index)
+
+    monkeypatch.setattr(ResonaCacheState, "select", spy)
+    return reorders
+
+
+@pytest.fixture
+def hf_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache: ``HF_HOME`` under ``tmp_path`` (``HF_HUB_CACHE`` unset); returns its hub directory."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    return tmp_path / "hf" / "hub"
+
+
+@pytest.fixture
+def corpus_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """resona-adapt's own cache (``RESONA_ADAPT_CACHE``, the corpus) in an empty directory under ``tmp_path``."""
+    monkeypatch.setenv("RESONA_ADAPT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

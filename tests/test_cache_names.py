@@ -3,7 +3,7 @@ finds the cache under either name, whatever the family's record says, and so doe
 
 import torch
 
-from hymba_support import build_hymba
+from helpers.hymba_support import build_hymba
 from resona_adapt.models.hymba.modeling import CACHE_FIELD
 from resona_adapt.surgery.cache_args import RENAMED, cache_from_kwargs
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import build_tiny
+from helpers.models import build_tiny
 from resona_adapt import load_retrofitted, resona_layers
 from resona_adapt.cli.main import cli
 
@@ -74,11 +74,10 @@ def test_inject_bad_input_is_a_clear_error(runner, base_dir, tmp_path, args, nee
     assert not out.exists() and not list(tmp_path.glob(".bad*"))  # nothing half-written
 
 
-def test_unknown_model_says_where_it_looked(runner, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+def test_unknown_model_says_where_it_looked(runner, hf_hub):
     res = runner.invoke(cli, ["inspect", "--model", "state-spaces/mamba-130m"])
     assert res.exit_code == 2
-    assert "not found" in res.output and str(tmp_path / "hf" / "hub") in res.output
+    assert "not found" in res.output and str(hf_hub) in res.output
     assert "tiny-mamba" in res.output
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import VOCAB, build_tiny, randomize_resona
+from helpers.models import build_tiny, randomize_resona
+from helpers.text_tokenizers import word_tokenizer
 from resona_adapt import ResonaConfig, load_retrofitted, retrofit
 from resona_adapt.cli.main import cli
 
@@ -27,17 +28,6 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "resona"
     model.save_pretrained(path)
     return path
-
-
-def word_tokenizer():
-    """A word-level tokenizer over the tiny vocabulary: "w0" .. "w63", split on spaces."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(VOCAB)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0")
 
 
 def greedy(path, ids: list[int], n: int) -> list[int]:
@@ -107,7 +97,7 @@ def test_builtin_model_generates_ids(runner):
 
 def test_generate_decodes_incrementally_even_when_the_config_says_no_cache(runner, tmp_path, monkeypatch):
     """Hymba's released config says ``use_cache: false``; the CLI must still decode step by step."""
-    from hymba_support import build_hymba
+    from helpers.hymba_support import build_hymba
 
     import resona_adapt.adapters.layer as layer_module
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.optim.swa_utils import AveragedModel
 
-from conftest import VOCAB, build_tiny, randomize_resona
-from matrix import CFG, check_generate, logits
+from helpers.models import VOCAB, build_tiny, randomize_resona
+from helpers.matrix import CFG, check_generate, logits
 from resona_adapt import ResonaConfig, load_retrofitted, resona_parameters, resona_state_dict, retrofit, unretrofit
 
 
@@ -98,8 +98,8 @@ def test_a_copys_generate_equals_its_full_forward(how):
 
 def test_copies_of_family_hooks_rwkv_scale_and_hymba_swap():
     """RWKV's branch scale and Hymba's attention swap hold no reference to the original either."""
-    from hymba_support import build_hymba
-    from tiny_families import build_family
+    from helpers.hymba_support import build_hymba
+    from helpers.tiny_families import build_family
 
     rwkv = build_family("rwkv")
     retrofit(rwkv, layers=[2, 3], config=ResonaConfig(**CFG))

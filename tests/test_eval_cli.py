@@ -6,22 +6,13 @@ import importlib.util
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from resona_adapt import ResonaConfig, retrofit
 from resona_adapt.cli.main import cli
 
-from conftest import randomize_resona
-from test_evaluation import byte_tokenizer
-
-
-def tiny_text_model(vocab: int = 256) -> torch.nn.Module:
-    from transformers import Mamba2Config, Mamba2ForCausalLM
-
-    torch.manual_seed(0)
-    return Mamba2ForCausalLM(Mamba2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, state_size=8,
-                                          num_heads=4, head_dim=16, n_groups=1, expand=2, chunk_size=16)).eval()
+from helpers.models import randomize_resona, tiny_text_model
+from helpers.text_tokenizers import byte_tokenizer
 
 
 @pytest.fixture(scope="module")

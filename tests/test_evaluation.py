@@ -20,19 +20,8 @@ from resona_adapt.evaluation.niah import (
 from resona_adapt.evaluation.qa import available_metrics, exact_match, qa_metrics, token_f1
 from resona_adapt.tasks import IGNORE, mqar
 
-from conftest import build_tiny, randomize_resona
-
-
-def byte_tokenizer():
-    """A 256-token byte-level tokenizer built on the fly (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+from helpers.models import build_tiny, randomize_resona
+from helpers.text_tokenizers import byte_tokenizer
 
 
 # -- NIAH scorer ----------------------------------------------------------------------------------

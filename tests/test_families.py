@@ -3,7 +3,7 @@
 Per family: retrofit at the default layers -> function-preserving at injection -> a live branch
 changes the logits only after the first chunk and stays causal -> generate() with the Resona cache
 equals the argmax path of full forwards, step logits equal the full forward's -> save/load round
-trip (tests/matrix.py). Known upstream bugs are strict xfails at the end of this file.
+trip (tests/helpers/matrix.py). Known upstream bugs are strict xfails at the end of this file.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import inspect
 import pytest
 import torch
 
-from matrix import CFG, check_family, check_generate, hf_cache_name, logits, randomize_resona, recorded_caches
+from helpers.matrix import CFG, check_family, check_generate, hf_cache_name, logits, randomize_resona, recorded_caches
 from resona_adapt import ResonaConfig, ResonaConfigError, resona_layers, retrofit
 from resona_adapt.retrofit import retrofit_state
 from resona_adapt.surgery import cache_argument, discover
-from tiny_families import CONFIGS, build_family
+from helpers.tiny_families import CONFIGS, build_family
 
 FAMILIES = sorted(CONFIGS)
 # hybrid family -> (an attention layer, an MLP layer or None) of its tiny config
@@ -39,7 +39,7 @@ def test_family_matrix(family, tmp_path):
 
 @pytest.mark.parametrize("family", ["mamba", "mamba2", "falcon_mamba"])
 def test_mamba_families_matrix(family, tmp_path):
-    from conftest import build_tiny
+    from helpers.models import build_tiny
 
     check_family(build_tiny(family), tmp_path)
 

@@ -1,6 +1,6 @@
 """The family matrix for flash-linear-attention models, on CPU through Triton's interpreter.
 
-Skipped only when fla is not installed (CI installs the ``fla`` extra). See tests/fla_support.py
+Skipped only when fla is not installed (CI installs the ``fla`` extra). See tests/helpers/fla_support.py
 for how the interpreter is set up. The matrix includes generate() with the Resona cache (one row,
 a 7-token prompt, 6 new tokens: the interpreter runs every kernel in Python); left padding and
 beam search on GLA are in tests/test_generate_families.py.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from fla_support import FLA_CONFIGS, FLA_INSTALLED, SKIP_REASON, VOCAB, build_fla
-from matrix import check_family
+from helpers.fla_support import FLA_CONFIGS, FLA_INSTALLED, SKIP_REASON, VOCAB, build_fla
+from helpers.matrix import check_family
 from resona_adapt.surgery import discover
 
 pytestmark = pytest.mark.skipif(not FLA_INSTALLED, reason=SKIP_REASON)
@@ -42,7 +42,7 @@ def test_loader_is_immune_to_fla_taking_over_transformers_model_types(tmp_path):
     import fla.models
     from transformers import AutoConfig
 
-    from conftest import build_tiny
+    from helpers.models import build_tiny
     from resona_adapt import load_model
 
     build_tiny("mamba").save_pretrained(tmp_path / "hf")
@@ -58,7 +58,7 @@ def test_fla_cache_keyword_carries_the_models_cache(family):
     """fla mixers receive the model's fla Cache as ``past_key_values``."""
     import torch
 
-    from matrix import CFG, recorded_caches
+    from helpers.matrix import CFG, recorded_caches
     from resona_adapt import ResonaConfig, retrofit
 
     model = build_fla(family)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import VOCAB, build_tiny, randomize_resona
+from helpers.models import VOCAB, build_tiny, randomize_resona
 from resona_adapt import CheckpointError, ResonaConfig, is_retrofitted, load_model, load_retrofitted, retrofit
 from resona_adapt.cli.main import cli
 from resona_adapt.formats import save_adapter
@@ -218,11 +218,9 @@ def fake_snapshot(hub, repo_id: str):
     return root / "snapshots" / commit
 
 
-def test_hub_ids_resolve_offline_from_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+def test_hub_ids_resolve_offline_from_the_cache(tmp_path, monkeypatch, hf_hub):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hub = tmp_path / "hf" / "hub"
+    hub = hf_hub
     base, _ = write_mamba_ssm_dir(fake_snapshot(hub, "state-spaces/mamba-130m"), "mamba")
     build_tiny("mamba2").save_pretrained(fake_snapshot(hub, "someone/tiny-mamba2"))
     ids = torch.randint(0, 60, (1, 9))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, build_tiny, randomize_resona
+from helpers.models import VOCAB, build_tiny, randomize_resona
 from resona_adapt import ResonaConfig, SurgeryError, retrofit
 from resona_adapt.adapters.cache import ResonaCacheState, resona_cache
 from resona_adapt.state import base_view
@@ -134,25 +134,17 @@ def test_two_generate_calls_are_independent():
     assert torch.equal(a_first[0], greedy_by_full_forwards(model, a, 14))
 
 
-def test_beam_search_equals_beam_search_over_full_forwards(family, monkeypatch):
+def test_beam_search_equals_beam_search_over_full_forwards(family, cache_reorders):
     model = make(family)
     g = torch.Generator().manual_seed(7)
     rows = [torch.randint(1, VOCAB, (1, n), generator=g) for n in (10, 7)]
     batch = torch.cat([rows[0], torch.cat([torch.zeros(1, 3, dtype=torch.long), rows[1]], 1)])
     mask = torch.ones_like(batch)
     mask[1, :3] = 0
-    reorders = []
-    original = ResonaCacheState.select
-
-    def spy(self, index):
-        reorders.append(index.clone())
-        return original(self, index)
-
-    monkeypatch.setattr(ResonaCacheState, "select", spy)
     kw = dict(max_new_tokens=12, num_beams=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         cached = model.generate(batch, attention_mask=mask, use_cache=True, **kw)
-        assert any(not torch.equal(i.cpu(), torch.arange(len(i))) for i in reorders)  # beams did swap
+        assert any(not torch.equal(i.cpu(), torch.arange(len(i))) for i in cache_reorders)  # beams did swap
         full = model.generate(batch, attention_mask=mask, use_cache=False, **kw)
     assert torch.equal(cached.sequences, full.sequences)
     torch.testing.assert_close(cached.sequences_scores, full.sequences_scores, atol=1e-4, rtol=0)

@@ -2,20 +2,20 @@
 model; the one way a layer finds its cache (`ResonaLayer.cache_in_call`, recorded at retrofit);
 where the Resona state lives when the cache is a list or tuple of tensors (RWKV, xLSTM); and the
 loud failures that replace silent wrong decoding. The per-family generate() check itself is in
-the family matrix (tests/matrix.py::check_generate)."""
+the family matrix (tests/helpers/matrix.py::check_generate)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import build_tiny
-from fla_support import FLA_INSTALLED, SKIP_REASON, build_fla
-from hymba_support import build_hymba
-from matrix import CFG, check_generate, hf_cache_name, hf_generate, randomize_resona
+from helpers.models import build_tiny
+from helpers.fla_support import FLA_INSTALLED, SKIP_REASON, build_fla
+from helpers.hymba_support import build_hymba
+from helpers.matrix import CFG, check_generate, hf_cache_name, hf_generate, randomize_resona
 from resona_adapt import ResonaConfig, SurgeryError, resona_cache, resona_layers, retrofit
-from resona_adapt.adapters.cache import STATE_ATTR, ResonaCacheState
-from tiny_families import build_family
+from resona_adapt.adapters.cache import STATE_ATTR
+from helpers.tiny_families import build_family
 
 VOCAB = 64
 NEEDS_FLA = pytest.mark.skipif(not FLA_INSTALLED, reason=SKIP_REASON)
@@ -60,26 +60,18 @@ def test_left_padded_batch_equals_each_row_alone(name):
 
 
 @pytest.mark.parametrize("name", ["jamba", "hymba", "hymba-swap", pytest.param("gla", marks=NEEDS_FLA)])
-def test_beam_search_with_the_cache_equals_beam_search_over_full_forwards(name, monkeypatch):
+def test_beam_search_with_the_cache_equals_beam_search_over_full_forwards(name, cache_reorders):
     """Beams swap, the Resona state follows the cache's reorder_cache, and the beams are those of
     full forwards (use_cache=False), with left padding."""
     model = make(name)
     g = torch.Generator().manual_seed(7)
     ids, mask = left_padded([torch.randint(3, VOCAB, (1, n), generator=g) for n in (7, 5)])
-    reorders = []
-    original = ResonaCacheState.select
-
-    def spy(self, index):
-        reorders.append(index.clone())
-        return original(self, index)
-
-    monkeypatch.setattr(ResonaCacheState, "select", spy)
     model.generation_config.eos_token_id = None
     kw = dict(attention_mask=mask, max_new_tokens=5, num_beams=2, do_sample=False, output_scores=True,
               return_dict_in_generate=True, pad_token_id=0)
     with torch.no_grad():
         cached = model.generate(ids, use_cache=True, **kw)
-        assert any(not torch.equal(i, torch.arange(len(i))) for i in reorders)  # beams did swap
+        assert any(not torch.equal(i, torch.arange(len(i))) for i in cache_reorders)  # beams did swap
         full = model.generate(ids, use_cache=False, **kw)
     assert torch.equal(cached.sequences, full.sequences)
     torch.testing.assert_close(cached.sequences_scores, full.sequences_scores, atol=1e-4, rtol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, build_tiny
+from helpers.models import VOCAB, build_tiny
 from resona_adapt import ResonaConfig, param_groups, resona_parameters, retrofit
 from resona_adapt.errors import ResonaConfigError, SurgeryError
 

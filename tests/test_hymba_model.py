@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hymba_support import M, VOCAB, build_hymba, write_official_checkpoint
+from helpers.hymba_support import M, VOCAB, build_hymba, write_official_checkpoint
 from resona_adapt import load_model
 from resona_adapt.compat import CACHE_FIELD
 from resona_adapt.models.hymba import HymbaForCausalLM

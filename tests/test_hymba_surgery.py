@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hymba_support import M, VOCAB, build_hymba, write_official_checkpoint
-from matrix import CFG, U, check_family, check_generate, logits, randomize_resona, recorded_caches
+from helpers.hymba_support import M, VOCAB, build_hymba, write_official_checkpoint
+from helpers.matrix import CFG, U, check_family, check_generate, logits, randomize_resona, recorded_caches
 from resona_adapt import ResonaConfig, SurgeryError, load_model, load_retrofitted, resona_layers, retrofit, unretrofit
 from resona_adapt.adapters import AttentionSwap, ResonaLayer
 from resona_adapt.surgery import discover, spec_for
@@ -98,7 +98,7 @@ def test_replace_keeps_meta_positions_of_the_swapped_heads():
 
 
 def test_replace_attention_is_refused_for_families_without_attention_heads():
-    from conftest import build_tiny
+    from helpers.models import build_tiny
 
     with pytest.raises(SurgeryError, match="replace_attention is for hybrid-head blocks.*mamba has no such heads"):
         retrofit(build_tiny("mamba"), config=ResonaConfig(replace_attention=True, **CFG))

@@ -13,7 +13,7 @@ from resona_adapt.kernels.ops import retrieve, select_tiled
 from resona_adapt.kernels.reference import chunk_attention_ref, select_chunks_ref
 from resona_adapt.kernels.torch_attention import chunk_attention_torch
 
-from kernel_cases import make_inputs, run
+from helpers.kernel_cases import make_inputs, run
 
 # (B, T, H, d, U, K, sink, pos_bias, query_tile): T not a multiple of U, K above the number of
 # eligible chunks, the first chunk (nothing eligible), several heads, batch > 1, tiles that split T

@@ -29,7 +29,7 @@ from resona_adapt.adapters import ResonaBranch
 from resona_adapt.kernels.dispatch import get_backend, triton_importable, triton_interpreting
 from resona_adapt.kernels.reference import chunk_attention_ref
 
-from kernel_cases import make_inputs, run
+from helpers.kernel_cases import make_inputs, run
 
 ON_GPU = torch.cuda.is_available()
 INTERPRETING = triton_interpreting()  # conftest sets it before anything imports triton
@@ -129,7 +129,7 @@ def test_kernels_compile_for_a_gpu_target():
     in a child process without the interpreter when this one interprets."""
     pytest.importorskip("triton.backends.nvidia.compiler", reason="this triton build has no CUDA backend")
     if not INTERPRETING:
-        from kernel_cases import compile_for_sm80
+        from helpers.kernel_cases import compile_for_sm80
 
         assert compile_for_sm80() == 6
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, build_tiny, randomize_resona
+from helpers.models import VOCAB, build_tiny, randomize_resona
 from resona_adapt import CheckpointError, ResonaConfig, load_retrofitted, resona_layers, resona_parameters, retrofit
 from resona_adapt.formats import save_adapter, save_merged
 from resona_adapt.lora import add_lora, merge_lora

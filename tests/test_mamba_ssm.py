@@ -1,6 +1,6 @@
 """mamba-ssm's own MambaLMHeadModel (Mamba1 and Mamba2 stacks, one MHA layer), recognised by structure.
 
-These tests run mamba-ssm's real Python classes on CPU through tests/mamba_ssm_real.py (its CUDA and
+These tests run mamba-ssm's real Python classes on CPU through tests/helpers/mamba_ssm_real.py (its CUDA and
 Triton kernels routed to the PyTorch reference functions mamba-ssm ships); they skip, saying how to
 install it, when mamba-ssm is not installed.
 """
@@ -14,8 +14,8 @@ import pytest
 
 import torch
 
-import mamba_ssm_real as real
-from matrix import CFG, check_family, logits
+from helpers import mamba_ssm_real as real
+from helpers.matrix import CFG, check_family, logits
 from resona_adapt import CheckpointError, ResonaConfig, attach_retrofitted, retrofit
 from resona_adapt.surgery import discover
 from resona_adapt.surgery.families.mamba_ssm import is_mamba_ssm_model
@@ -74,7 +74,7 @@ def test_retrofitted_mamba_ssm_equals_transformers_through_the_converter(tmp_pat
     Mamba/Mamba2 with the same branches: same logits (fp32; the scans differ in summation order).
     Also: padded vocabulary, untied head, unfused norms, dt rank, biases, groups, dt limits, a chunk
     that does not divide the length."""
-    from matrix import randomize_resona
+    from helpers.matrix import randomize_resona
     from resona_adapt.loading import load_model
 
     model = real.build(kind, seed=3, **overrides)

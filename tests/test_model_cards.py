@@ -8,7 +8,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import build_tiny
+from helpers.models import build_tiny
 from resona_adapt import ResonaConfig, load_model, load_retrofitted, retrofit, save_retrofitted
 from resona_adapt.cli.main import cli
 from resona_adapt.formats import card as card_module

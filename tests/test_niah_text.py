@@ -16,14 +16,14 @@ from resona_adapt.evaluation.niah import (TokenLayout, evaluate_niah, haystack_s
 from resona_adapt.training.data import IGNORE, DataError
 from resona_adapt.training.niah_task import answer_text, niah_text_dataset
 
-from test_corpus import WORKS, digest, fetcher_for, make_sdist
-from test_evaluation import byte_tokenizer
+from helpers.fake_corpus import WORKS, digest, fetcher_for, make_sdist
+from helpers.models import tiny_text_model
+from helpers.text_tokenizers import byte_tokenizer
 
 
 @pytest.fixture
-def fake_corpus(tmp_path, monkeypatch):
+def fake_corpus(tmp_path, corpus_cache):
     """A fake corpus in a temporary cache: each work has 60 distinct lines naming it."""
-    monkeypatch.setenv("RESONA_ADAPT_CACHE", str(tmp_path / "cache"))
     sdist = make_sdist(tmp_path / "fake.tar.gz")
     texts = ensure_corpus(fetcher_for(sdist), sha256=digest(sdist))
     for w in WORKS:
@@ -143,7 +143,6 @@ def test_niah_training_bad_options(fake_corpus):
 
 
 def test_train_cli_task_niah(fake_corpus, tmp_path):
-    from test_eval_cli import tiny_text_model
 
     base = tmp_path / "base"
     tiny_text_model().save_pretrained(base)
@@ -158,7 +157,6 @@ def test_train_cli_task_niah(fake_corpus, tmp_path):
 def test_text_demo_pieces_on_a_tiny_model(fake_corpus):
     from resona_adapt import ResonaConfig, retrofit
     from resona_adapt.text_demo import TextRecipe, fit_text, heldout_ppl, measure_niah
-    from test_eval_cli import tiny_text_model
 
     tok = byte_tokenizer()
     tok.pad_token = tok.eos_token = tok.convert_ids_to_tokens(0)

@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from conftest import VOCAB, build_tiny, randomize_resona
-from matrix import CFG, logits
+from helpers.models import VOCAB, build_tiny, randomize_resona
+from helpers.matrix import CFG, logits
 from resona_adapt import (
     CheckpointError, ResonaConfig, SurgeryError, load_retrofitted, resona_state_dict, retrofit, save_adapter,
     save_retrofitted,

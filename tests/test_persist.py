@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import VOCAB, build_tiny, randomize_resona
+from helpers.models import VOCAB, build_tiny, randomize_resona
 from resona_adapt import CheckpointError, ResonaConfig, load_model, load_retrofitted, resona_layers, retrofit
 from resona_adapt.files import atomic_directory
 

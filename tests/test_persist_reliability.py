@@ -15,8 +15,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import VOCAB, build_tiny, randomize_resona
-from matrix import CFG, logits
+from helpers.models import VOCAB, build_tiny, randomize_resona
+from helpers.matrix import CFG, logits
 from resona_adapt import CheckpointError, ResonaConfig, load_model, load_retrofitted, retrofit
 from resona_adapt.cli.main import cli
 from resona_adapt.files import _HOST, atomic_directory

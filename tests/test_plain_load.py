@@ -9,7 +9,7 @@ import sys
 import pytest
 import transformers
 
-from conftest import build_tiny
+from helpers.models import build_tiny
 from resona_adapt import CheckpointError, ResonaConfig, load_retrofitted, retrofit
 from resona_adapt.notices import LOGGER, BranchesNotLoaded
 

@@ -35,6 +35,7 @@ def test_recipe_schedule():
     assert r.lr_at(0) < r.lr_at(4) == pytest.approx(r.lr) and r.lr_at(99) == pytest.approx(0.1 * r.lr, rel=0.01)
 
 
+@pytest.mark.slow
 def test_quick_recipe_trains_only_resona_and_beats_the_base():
     torch.manual_seed(0)
     model = load_model("mqar-mamba2").requires_grad_(False)

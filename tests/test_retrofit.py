@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VOCAB, build_tiny, randomize_resona
+from helpers.models import VOCAB, build_tiny, randomize_resona
 from resona_adapt import (
     ResonaConfig, ResonaConfigError, SurgeryError, is_retrofitted, resona_layers, resona_parameters, retrofit,
     unretrofit,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-from conftest import VOCAB, build_tiny
-from matrix import CFG, logits
+from helpers.models import VOCAB, build_tiny
+from helpers.matrix import CFG, logits
 from resona_adapt import ResonaConfig, load_retrofitted, param_groups, resona_state_dict, retrofit
 
 
@@ -64,9 +64,9 @@ def test_load_state_dict_of_a_merged_checkpoint_restores_other_families(tmp_path
     """What a stock Trainer's resume does, on Hymba's attention swap and RWKV's rescaled layers."""
     from safetensors.torch import load_file
 
-    from hymba_support import build_hymba
-    from matrix import randomize_resona
-    from tiny_families import build_family
+    from helpers.hymba_support import build_hymba
+    from helpers.matrix import randomize_resona
+    from helpers.tiny_families import build_family
 
     cases = {"hymba": (lambda: build_hymba(), dict(replace_attention=True), [1]),
              "rwkv": (lambda: build_family("rwkv"), {}, [2, 3])}
@@ -98,7 +98,7 @@ def test_resona_trainer_saves_the_tokenizer_and_one_copy_of_the_weights(tmp_path
     from resona_adapt import CheckpointError
     from resona_adapt.training import ResonaTrainer
     from resona_adapt.training.checkpoints import MARKER_FILE, TRAINABLE_FILE
-    from test_cli_generate import word_tokenizer
+    from helpers.text_tokenizers import word_tokenizer
 
     def trainer(model, out):
         args = TrainingArguments(output_dir=str(out), max_steps=4, save_steps=2, save_strategy="steps",

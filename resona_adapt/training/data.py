@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ResonaError
 from ..files import TOKENIZER_VOCAB_FILES, parse_jsonl  # noqa: F401 - TOKENIZER_VOCAB_FILES: importable here as before
-from ..tasks.mqar import IGNORE, model_vocab_size, mqar, next_token_metrics  # noqa: F401 - importable here
+from ..tasks.mqar import IGNORE, mqar
 
 
 class DataError(ResonaError, ValueError):

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from resona_adapt.models.hymba import HymbaConfig, HymbaForCausalLM
 
-VOCAB = 64
+from .models import VOCAB
+
 M = 4  # meta tokens
 
 # The structure of nvidia/Hymba-1.5B-Base's config.json, scaled down: 6 layers, global attention in

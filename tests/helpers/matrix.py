@@ -20,6 +20,8 @@ from resona_adapt import ResonaConfig, load_retrofitted, resona_cache, resona_la
 from resona_adapt.compat import CACHE_FIELD
 from resona_adapt.retrofit import retrofit_state
 
+from .models import randomize_resona  # noqa: F401 - the matrix's tests import it from here
+
 
 def hf_cache_name(before_5_24: str) -> str:
     """The name of a transformers module's cache parameter that was ``before_5_24`` up to 5.23
@@ -34,15 +36,6 @@ def logits(model: nn.Module, ids: torch.Tensor, **kw) -> torch.Tensor:
     with torch.no_grad():
         out = model(ids, **kw)
     return out.logits if hasattr(out, "logits") else out[0]
-
-
-def randomize_resona(model: nn.Module, seed: int = 1, scale: float = 0.3) -> None:
-    from resona_adapt import resona_parameters
-
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in resona_parameters(model):
-            p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 Generate = Callable[[nn.Module, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]

@@ -54,7 +54,7 @@ class _MissingExtension(types.ModuleType):
         if name.startswith("__"):
             raise AttributeError(name)
         raise RuntimeError(f"{self.__name__}.{name}: mamba-ssm's CUDA extension is not built; the CPU shim "
-                           "(tests/mamba_ssm_real.py) should have routed this call to a reference function")
+                           "(tests/helpers/mamba_ssm_real.py) should have routed this call to a reference function")
 
 
 def _refuse(name: str):

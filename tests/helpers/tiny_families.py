@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-VOCAB = 64
+from .models import VOCAB
+
 _TOK = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 # family -> (config class, model class, config kwargs)

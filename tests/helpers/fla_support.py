@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
+from .models import VOCAB
+
 FLA_INSTALLED = importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
 SKIP_REASON = "flash-linear-attention is not installed (pip install -e '.[dev,fla]')"
-VOCAB = 64
 
 
 def keep_first_autotune_config() -> None:
