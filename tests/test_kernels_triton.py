@@ -135,6 +135,6 @@ def test_kernels_compile_for_a_gpu_target():
         return
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, "-c", "from kernel_cases import compile_for_sm80; print(compile_for_sm80())"],
+    proc = subprocess.run([sys.executable, "-c", "from helpers.kernel_cases import compile_for_sm80; print(compile_for_sm80())"],
                           cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("6"), proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -74,6 +74,7 @@ def runs() -> dict[str, dict]:
     }
 
 
+@pytest.mark.slow  # trains three small retrievers (the module's `runs`)
 def test_search_hit_rate_rises_with_training_and_not_without_its_gradient(runs):
     for offset in (0, 1):
         before, after = runs["default"]["before"][offset][0], runs["default"]["after"][offset][0]
@@ -81,6 +82,7 @@ def test_search_hit_rate_rises_with_training_and_not_without_its_gradient(runs):
         assert runs["no search gradient"]["after"][offset][0] < 0.2
 
 
+@pytest.mark.slow
 def test_a_pair_straddling_a_chunk_boundary_is_still_retrieved(runs):
     """Offset 1 puts every key at the end of a chunk and its value at the start of the next."""
     default, aligned = runs["default"]["after"], runs["chunk-aligned read"]["after"]
