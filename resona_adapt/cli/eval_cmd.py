@@ -43,13 +43,15 @@ def _tokenizer(model_name: str, tokenizer_path: str | None, trust_remote_code: b
     from ..errors import ResonaError
     from ..tokenizer import load_tokenizer, tokenizer_dir
 
+    hint = "pass --tokenizer with a directory (or a hub id in the HF cache) holding the model's tokenizer"
     if tokenizer_path is not None:
-        return load_tokenizer(tokenizer_path, model_name=tokenizer_path, trust_remote_code=trust_remote_code)
+        return load_tokenizer(tokenizer_path, model_name=tokenizer_path, trust_remote_code=trust_remote_code, hint=hint)
     try:
         path = tokenizer_dir(model_name)
     except ResonaError:  # a name that is no directory: the model loader says why
         return None
-    return None if path is None else load_tokenizer(path, model_name=model_name, trust_remote_code=trust_remote_code)
+    return None if path is None else load_tokenizer(path, model_name=model_name, trust_remote_code=trust_remote_code,
+                                                    hint=hint)
 
 
 @click.command("eval")
