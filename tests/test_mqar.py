@@ -92,3 +92,9 @@ def test_filler_never_repeats_a_queried_key():
     g = torch.Generator().manual_seed(0)
     raw = torch.randint(V, (200, F), generator=g)
     assert any(set(raw[b].tolist()) & set(data.inputs[b][data.labels[b] != IGNORE].tolist()) for b in range(200))
+
+
+def test_filler_longer_than_the_sequence_is_refused():
+    with pytest.raises(ValueError, match="longer than the sequence"):
+        mqar(2, 64, 8, 128, filler="0-65")
+    assert mqar(2, 64, 8, 128, filler=64).inputs.shape == (2, 128)

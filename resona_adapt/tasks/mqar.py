@@ -63,6 +63,9 @@ def mqar(
         raise ValueError(f"MQAR seq_len must be even, got {seq_len}")
     if vocab_size <= seq_len:
         raise ValueError(f"MQAR needs vocab_size > seq_len, got vocab {vocab_size} and seq_len {seq_len}")
+    if hi > seq_len:
+        raise ValueError(f"MQAR filler of up to {hi} tokens is longer than the sequence ({seq_len} tokens); "
+                         f"use at most {seq_len} filler tokens or a longer --seq-len")
     if 4 * num_kv_pairs > seq_len:
         raise ValueError(f"MQAR needs 4 * num_kv_pairs <= seq_len, got {num_kv_pairs} pairs for {seq_len} tokens")
     half = vocab_size // 2
