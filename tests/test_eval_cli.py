@@ -65,6 +65,7 @@ def test_mqar_filler_and_bos_are_scored_per_filler_with_strict(checkpoints):
 @pytest.mark.parametrize("args, message", [
     (["--filler", "3-1"], "--filler"), (["--filler", "x"], "--filler"), (["--bos-id", "999"], "--bos-id"),
     (["--filler", "1", "--baseline", "rag-append"], "rag-append"),
+    (["--filler", "0,33"], "longer than the sequence"),
 ])
 def test_mqar_bad_filler_or_bos_is_one_line(checkpoints, args, message):
     res = run(["--model", str(checkpoints / "retro"), "--task", "mqar", "--seq-len", "32", "--kv-pairs", "4",

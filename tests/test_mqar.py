@@ -78,3 +78,23 @@ def test_bad_filler_is_refused(filler):
 def test_bos_outside_the_vocabulary_is_refused():
     with pytest.raises(ValueError, match="bos_id"):
         mqar(2, 64, 8, 128, bos_id=128)
+
+
+def test_filler_never_repeats_a_queried_key():
+    # A key in the filler would come before its pair with another successor: two answers for one query.
+    # Small vocabulary, many pairs and a long filler, so that unfiltered random tokens would collide often.
+    V, T, P, F = 80, 64, 16, 8
+    data = mqar(200, T, P, V, seed=5, filler=F)
+    for b in range(200):
+        keys = set(data.inputs[b][data.labels[b] != IGNORE].tolist())
+        assert keys and not keys & set(data.inputs[b, :F].tolist())
+    # the same draw without the rule would have collided (the test is not vacuous)
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(V, (200, F), generator=g)
+    assert any(set(raw[b].tolist()) & set(data.inputs[b][data.labels[b] != IGNORE].tolist()) for b in range(200))
+
+
+def test_filler_longer_than_the_sequence_is_refused():
+    with pytest.raises(ValueError, match="longer than the sequence"):
+        mqar(2, 64, 8, 128, filler="0-65")
+    assert mqar(2, 64, 8, 128, filler=64).inputs.shape == (2, 128)

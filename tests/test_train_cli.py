@@ -131,6 +131,7 @@ def test_text_data_masks_the_prompt_and_names_bad_lines(tmp_path):
         (["--data", "DATA"], "has no tokenizer files"),
         (["--task", "mqar", "--seq-len", "32", "--kv-pairs", "4", "--unfreeze-layers", "7"], "cannot unfreeze layer 7"),
         (["--task", "mqar", "--seq-len", "32", "--kv-pairs", "4", "--filler", "5-2"], "filler must be"),
+        (["--task", "mqar", "--seq-len", "32", "--kv-pairs", "4", "--filler", "0-40"], "longer than the sequence"),
         (["--task", "mqar", "--seq-len", "32", "--kv-pairs", "4", "--bos-id", "64"], "bos_id 64 is outside"),
     ],
 )

@@ -120,7 +120,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
                                                            if task == "ppl" else ""))
     if task in ("qa", "ppl") and data is None:
         raise ResonaError(f"--task {task} needs --data ({'a JSON-lines QA file' if task == 'qa' else 'a text file, or corpus'})")
-    fillers = _fillers(filler) if task == "mqar" else None
+    fillers = _fillers(filler, _ints(seq_len, "--seq-len")) if task == "mqar" else None
     if task == "ppl" and baseline:
         raise ResonaError("the prompt baselines apply to recall tasks (mqar, niah, qa), not to perplexity")
     with app.terminal.status(f"loading {model_name}"):
@@ -213,17 +213,21 @@ def _heldout_file() -> str:
     return str(path)
 
 
-def _fillers(text: str) -> list[str]:
-    """``"0,1,2-3"`` -> ["0", "1", "2-3"], each checked (`tasks.mqar.parse_filler`)."""
+def _fillers(text: str, seq_lens: list[int]) -> list[str]:
+    """``"0,1,2-3"`` -> ["0", "1", "2-3"], each checked (`tasks.mqar.parse_filler`; at most the
+    shortest sequence length)."""
     from ..errors import ResonaError
     from ..tasks.mqar import parse_filler
 
     specs = [part.strip() for part in text.split(",")]
     for spec in specs:
         try:
-            parse_filler(spec)
+            _, hi = parse_filler(spec)
         except ValueError as exc:
             raise ResonaError(f"--filler {text!r}: {exc}") from None
+        if seq_lens and hi > min(seq_lens):
+            raise ResonaError(f"--filler {text!r}: up to {hi} filler tokens is longer than the sequence "
+                              f"({min(seq_lens)} tokens); use at most {min(seq_lens)} or a longer --seq-len")
     return specs
 
 

@@ -10,7 +10,8 @@ Labels follow next-token convention: ``labels[t]`` is the value to predict after
 Real input rarely starts with the first key: ``filler`` puts random tokens in front of every example
 (a fixed count, or a count drawn per example from a range, the shorter examples then padded with
 random tokens at the end so that every row has ``seq_len + max filler`` tokens), and ``bos_id`` a
-beginning-of-sequence token before everything. Either shifts the pairs against any chunk grid; the
+beginning-of-sequence token before everything. Filler tokens are never one of the example's keys (a
+key before the pairs would give its query two answers). Either shifts the pairs against any chunk grid; the
 pairs, values and queries are those of the same seed without them.
 """
 
@@ -71,6 +72,9 @@ def mqar(
         raise ValueError(f"MQAR seq_len must be even, got {seq_len}")
     if vocab_size <= seq_len:
         raise ValueError(f"MQAR needs vocab_size > seq_len, got vocab {vocab_size} and seq_len {seq_len}")
+    if hi > seq_len:
+        raise ValueError(f"MQAR filler of up to {hi} tokens is longer than the sequence ({seq_len} tokens); "
+                         f"use at most {seq_len} filler tokens or a longer --seq-len")
     if 4 * num_kv_pairs > seq_len:
         raise ValueError(f"MQAR needs 4 * num_kv_pairs <= seq_len, got {num_kv_pairs} pairs for {seq_len} tokens")
     half = vocab_size // 2
@@ -134,6 +138,7 @@ def prepend_filler(inputs: Tensor, labels: Tensor, filler: int | tuple[int, int]
     lead = int(bos_id is not None)
     width = lead + hi + T
     out = torch.randint(vocab_size, (N, width), generator=g)  # filler everywhere, then the example on top
+    out = _avoid_keys(out, inputs, labels, vocab_size, g)
     out_labels = torch.full((N, width), IGNORE, dtype=torch.long)
     if bos_id is not None:
         out[:, 0] = bos_id
@@ -142,6 +147,23 @@ def prepend_filler(inputs: Tensor, labels: Tensor, filler: int | tuple[int, int]
     out.scatter_(1, cols, inputs)
     out_labels.scatter_(1, cols, labels)
     return out, out_labels
+
+
+def _avoid_keys(filler: Tensor, inputs: Tensor, labels: Tensor, vocab_size: int, g: torch.Generator) -> Tensor:
+    """Redraw filler tokens (N, W) that equal a key the row queries (the tokens of ``inputs`` (N, T) at
+    labelled positions): a key in the filler would be a second occurrence with another successor, so
+    the query would have two answers. Zoology's random tokens *after* the pairs may repeat a key (the
+    pair comes first there); filler comes before the pairs."""
+    N = filler.shape[0]
+    queried = torch.zeros(N, vocab_size, dtype=torch.bool)  # (N, V)
+    rows, cols = (labels != IGNORE).nonzero(as_tuple=True)
+    queried[rows, inputs[rows, cols]] = True
+    for _ in range(64):  # at most half the vocabulary is keys: each redraw halves the collisions at least
+        clash = queried.gather(1, filler)  # (N, W)
+        if not bool(clash.any()):
+            return filler
+        filler = torch.where(clash, torch.randint(vocab_size, filler.shape, generator=g), filler)
+    raise ValueError("MQAR filler: could not draw tokens that are not keys (is every token a key?)")
 
 
 def mqar_accuracy(predictions: Tensor, labels: Tensor) -> dict[str, float]:
