@@ -11,7 +11,8 @@ With resona-adapt imported, `install_load_report_hint` adds a `logging.Filter` t
 ``transformers.modeling_utils`` logger (standard logging API; transformers' code is not patched,
 and the filter only appends to a load report whose unexpected keys are Resona tensors): the report
 then ends with a line saying the branches were not loaded and naming ``load_retrofitted``. The
-report is a warning, so it shows at transformers' default verbosity (not after
+line also names ``trust_remote_code=True`` when the checkpoint ships ``modeling_resona.py``
+(`resona_adapt.formats.remote`). The report is a warning, so it shows at transformers' default verbosity (not after
 ``transformers.logging.set_verbosity_error()``).
 """
 
@@ -19,13 +20,16 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 LOGGER = "transformers.modeling_utils"
 _SOURCE = re.compile(r"LOAD REPORT\S*\s+from:\s*(?P<path>[^\n]+)")
 _RESONA_ROW = re.compile(r"^[^|\n]*\.resona\.[^|\n]*\|[^|\n]*UNEXPECTED", flags=re.M)  # key | status
 HINT = ("\n- RESONA:\tthis is a resona-adapt retrofitted checkpoint and its Resona branches (the UNEXPECTED "
         "'resona' keys) were NOT loaded: this model is the base alone. Load it with "
-        "resona_adapt.load_retrofitted({path!r}) (CLI: resona-adapt generate --model {path}).")
+        "resona_adapt.load_retrofitted({path!r}) (CLI: resona-adapt generate --model {path}){remote}.")
+REMOTE = ("; or, as it ships modeling_resona.py, pass trust_remote_code=True to from_pretrained / pipeline / "
+          "lm-eval's model_args (that file only calls resona-adapt)")
 
 
 class BranchesNotLoaded(logging.Filter):
@@ -35,7 +39,9 @@ class BranchesNotLoaded(logging.Filter):
         msg = record.msg
         if isinstance(msg, str) and "LOAD REPORT" in msg and "- RESONA:" not in msg and _RESONA_ROW.search(msg):
             found = _SOURCE.search(msg)
-            record.msg = msg + HINT.format(path=found["path"].strip() if found else "DIR")
+            path = found["path"].strip() if found else "DIR"
+            remote = REMOTE if found and (Path(path) / "modeling_resona.py").is_file() else ""
+            record.msg = msg + HINT.format(path=path, remote=remote)
         return True
 
 

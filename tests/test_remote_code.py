@@ -1,0 +1,151 @@
+"""Path-based loading carries the branches with trust_remote_code (transformers' custom-code convention):
+AutoModelForCausalLM, pipeline and re-saving give the retrofitted model; without it, the base and a notice."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+import transformers
+
+from conftest import VOCAB, build_tiny, randomize_resona
+from resona_adapt import CheckpointError, ResonaConfig, is_retrofitted, load_retrofitted, retrofit, unretrofit
+from resona_adapt.formats.remote import AUTO_MAP, MODELING_FILE, add_remote_code
+from resona_adapt.loading import load_model
+
+CFG = ResonaConfig(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16)
+
+
+@pytest.fixture(autouse=True)
+def modules_cache(tmp_path, monkeypatch):
+    """transformers copies a checkpoint's code into HF_MODULES_CACHE (read at import): a fresh one per test."""
+    import transformers.dynamic_module_utils as dmu
+
+    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
+def tiny_tokenizer():
+    """Word-level tokenizer over the tiny vocabulary ("t0".."t63", "t63" doubling as end of text)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token=f"t{VOCAB - 1}")
+
+
+def saved(tmp_path, family: str):
+    model = build_tiny(family)
+    retrofit(model, layers=[0, -1], config=CFG)
+    randomize_resona(model)
+    path = tmp_path / family
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_auto_model_with_trust_remote_code_is_load_retrofitted(tmp_path, family):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = saved(tmp_path, family)
+    raw = json.loads((path / "config.json").read_text())
+    assert raw["auto_map"] == AUTO_MAP and raw["model_type"] == family and (path / MODELING_FILE).is_file()
+    reference = logits(load_retrofitted(path))
+    for _ in range(2):  # the second load reuses the module transformers imported
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+        assert is_retrofitted(model) and not model.training
+        assert torch.equal(logits(model), reference)
+    assert AutoConfig.from_pretrained(path, trust_remote_code=True).model_type == family
+    base = AutoModelForCausalLM.from_pretrained(path)  # no trust: the base alone, as before
+    assert not is_retrofitted(base) and not torch.allclose(logits(base), reference, atol=1e-3)
+    assert AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float64).dtype == torch.float64
+
+
+def test_the_no_trust_notice_names_trust_remote_code(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = saved(tmp_path, "mamba")
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        AutoModelForCausalLM.from_pretrained(path)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+        transformers.logging.set_verbosity(verbosity)
+    (report,) = [m for m in messages if "LOAD REPORT" in m]
+    assert "were NOT loaded" in report and "trust_remote_code=True" in report and "load_retrofitted" in report
+
+
+def test_pipeline_with_trust_remote_code_generates_with_the_branches(tmp_path):
+    from transformers import pipeline
+
+    path = saved(tmp_path, "mamba2")
+    prompt = " ".join(f"t{i}" for i in IDS[0, :12].tolist())
+    kwargs = dict(max_new_tokens=6, do_sample=False, return_full_text=False)
+    remote = pipeline("text-generation", model=str(path), trust_remote_code=True)
+    assert is_retrofitted(remote.model)
+    ours = pipeline("text-generation", model=load_retrofitted(path), tokenizer=tiny_tokenizer())
+    base = pipeline("text-generation", model=str(path))
+    assert not is_retrofitted(base.model)
+    text = remote(prompt, **kwargs)[0]["generated_text"]
+    assert text == ours(prompt, **kwargs)[0]["generated_text"] and text.strip()
+    assert torch.equal(logits(remote.model), logits(load_retrofitted(path)))
+
+
+def test_a_model_loaded_this_way_re_saves_with_its_branches(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = saved(tmp_path, "mamba")
+    reference = logits(load_retrofitted(path))
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "resona.safetensors").is_file() and (tmp_path / "again" / MODELING_FILE).is_file()
+    assert torch.equal(logits(load_retrofitted(tmp_path / "again")), reference)
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True)), reference)
+    # the base alone, saved from it, names no code it does not ship
+    unretrofit(model).save_pretrained(tmp_path / "base")
+    assert "auto_map" not in json.loads((tmp_path / "base" / "config.json").read_text())
+
+
+def test_the_cli_gate_loads_the_same_with_or_without_trust_remote_code(tmp_path):
+    """--trust-remote-code of the CLI never routes a merged checkpoint's base through its own modeling_resona.py."""
+    path = saved(tmp_path, "mamba")
+    reference = logits(load_retrofitted(path))
+    assert torch.equal(logits(load_retrofitted(path, trust_remote_code=True)), reference)
+    assert torch.equal(logits(load_model(str(path), trust_remote_code=True)), reference)
+
+
+def test_arguments_that_would_change_the_model_are_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = saved(tmp_path, "mamba")
+    with pytest.raises(CheckpointError, match="one device"):
+        AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, device_map={"backbone": "cpu", "lm_head": "meta"})
+    with pytest.raises(CheckpointError, match="positional model arguments"):
+        AutoModelForCausalLM.from_pretrained(path, "extra", trust_remote_code=True)
+
+
+def test_a_base_with_its_own_remote_code_keeps_its_auto_map(tmp_path):
+    build_tiny("mamba").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert add_remote_code(tmp_path) is False
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == config["auto_map"]
+    assert not (tmp_path / MODELING_FILE).exists()
