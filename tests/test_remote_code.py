@@ -62,6 +62,7 @@ def test_auto_model_with_trust_remote_code_is_load_retrofitted(tmp_path, family)
     path = saved(tmp_path, family)
     raw = json.loads((path / "config.json").read_text())
     assert raw["auto_map"] == AUTO_MAP and raw["model_type"] == family and (path / MODELING_FILE).is_file()
+    assert "trust_remote_code=True" in (path / "README.md").read_text()
     reference = logits(load_retrofitted(path))
     for _ in range(2):  # the second load reuses the module transformers imported
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
