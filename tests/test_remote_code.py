@@ -10,44 +10,20 @@ import pytest
 import torch
 import transformers
 
-from conftest import VOCAB, build_tiny, randomize_resona
-from resona_adapt import CheckpointError, ResonaConfig, is_retrofitted, load_retrofitted, retrofit, unretrofit
+from conftest import build_tiny
+from remote_support import IDS, saved_checkpoint, tiny_tokenizer, use_tmp_modules_cache
+from resona_adapt import CheckpointError, is_retrofitted, load_retrofitted, unretrofit
 from resona_adapt.formats.remote import AUTO_MAP, MODELING_FILE, add_remote_code
 from resona_adapt.loading import load_model
-
-CFG = ResonaConfig(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16)
 
 
 @pytest.fixture(autouse=True)
 def modules_cache(tmp_path, monkeypatch):
-    """transformers copies a checkpoint's code into HF_MODULES_CACHE (read at import): a fresh one per test."""
-    import transformers.dynamic_module_utils as dmu
-
-    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "modules"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-
-
-def tiny_tokenizer():
-    """Word-level tokenizer over the tiny vocabulary ("t0".."t63", "t63" doubling as end of text)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token=f"t{VOCAB - 1}")
+    use_tmp_modules_cache(tmp_path, monkeypatch)
 
 
 def saved(tmp_path, family: str):
-    model = build_tiny(family)
-    retrofit(model, layers=[0, -1], config=CFG)
-    randomize_resona(model)
-    path = tmp_path / family
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-IDS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    return saved_checkpoint(tmp_path, family)
 
 
 def logits(model) -> torch.Tensor:
