@@ -75,7 +75,8 @@ class RetrofittedLoader:
                 f"{pretrained_model_name_or_path} is a resona-adapt checkpoint loaded through trust_remote_code, which "
                 f"takes dtype and a one-device device_map only, not {', '.join(extra) or 'positional model arguments'}; "
                 "load it with resona_adapt.load_retrofitted(DIR) and change the model in Python")
-        path = str(Path(pretrained_model_name_or_path) / subfolder) if subfolder else str(pretrained_model_name_or_path)
+        path = _local_directory(str(pretrained_model_name_or_path), kwargs.get("cache_dir"), kwargs.get("revision"))
+        path = str(Path(path) / subfolder) if subfolder else path
         token = _loading.set(True)
         try:
             model = load_retrofitted(path, dtype=dtype, device=device)
@@ -84,6 +85,20 @@ class RetrofittedLoader:
         if kwargs.get("output_loading_info"):
             return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
         return model
+
+
+def _local_directory(name: str, cache_dir: Any, revision: Any) -> str:
+    """A hub id as the snapshot directory transformers just read it from (its ``cache_dir`` and
+    resolved ``revision``), never downloading; a local directory, or anything not in that cache, as
+    given (`load_retrofitted` then resolves it or says where it looked)."""
+    if Path(name).is_dir():
+        return name
+    from huggingface_hub import snapshot_download  # noqa: PLC0415 - only for hub ids
+
+    try:
+        return snapshot_download(name, cache_dir=cache_dir, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means "not in that cache": load_retrofitted's own lookup and error
+        return name
 
 
 def _dtype(dtype: Any, torch_dtype: Any) -> torch.dtype | None:

@@ -126,3 +126,19 @@ def test_a_base_with_its_own_remote_code_keeps_its_auto_map(tmp_path):
     assert add_remote_code(tmp_path) is False
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == config["auto_map"]
     assert not (tmp_path / MODELING_FILE).exists()
+
+
+def test_a_hub_id_in_a_cache_dir_loads_its_snapshot(tmp_path):
+    """from_pretrained("org/name", cache_dir=...) reads the snapshot transformers resolved (no download)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path = saved(tmp_path, "mamba")
+    snapshot = tmp_path / "cache" / "models--org--tiny" / "snapshots" / ("a" * 40)
+    shutil.copytree(path, snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("a" * 40)
+    model = AutoModelForCausalLM.from_pretrained("org/tiny", cache_dir=str(tmp_path / "cache"), local_files_only=True,
+                                                 trust_remote_code=True)
+    assert torch.equal(logits(model), logits(load_retrofitted(path)))
