@@ -142,3 +142,11 @@ def test_a_hub_id_in_a_cache_dir_loads_its_snapshot(tmp_path):
     model = AutoModelForCausalLM.from_pretrained("org/tiny", cache_dir=str(tmp_path / "cache"), local_files_only=True,
                                                  trust_remote_code=True)
     assert torch.equal(logits(model), logits(load_retrofitted(path)))
+
+
+def test_config_text_never_becomes_code():
+    from resona_adapt.formats.remote import render
+
+    text = render('x"""\nimport os', 'A"""\nimport os\n"""')
+    compile(text, MODELING_FILE, "exec")  # still one valid module
+    assert "import os" not in text.replace("'x\"\"\"\\nimport os'", "")

@@ -34,9 +34,11 @@ AUTO_MAP = {"AutoConfig": f"modeling_resona.{CONFIG_CLASS}", "AutoModelForCausal
 
 
 def render(model_type: str, architecture: str) -> str:
-    """The text of ``modeling_resona.py`` for a checkpoint whose base has ``model_type``."""
+    """The text of ``modeling_resona.py`` for a checkpoint whose base has ``model_type`` (a Python
+    string literal in the file) and class ``architecture`` (named in its docstring if it is an identifier)."""
     template = resources.files("resona_adapt.formats").joinpath("templates/modeling_resona.py.in").read_text("utf-8")
-    return template.format(version=__version__, model_type=model_type, architecture=architecture or "model")
+    shown = architecture if architecture.isidentifier() else "model"  # config.json text never becomes code
+    return template.format(version=__version__, model_type=model_type, architecture=shown)
 
 
 def add_remote_code(directory: Path) -> bool:
