@@ -150,3 +150,21 @@ def test_config_text_never_becomes_code():
     text = render('x"""\nimport os', 'A"""\nimport os\n"""')
     compile(text, MODELING_FILE, "exec")  # still one valid module
     assert "import os" not in text.replace("'x\"\"\"\\nimport os'", "")
+
+
+def test_hymba_loads_as_resona_adapts_own_hymba_with_its_branches(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import randomize_resona
+    from remote_support import CFG
+    from resona_adapt import retrofit
+    from resona_adapt.models import build_builtin
+
+    model = retrofit(build_builtin("tiny-hymba"), layers=[0], config=CFG)
+    randomize_resona(model)
+    model.save_pretrained(tmp_path / "hymba")
+    ids = IDS[:1, :20]
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path / "hymba", trust_remote_code=True)
+    with torch.no_grad():
+        assert is_retrofitted(remote)
+        assert torch.equal(remote(ids).logits, load_retrofitted(tmp_path / "hymba")(ids).logits)
