@@ -30,8 +30,15 @@ SECTION_KEYS = frozenset({"format_version", "resona_adapt_version", "arch", "lay
 
 
 def resona_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Branch weights keyed ``layers.<i>.<parameter>`` (independent of the model's module tree)."""
-    return {name: p.detach() for name, p in resona_parameters(model)}
+    """Branch weights keyed ``layers.<i>.<parameter>`` (independent of the model's module tree).
+    A model sharded by FSDP2 (``fully_shard``: DTensor parameters) is refused: its tensors are shards."""
+    params = resona_parameters(model)
+    if any(type(p).__name__ == "DTensor" for _, p in params):
+        raise CheckpointError(
+            "the model is sharded by FSDP (its parameters are DTensor shards), so no process holds its whole weights: "
+            "gather them first ({k: v.full_tensor() for k, v in model.state_dict().items()} on every process), then "
+            "on one process load_state_dict that into an unsharded retrofitted model and save that one")
+    return {name: p.detach() for name, p in params}
 
 
 def load_resona_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], source: str = "<tensors>") -> None:

@@ -1,4 +1,4 @@
-"""``resona-adapt eval``: MQAR, NIAH, QA and perplexity of a model, with prompt baselines beside it."""
+"""``resona-adapt eval``: MQAR, NIAH, QA, perplexity and lm-eval tasks of a model, with prompt baselines beside it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import click
 from .app import App
 from .options import model_options
 
-TASKS = ("mqar", "niah", "qa", "ppl")
+TASKS = ("mqar", "niah", "qa", "ppl", "lm-eval")
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -84,6 +84,12 @@ def _tokenizer(model_name: str, tokenizer_path: str | None, trust_remote_code: b
 @click.option("--rag-layer", default=None, type=int, help="Resona layer whose chunk selection RAG-append uses (default: deepest).")
 @click.option("--base/--no-base", "with_base", default=True, show_default=True,
               help="For a retrofitted model, also evaluate its base (Resona bypassed).")
+@click.option("--tasks", "lm_tasks", default=None,
+              help="lm-eval: task names, comma-separated (defined by the YAML files under --include-path).")
+@click.option("--include-path", type=click.Path(file_okay=False), default=None,
+              help="lm-eval: directory of task YAMLs; only these tasks are known, and their data must be local files "
+                   "(dataset_path: json, dataset_kwargs: data_files: ...). Needs pip install 'resona-adapt[lm-eval]'.")
+@click.option("--limit", default=None, type=click.IntRange(min=1), help="lm-eval: documents per task (default: all).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
@@ -94,8 +100,9 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
             context: str, needle: str,
             samples: int, haystack: str | None, data: str | None, tokenizer_path: str | None,
             max_new_tokens: int | None, max_length: int, stride: int, baseline: str | None, rag_layer: int | None,
-            with_base: bool, seed: int, as_json: bool, plot_path: str | None) -> None:
-    """Evaluate a model (base or retrofitted) on MQAR, NIAH, QA or perplexity.
+            with_base: bool, lm_tasks: str | None, include_path: str | None, limit: int | None, seed: int,
+            as_json: bool, plot_path: str | None) -> None:
+    """Evaluate a model (base or retrofitted) on MQAR, NIAH, QA, perplexity or lm-eval tasks (local task files).
 
     A retrofitted model is also scored with its Resona branches bypassed (its base), unless --no-base.
     """
@@ -107,6 +114,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     from ..loading import load_model
     from ..retrofit import is_retrofitted
 
+    lm_names = _lm_eval_args(task, lm_tasks, include_path, limit, baseline)
     if plot_path and task not in ("mqar", "niah"):
         raise ResonaError("--plot draws score against length: use it with --task mqar or niah")
     if plot_path:
@@ -131,7 +139,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         raise ResonaError("rag-append needs a retrofitted model (its chunk-and-search selects the chunks); "
                           "retrofit and train one first, e.g. with resona-adapt inject")
     tokenizer = _tokenizer(model_name, tokenizer_path, trust_remote_code) if task != "mqar" else None
-    if task in ("qa", "ppl") and tokenizer is None:
+    if task in ("qa", "ppl", "lm-eval") and tokenizer is None:
         raise ResonaError(f"--task {task} needs a tokenizer and {model_name} has none; pass --tokenizer DIR")
 
     from ..evaluation import suite
@@ -151,6 +159,12 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         elif task == "niah":
             with _progress(app, suite.niah_total(opts, variants), f"NIAH ({needle})") as advance:
                 rows = suite.run_niah(model, tokenizer, variants, opts, rag_layer, advance)
+        elif task == "lm-eval":
+            from ..evaluation.harness import run_lm_eval
+
+            with app.terminal.status(f"lm-eval: {', '.join(lm_names)}"):
+                rows = run_lm_eval(model, tokenizer, lm_names, include_path, variants=variants, batch_size=batch_size,
+                                   limit=limit, quiet=app.verbosity <= 0)
         elif task == "qa":
             from ..evaluation.qa import available_metrics, load_qa_jsonl
 
@@ -181,6 +195,30 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
         app.terminal.json(result)
         return
     _print_table(app, result)
+
+
+def _lm_eval_args(task: str, lm_tasks: str | None, include_path: str | None, limit: int | None,
+                  baseline: str | None) -> list[str]:
+    """The lm-eval task names; the lm-eval options only with --task lm-eval, and lm-eval installed."""
+    from ..errors import ResonaError
+
+    if task != "lm-eval":
+        given = [flag for flag, value in (("--tasks", lm_tasks), ("--include-path", include_path), ("--limit", limit))
+                 if value is not None]
+        if given:
+            raise ResonaError(f"{', '.join(given)}: lm-eval options; use them with --task lm-eval")
+        return []
+    from ..evaluation.harness import require_lm_eval
+
+    require_lm_eval()
+    names = [t.strip() for t in (lm_tasks or "").split(",") if t.strip()]
+    if not names:
+        raise ResonaError("--task lm-eval needs --tasks NAME[,NAME] (tasks defined under --include-path)")
+    if include_path is None:
+        raise ResonaError("--task lm-eval reads local task files only: pass --include-path DIR (lm-eval task YAMLs)")
+    if baseline:
+        raise ResonaError("the prompt baselines apply to mqar, niah and qa, not to lm-eval tasks")
+    return names
 
 
 def _check_haystack(haystack: str) -> None:
@@ -265,6 +303,12 @@ def _print_table(app: App, result: dict) -> None:
                 line += [_fmt(table[(p, v)]["strict"]) for v in variants]
             body.append(line)
         app.terminal.table(title, cols, body)
+        return
+    if task == "lm-eval":
+        skip = {"variant", "task", "samples"}
+        metrics = tuple(dict.fromkeys(k for r in rows for k in r if k not in skip))
+        app.terminal.table(title, ["variant", "task", *metrics],
+                           [[r["variant"], r["task"], *[_fmt(r.get(m)) for m in metrics]] for r in rows])
         return
     metrics = METRICS[task]
     app.terminal.table(title, ["variant", *metrics], [[r["variant"], *[_fmt(r.get(m)) for m in metrics]] for r in rows])

@@ -53,7 +53,7 @@ def _fla_classes(path: Path, raw: dict) -> tuple[type, type | None]:
     return config_cls, next((a for a in archs if a is not None), None)
 
 
-def _classes_for(path: Path, raw: dict, trust_remote_code: bool) -> tuple[type | None, type | None]:
+def classes_for(path: Path, raw: dict, trust_remote_code: bool) -> tuple[type | None, type | None]:
     """(config class, model class) for a checkpoint, or (None, None) to let the Auto classes decide.
 
     Resolved explicitly rather than through AutoConfig: importing flash-linear-attention re-registers
@@ -79,6 +79,13 @@ def _classes_for(path: Path, raw: dict, trust_remote_code: bool) -> tuple[type |
     return config_cls, next((a for a in archs if a is not None), None)
 
 
+def is_resona_auto_map(auto_map: Any) -> bool:
+    """True when ``auto_map`` (a config.json field) is the one resona-adapt writes (`formats.remote`):
+    its code wraps resona-adapt itself, so the base never needs remote code to load."""
+    return isinstance(auto_map, dict) and bool(auto_map) and all(
+        str(v).startswith("modeling_resona.") for v in auto_map.values())
+
+
 def load_base_model(path: str | Path, *, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                     quiet: bool = False) -> nn.Module:
     """Load a checkpoint directory as the class its config names (causal LM by default): transformers
@@ -93,7 +100,8 @@ def load_base_model(path: str | Path, *, dtype: torch.dtype | None = None, trust
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json: it is not a transformers checkpoint directory")
     raw = read_config(path)
-    config_cls, cls = _classes_for(path, raw, trust_remote_code)
+    # resona-adapt's own auto_map (modeling_resona.py) is never the base's code: read the base as its family's class
+    config_cls, cls = classes_for(path, raw, trust_remote_code and not is_resona_auto_map(raw.get("auto_map")))
     try:
         if config_cls is not None:
             config = config_cls.from_pretrained(path, local_files_only=True)

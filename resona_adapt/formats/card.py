@@ -128,7 +128,7 @@ def _training_section(runs: Any) -> list[str]:
     return lines
 
 
-def _how_to_load(kind: str, where: str, base: str) -> list[str]:
+def _how_to_load(kind: str, where: str, base: str, remote: bool = False) -> list[str]:
     if kind == "adapter":
         base_arg = base or "BASE"
         return [
@@ -151,15 +151,23 @@ def _how_to_load(kind: str, where: str, base: str) -> list[str]:
     if kind == "mamba-ssm":
         lines += ["With mamba-ssm itself: build `MambaLMHeadModel.from_pretrained(DIR)`, then "
                   "`resona_adapt.attach_retrofitted(model, DIR, load_base_weights=False)`.", ""]
-    lines.append("Plain `transformers` (`AutoModelForCausalLM.from_pretrained`) loads the base only, without "
-                 "the Resona branches.")
+    if remote:
+        lines += ["With `transformers` and the tools built on it (`pipeline`, lm-eval's `hf` model), pass "
+                  "`trust_remote_code=True`: this directory's `modeling_resona.py` (it only calls resona-adapt, "
+                  "which must be installed) builds the retrofitted model, e.g. "
+                  f"`AutoModelForCausalLM.from_pretrained({where!r}, trust_remote_code=True)`. Without it, plain "
+                  "`transformers` loads the base only, without the Resona branches."]
+    else:
+        lines.append("Plain `transformers` (`AutoModelForCausalLM.from_pretrained`) loads the base only, without "
+                     "the Resona branches.")
     return lines
 
 
 def card_text(section: dict[str, Any], base: dict[str, Any] | None, *, kind: str, where: str,
-              carried: dict[str, Any] | None = None, base_card: str | None = None) -> str:
+              carried: dict[str, Any] | None = None, base_card: str | None = None, remote: bool = False) -> str:
     """The model card of a checkpoint: ``section`` is its ``resona`` section, ``base`` the recorded
-    base description, ``kind`` one of `KINDS`, ``where`` the directory as the user named it."""
+    base description, ``kind`` one of `KINDS`, ``where`` the directory as the user named it;
+    ``remote``: it ships ``modeling_resona.py`` (`formats.remote`)."""
     base = base or {}
     name = base_name(section, base)
     shown = hub_id(name) or name  # an HF cache snapshot directory is shown as its hub id
@@ -197,7 +205,7 @@ def card_text(section: dict[str, Any], base: dict[str, Any] | None, *, kind: str
         *_training_section(section.get("training")),
         "",
         "## How to load", "",
-        *_how_to_load(kind, where, shown if kind == "adapter" else ""),
+        *_how_to_load(kind, where, shown if kind == "adapter" else "", remote),
         "",
     ]
     if base_card:
@@ -213,6 +221,7 @@ def write_card(directory: Path, section: dict[str, Any], base: dict[str, Any] | 
     if kind == "adapter":
         base_card = None  # an adapter does not hold the base whose card that is
     path = Path(directory) / CARD_FILE
-    path.write_text(card_text(section, base, kind=kind, where=str(where), carried=carried, base_card=base_card),
-                    encoding="utf-8")
+    remote = (Path(directory) / "modeling_resona.py").is_file()
+    path.write_text(card_text(section, base, kind=kind, where=str(where), carried=carried, base_card=base_card,
+                              remote=remote), encoding="utf-8")
     return path

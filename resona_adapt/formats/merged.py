@@ -7,6 +7,9 @@ Layout of a merged checkpoint directory:
 - a ``resona`` section in ``config.json`` (format version, layers, `ResonaConfig`, overrides, the
   sha256 of ``resona.safetensors``);
 - ``resona.safetensors``: the branch weights, keyed ``layers.<i>.<parameter>``;
+- ``modeling_resona.py`` and an ``auto_map`` in ``config.json`` (`formats.remote`), so that
+  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` (and ``pipeline``, lm-eval)
+  loads the retrofitted model;
 - the tokenizer files of the source checkpoint, when it had them;
 - ``README.md``, the model card (`resona_adapt.formats.card`).
 Everything is written to a temporary sibling directory and renamed into place at the end.
@@ -38,6 +41,7 @@ from ..state import (
 from .base import has_resona_section, load_base_model, read_config
 from .card import origin_name, write_card
 from .mamba_ssm import save_native_mamba_ssm
+from .remote import add_remote_code, drop_remote_entry
 
 
 def is_merged_dir(path: str | Path) -> bool:
@@ -99,6 +103,7 @@ def _write_merged(model: nn.Module, final: Path, *args: Any, overwrite: bool, to
                     type(model).save_pretrained(model, tmp, *args, state_dict=tensors, **kwargs)
         finally:
             model.config.resona = state.describe()
+        add_remote_code(tmp)
         copy_tokenizer_files(source, tmp)
         write_card(tmp, section, base, kind="merged", where=final, source=getattr(model, "name_or_path", None))
     return final
@@ -137,6 +142,7 @@ def load_merged(path: str | Path, *, dtype: torch.dtype | None = None, trust_rem
     model = load_base_model(root, dtype=dtype, trust_remote_code=trust_remote_code, quiet=True)
     retrofit_from_section(model, section, source=str(root / "config.json"))
     load_resona_state_dict(model, tensors, source=str(weights))
+    drop_remote_entry(model.config)
     return model.eval()
 
 
