@@ -20,7 +20,7 @@ STEPS, GLOBAL_BATCH, SEQ = 3, 4, 16
 
 def build():
     """The model both runs start from: a tiny Mamba, its last layer retrofitted with a live branch."""
-    from conftest import build_tiny, randomize_resona
+    from helpers.models import build_tiny, randomize_resona
     from resona_adapt import ResonaConfig, retrofit
 
     model = retrofit(build_tiny("mamba", layers=2), layers=[-1],

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from remote_support import saved_checkpoint, tiny_tokenizer, use_tmp_modules_cache
+from helpers.remote_support import saved_checkpoint, tiny_tokenizer, use_tmp_modules_cache
 from resona_adapt import load_retrofitted
 from resona_adapt.cli.main import cli
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from conftest import build_tiny
-from remote_support import IDS, saved_checkpoint, tiny_tokenizer, use_tmp_modules_cache
+from helpers.models import build_tiny
+from helpers.remote_support import IDS, saved_checkpoint, tiny_tokenizer, use_tmp_modules_cache
 from resona_adapt import CheckpointError, is_retrofitted, load_retrofitted, unretrofit
 from resona_adapt.formats.remote import AUTO_MAP, MODELING_FILE, add_remote_code
 from resona_adapt.loading import load_model
@@ -155,8 +155,8 @@ def test_config_text_never_becomes_code():
 def test_hymba_loads_as_resona_adapts_own_hymba_with_its_branches(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from conftest import randomize_resona
-    from remote_support import CFG
+    from helpers.models import randomize_resona
+    from helpers.remote_support import CFG
     from resona_adapt import retrofit
     from resona_adapt.models import build_builtin
 

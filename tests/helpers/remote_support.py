@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import VOCAB, build_tiny, randomize_resona
+from helpers.models import VOCAB, build_tiny, randomize_resona
 from resona_adapt import ResonaConfig, retrofit
 
 CFG = ResonaConfig(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16)
