@@ -51,7 +51,7 @@ def main() -> None:
     for name in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks", "key_shift"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--score-scale", type=float, default=None)
-    ap.add_argument("--chunk-pool", default=None, choices=("mean", "weighted"))
+    ap.add_argument("--chunk-pool", default=None, choices=("mean", "weighted", "attention"))
     for name in ("steps", "batch_size", "seq_len", "min_len", "short_len", "questions", "copy_len"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("lr", "lm_fraction", "short_fraction", "copy_fraction"):

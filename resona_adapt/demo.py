@@ -15,6 +15,8 @@ Every number is measured in the run. `run_demo` returns plain dicts (the CLI pri
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +30,7 @@ from .recipes import MQAR_QUICK_RECIPE, MQAR_RECIPE, RetrofitRecipe, recipe_data
 __all__ = ["BASE_MODEL", "DEMO_FILLERS", "DEMO_GRID", "QUICK_GRID", "RetrofitRecipe", "recipe_datasets",
            "recipe_train_config", "run_demo"]  # the recipe conversions live in `recipes` (importable here as before)
 
-DEMO_GRID = [(64, 8), (128, 16), (256, 32), (512, 64), (512, 128)]
+DEMO_GRID = [(64, 8), (128, 16), (256, 32), (256, 64), (512, 64), (512, 128)]
 QUICK_GRID = [(64, 8), (256, 32)]
 DEMO_FILLERS = ("0", "1")
 """Random tokens in front of every test example: none (pairs aligned with chunks of 2), and one (every
@@ -91,7 +93,8 @@ def run_demo(output: str | Path, *, quick: bool = False, examples: int | None = 
         "base_model": BASE_MODEL,
         "layers": list(model.config.resona["layers"]),
         "config": recipe.config.to_dict(),
-        "recipe": {"steps": recipe.steps, "batch_size": recipe.batch_size, "seq_len": recipe.phases[0].seq_len,
+        "recipe": {"steps": recipe.steps, "batch_size": recipe.batch_size, "seq_len": recipe.phases[-1].seq_len,
+                   "phases": [dataclasses.asdict(p) for p in recipe.phases],
                    "lr": recipe.lr, "base_lr": recipe.base_lr, "lr_multiplier": recipe.config.lr_multiplier,
                    "filler": recipe.filler},
         "trainable_params": n_params,

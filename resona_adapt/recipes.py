@@ -91,16 +91,17 @@ class RetrofitRecipe:
 
 
 MQAR_RECIPE = RetrofitRecipe(
-    config=ResonaConfig(chunk_size=2, top_k=4, train_top_k=4, num_heads=1, head_dim=64, search_dim=64,
+    config=ResonaConfig(chunk_size=2, top_k=8, train_top_k=4, num_heads=1, head_dim=64, search_dim=64,
                         score_scale=8.0, chunk_pool="attention", lr_multiplier=40.0),
     layers=None,
     base_lr=2.5e-4,
-    steps=200,
+    steps=300,
     batch_size=32,
-    phases=(Phase(1.0, 128, (8, 16, 32)),),
+    phases=(Phase(2 / 3, 128, (8, 16, 32)), Phase(1 / 3, 512, (64, 128))),
     filler="0-3",
-    notes="docs/retrofit-learning.md: chunk 2, pairs shifted by 0-3 random tokens in training; >= 0.98 accuracy at "
-          "256/64 and 512/128 with 0-3 filler tokens, strict lower (see the doc)",
+    notes="docs/retrofit-learning.md: chunk 2, pairs shifted by 0-3 random tokens in training, 200 steps at 128 "
+          "tokens then 100 at 512; over 3 seeds >= 0.998 accuracy and >= 0.90 mean strict at 256/64 and 512/128 "
+          "with 0-3 filler tokens",
 )
 """The recipe the demo uses on ``mqar-mamba2`` (measured in docs/retrofit-learning.md)."""
 
@@ -294,6 +295,6 @@ def parse_phases(specs: Sequence[str]) -> tuple[Phase, ...]:
     return tuple(dataclasses.replace(p, fraction=p.fraction / total) for p in phases)
 
 
-MQAR_QUICK_RECIPE = dataclasses.replace(MQAR_RECIPE, steps=50, batch_size=16,
+MQAR_QUICK_RECIPE = dataclasses.replace(MQAR_RECIPE, steps=50, batch_size=16, phases=(Phase(1.0, 128, (8, 16, 32)),),
                                         notes="CI-sized (--quick): well under a minute; must still beat the base")
 """The ``--quick`` variant (CI): fewer, smaller steps."""
