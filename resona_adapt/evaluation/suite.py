@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 
 from . import baselines
-from ..tasks.mqar import parse_filler
+from ..tasks.mqar import IGNORE, parse_filler
 from .mqar_eval import evaluate_mqar, parse_grid
 from .niah import NIAHSample, evaluate_niah, parse_context_lengths
 from .qa import load_qa_jsonl, qa_prompt
@@ -44,11 +44,11 @@ def run_mqar(model: nn.Module, variants: Sequence[str], opts: dict, rag_layer: i
         transform = None
         if variant == "jrt-prompt":
             def transform(inputs, labels):
-                pairs = int((labels != -100).sum(dim=1).max())
+                pairs = int((labels != IGNORE).sum(dim=1).max())
                 return baselines.jrt_mqar(inputs, labels, pairs)
         elif variant == "rag-append":
             def transform(inputs, labels):
-                pairs = int((labels != -100).sum(dim=1).max())
+                pairs = int((labels != IGNORE).sum(dim=1).max())
                 return baselines.rag_mqar(model, inputs, labels, pairs, layer=rag_layer)
         # RAG-append selects with the live branches (in the transform) and answers with the base
         answer_model = _Bypassing(model) if variant == "rag-append" else model
