@@ -33,8 +33,8 @@ import torch
 
 from resona_adapt import load_model, resona_parameters, retrofit
 from resona_adapt.evaluation.niah import parse_context_lengths
-from resona_adapt.text_demo import (TEXT_QUICK_RECIPE, TEXT_RECIPE, fit_text, heldout_ppl, load_text_base,
-                                    measure_niah)
+from resona_adapt.text_demo import (TEXT_QUICK_RECIPE, TEXT_RECIPE, heldout_ppl, load_text_base,
+                                    measure_niah, train_text)
 
 
 def log(msg: str) -> None:
@@ -52,9 +52,9 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--score-scale", type=float, default=None)
     ap.add_argument("--chunk-pool", default=None, choices=("mean", "weighted", "attention"))
-    for name in ("steps", "batch_size", "seq_len", "min_len", "short_len", "questions", "copy_len"):
+    for name in ("steps", "batch_size", "seq_len", "min_len", "short_len", "questions", "copy_len", "tail_steps"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    for name in ("lr", "lm_fraction", "short_fraction", "copy_fraction"):
+    for name in ("lr", "lm_fraction", "short_fraction", "copy_fraction", "tail_lm_fraction", "tail_lr"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=None)
     ap.add_argument("--kinds", default=None, help="training needle kinds (default: the recipe's)")
     ap.add_argument("--eval-kinds", default=None, help="measured needle kinds (default: the training kinds)")
@@ -73,7 +73,8 @@ def main() -> None:
     if args.key_shift is not None:
         cfg["key_shift"] = bool(args.key_shift)
     fields = {k: getattr(args, k) for k in ("layers", "steps", "batch_size", "seq_len", "min_len", "lr", "lm_fraction",
-                                                "short_fraction", "short_len", "questions", "copy_fraction", "copy_len")
+                                                "short_fraction", "short_len", "questions", "copy_fraction", "copy_len",
+                                                "tail_steps", "tail_lm_fraction", "tail_lr")
               if getattr(args, k) is not None}
     if args.kinds:
         fields["kinds"] = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
@@ -99,7 +100,7 @@ def main() -> None:
         retrofit(model, layers=recipe.layers, config=recipe.config)
         log(f"recipe: {json.dumps(recipe.to_dict())}")
         log(f"trainable: {sum(p.numel() for _, p in resona_parameters(model)):,} Resona parameters")
-        summary = fit_text(model, tokenizer, recipe, seed=args.seed, log=log, log_every=args.log_every)
+        summary = train_text(model, tokenizer, recipe, seed=args.seed, log=log, log_every=args.log_every)
         log(f"trained: {summary}")
         if args.save:
             from resona_adapt import save_retrofitted

@@ -61,6 +61,12 @@ class TextRecipe:
     """The first ``copy_fraction`` of the steps train on copying (`copy_text_dataset`) at ``copy_len``
     tokens, before any NIAH step: dense supervision for the read path's induction step."""
     copy_len: int = 256
+    tail_steps: int = 150
+    """After the ``steps`` above, this many more steps at ``seq_len`` tokens with ``tail_lm_fraction``
+    plain-text rows, no copying, at lr ``tail_lr`` (`train_text`): language-modelling rows teach the
+    branch where not to write, which pays back most of the perplexity cost (docs/text-niah.md)."""
+    tail_lm_fraction: float = 0.6
+    tail_lr: float = 2e-3
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -69,7 +75,23 @@ class TextRecipe:
 
 
 TEXT_RECIPE = TextRecipe()
-TEXT_QUICK_RECIPE = TextRecipe(steps=60, seq_len=512, min_len=256, kinds=("number",), short_fraction=0.0)
+TEXT_QUICK_RECIPE = TextRecipe(steps=60, seq_len=512, min_len=256, kinds=("number",), short_fraction=0.0, tail_steps=0)
+
+
+def train_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0, log: Log | None = None,
+               log_every: int = 10) -> dict:
+    """The whole text schedule of ``recipe``: `fit_text` (copying, short and full-length NIAH), then
+    the plain-text tail (``recipe.tail_steps``). Returns `fit_text`'s summary over both parts."""
+    main = fit_text(model, tokenizer, recipe, seed=seed, log=log, log_every=log_every)
+    if not recipe.tail_steps:
+        return main
+    if log is not None:
+        log(f"plain-text tail: {recipe.tail_steps} steps, {recipe.tail_lm_fraction:.0%} plain-text rows, lr {recipe.tail_lr:g}")
+    tail_recipe = dataclasses.replace(recipe, steps=recipe.tail_steps, lm_fraction=recipe.tail_lm_fraction,
+                                      lr=recipe.tail_lr, copy_fraction=0.0, short_fraction=0.0, tail_steps=0)
+    tail = fit_text(model, tokenizer, tail_recipe, seed=seed + 11, log=log, log_every=log_every)
+    return {"train_seconds": round(main["train_seconds"] + tail["train_seconds"], 1), "final_loss": tail["final_loss"],
+            "examples": main["examples"] + tail["examples"]}
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: float = 0.05) -> float:
@@ -232,7 +254,7 @@ def demo_text(quick: bool = False, seed: int = 0, lengths: Sequence[int] | None 
     torch.manual_seed(seed)
     model, tokenizer = load_text_base()
     retrofit(model, layers=recipe.layers, config=recipe.config)
-    train = fit_text(model, tokenizer, recipe, seed=seed, log=log)
+    train = train_text(model, tokenizer, recipe, seed=seed, log=log)
     ppl = heldout_ppl(model, tokenizer, windows=4 if quick else 16)
     rows = measure_niah(model, tokenizer, lengths, kinds=recipe.kinds, samples=samples,
                         variants=("base", "retrofit"), seed=seed, log=log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -239,3 +240,29 @@ def test_missing_text_asset_names_its_script(monkeypatch, tmp_path):
     monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path)
     with pytest.raises(ModelNotFoundError, match="pretrain_text_base.py"):
         load_model("text-mamba2")
+
+
+def test_train_text_runs_the_plain_text_tail_after_the_schedule(fake_corpus, monkeypatch):
+    from resona_adapt import ResonaConfig, retrofit
+    from resona_adapt import text_demo
+    from resona_adapt.text_demo import TextRecipe, train_text
+
+    calls = []
+    real = text_demo.fit_text
+
+    def spy(model, tokenizer, recipe, seed=0, log=None, log_every=10):
+        calls.append((recipe.steps, recipe.lm_fraction, recipe.lr, recipe.copy_fraction, recipe.short_fraction, seed))
+        return real(model, tokenizer, recipe, seed=seed, log=log, log_every=log_every)
+
+    monkeypatch.setattr(text_demo, "fit_text", spy)
+    tok = byte_tokenizer()
+    tok.pad_token = tok.eos_token = tok.convert_ids_to_tokens(0)
+    model = retrofit(tiny_text_model(), layers=[-1], config=ResonaConfig(chunk_size=16, top_k=2, num_heads=1, head_dim=8))
+    recipe = TextRecipe(config=ResonaConfig(chunk_size=16), steps=2, batch_size=2, seq_len=700, min_len=500,
+                        kinds=("number",), questions=1, copy_fraction=0.5, tail_steps=1, tail_lm_fraction=0.5, tail_lr=1e-3)
+    summary = train_text(model, tok, recipe, seed=3)
+    assert calls == [(2, 0.2, 5e-3, 0.5, 0.2, 3), (1, 0.5, 1e-3, 0.0, 0.0, 14)]
+    assert summary["examples"] == 6
+    calls.clear()
+    train_text(model, tok, dataclasses.replace(recipe, tail_steps=0), seed=3)
+    assert len(calls) == 1
