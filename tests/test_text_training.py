@@ -128,7 +128,9 @@ def test_fit_text_reproduces_the_old_loop(fake_corpus, monkeypatch):
     for name, p in resona_parameters(model):
         assert torch.allclose(p, old_params[name], atol=1e-6, rtol=1e-5), name
         changed += not torch.equal(p, dict(resona_parameters(_model()))[name])
-    assert changed  # the branch trained
+    assert changed >= 3  # the branch trained
+    o_proj = [p for name, p in resona_parameters(model) if name.endswith("o_proj.weight")]
+    assert o_proj and all(bool(p.abs().max() > 0) for p in o_proj)  # zero at init: moved by gradients, not decay
     assert not model.training and torch.equal(torch.get_rng_state(), rng)
     assert model.config.resona["training"][-1]["optim"] == "AdamW"  # it ran through `train` (and is recorded)
 
@@ -157,3 +159,27 @@ def test_train_refuses_an_unknown_loss():
     with pytest.raises(ResonaConfigError, match="unknown loss 'row'"):
         train(model, data, config=TrainConfig(steps=1, batch_size=1), loss="row")
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_row_mean_loss_with_gradient_accumulation_matches_one_batch():
+    """2 micro-batches of 2 rows train as one batch of 4: each micro-batch's row mean counts half."""
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for n in (3, 40, 1, 20):  # rows with different numbers of labels: row and token means differ
+        ids = torch.randint(1, 256, (64,), generator=g)  # 4 chunks: the branch reads past chunks and gets gradients
+        labels = torch.full((64,), IGNORE)
+        labels[-n:] = ids[-n:]
+        data.append({"input_ids": ids, "labels": labels})
+    weights, losses = [], []
+    for batch, accum in ((4, 1), (2, 2)):
+        model, seen = _model(), []
+        train(model, data, config=TrainConfig(lr=1e-2, lr_multiplier=10.0, steps=3, batch_size=batch, grad_accum=accum,
+                                              scheduler="constant", warmup_ratio=0.0, optim="sgd", weight_decay=0.0,
+                                              max_grad_norm=0.0),  # plain SGD: sees the gradient's scale
+              loss="row_mean", on_step=lambda step, loss: seen.append(loss))
+        weights.append(dict(resona_parameters(model)))
+        losses.append(seen)
+    init = dict(resona_parameters(_model()))
+    assert sum(not torch.equal(p, init[n]) for n, p in weights[0].items()) >= 3  # the branch trained
+    assert all(torch.allclose(p, weights[1][n], atol=1e-6, rtol=1e-4) for n, p in weights[0].items())
+    assert max(abs(a - b) for a, b in zip(*losses)) < 1e-5, losses  # the step's loss: the mean over its 4 rows
