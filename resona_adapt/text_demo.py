@@ -1,6 +1,7 @@
 """Long-context recall on real text with the shipped ``text-mamba2`` base: the recipe, its training
-(`fit_text`, on the Trainer path `resona_adapt.training.train`), the measurement (NIAH by length for the base, the retrofit and the prompt baselines, held-out
-perplexity), and `demo_text`, the CPU-minutes run the demo calls.
+(`fit_text`, on the Trainer path `resona_adapt.training.train`), the measurement (NIAH by length for
+the base, the retrofit and the prompt baselines, held-out perplexity), and `demo_text`, the
+CPU-minutes run the demo calls.
 
     from resona_adapt.text_demo import demo_text
     result = demo_text(quick=True)   # {"rows": [{"length", "base", "retrofit"}, ...], "ppl": {...}, ...}
