@@ -1,6 +1,7 @@
 """Long-context recall on real text with the shipped ``text-mamba2`` base: the recipe, its training
-loop, the measurement (NIAH by length for the base, the retrofit and the prompt baselines, held-out
-perplexity), and `demo_text`, the CPU-minutes run the demo calls.
+(`fit_text`, on the Trainer path `resona_adapt.training.train`), the measurement (NIAH by length for
+the base, the retrofit and the prompt baselines, held-out perplexity), and `demo_text`, the
+CPU-minutes run the demo calls.
 
     from resona_adapt.text_demo import demo_text
     result = demo_text(quick=True)   # {"rows": [{"length", "base", "retrofit"}, ...], "ppl": {...}, ...}
@@ -18,7 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from .evaluation import baselines
 from .evaluation.niah import NEEDLE_KINDS, load_haystack, make_text_sample, niah_score_multi
 from .tasks.mqar import IGNORE
 from .training.niah_task import answer_text, copy_text_dataset, niah_text_dataset
+
+if TYPE_CHECKING:
+    from .training.curriculum import StepBatches
 
 TEXT_BASE = "text-mamba2"
 VARIANTS = ("base", "retrofit", "jrt-prompt", "rag-append")
@@ -104,15 +108,70 @@ def lr_at(step: int, steps: int, lr: float, warmup: float = 0.05) -> float:
 def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0, log: Log | None = None,
              log_every: int = 10) -> dict:
     """Train the Resona parameters of a retrofitted ``model`` on NIAH + plain-text examples of the
-    corpus's training split. Returns ``{"train_seconds", "final_loss", "examples"}``."""
-    from .retrofit import resona_parameters
+    corpus's training split. Returns ``{"train_seconds", "final_loss", "examples"}``.
 
-    params = [p for _, p in resona_parameters(model)]
-    if not params:
+    The Trainer path (`resona_adapt.training.train`): step ``s`` trains on examples ``s*B .. (s+1)*B``
+    of copy, then short, then full-length examples (`text_batches`); AdamW (betas 0.9/0.95, weight
+    decay 0.01) on the Resona parameters only, the `lr_at` schedule, clipping 1.0, and the
+    ``row_mean`` loss (each example's mean over its labelled tokens, then the mean over the rows).
+    ``log`` gets every ``log_every`` steps the mean loss and the share of NIAH rows answered exactly
+    (greedy, every answer token). The model is left in eval mode, the global RNG states as found."""
+    from .recipes import _rng_states, _set_rng_states, trainable_parameters
+    from .retrofit import resona_parameters
+    from .training import TrainConfig, train
+    from .training.trainer import row_mean_loss
+
+    if not list(resona_parameters(model)):
         raise ValueError("the model has no Resona parameters: retrofit it first")
-    n = recipe.steps * recipe.batch_size
-    n_copy = round(recipe.copy_fraction * recipe.steps) * recipe.batch_size
-    n_short = round(recipe.short_fraction * recipe.steps) * recipe.batch_size
+    params = trainable_parameters(model)
+    data = text_batches(tokenizer, recipe, seed)
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, recipe.steps, recipe.lr) / recipe.lr)
+    losses: list[float] = []
+    exact: list[float] = []
+
+    def loss_and_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # the answer-exact metric, from the logits the loss reads anyway
+            target = labels[:, 1:]  # (B, T-1)
+            mask = target != IGNORE  # (B, T-1)
+            needle_rows = mask.sum(1) < mask.shape[1] // 3  # (B,) NIAH rows (LM rows label all, copy rows half)
+            if bool(needle_rows.any()):
+                hit = (logits[:, :-1].argmax(-1) == target) | ~mask  # (B, T-1)
+                exact.append(hit[needle_rows].all(1).float().mean().item())
+        return row_mean_loss(logits, labels)
+
+    start = time.time()
+
+    def on_step(step: int, loss: float) -> None:
+        losses.append(loss)
+        if log is not None and (step + 1) % log_every == 0:
+            k = log_every
+            log(f"step {step + 1:4d}  loss {sum(losses[-k:]) / len(losses[-k:]):.3f}  answer exact "
+                f"{sum(exact[-k:]) / max(1, len(exact[-k:])):.2f}  {time.time() - start:.0f}s")
+
+    config = TrainConfig(lr=recipe.lr, lr_multiplier=1.0, weight_decay=0.01, warmup_ratio=0.05, max_grad_norm=1.0,
+                         steps=recipe.steps, batch_size=recipe.batch_size, log_every=max(1, log_every), seed=seed)
+    rng = _rng_states()  # the Trainer seeds the global RNGs; the caller's later draws must not change
+    try:
+        train(model, data, config=config, optimizers=(opt, schedule), on_step=on_step, loss=loss_and_exact)
+    finally:
+        model.eval()
+        _set_rng_states(rng)
+    tail = losses[-20:]
+    return {"train_seconds": round(time.time() - start, 1), "final_loss": round(sum(tail) / len(tail), 4),
+            "examples": recipe.steps * recipe.batch_size}
+
+
+def text_batches(tokenizer: Any, recipe: TextRecipe, seed: int = 0) -> "StepBatches":
+    """The training batches of `fit_text`, one per step, in order: the copy examples
+    (``copy_fraction`` of the steps), then the short NIAH + LM ones (``short_fraction``), then the
+    full-length ones; step ``s`` is examples ``s*B .. (s+1)*B``, (B, T) input ids and labels."""
+    from .training.curriculum import StepBatches
+
+    B = recipe.batch_size
+    n = recipe.steps * B
+    n_copy = round(recipe.copy_fraction * recipe.steps) * B
+    n_short = round(recipe.short_fraction * recipe.steps) * B
     copy = copy_text_dataset(tokenizer, recipe.copy_len, n_copy, seed=seed + 29) if n_copy else []
     ds = niah_text_dataset(tokenizer, recipe.seq_len, n - n_short - n_copy, seed=seed, kinds=recipe.kinds,
                            lm_fraction=recipe.lm_fraction, min_len=recipe.min_len, questions=recipe.questions)
@@ -121,37 +180,14 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
                               questions=recipe.questions) if n_short else []
     examples = ([copy[i] for i in range(n_copy)] + [short[i] for i in range(n_short)]
                 + [ds[i] for i in range(n - n_short - n_copy)])
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.95))
-    model.train()
-    start, losses, exact = time.time(), [], []
-    try:
-        for step in range(recipe.steps):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, recipe.steps, recipe.lr)
-            batch = examples[step * recipe.batch_size:(step + 1) * recipe.batch_size]
-            ids = torch.stack([e["input_ids"] for e in batch])  # (B, T)
-            target = torch.stack([e["labels"] for e in batch])[:, 1:]  # (B, T-1)
-            logits = model(input_ids=ids).logits[:, :-1].float()  # (B, T-1, V)
-            mask = target != IGNORE  # (B, T-1)
-            tok_loss = F.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")  # (B, T-1)
-            loss = ((tok_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()  # rows weigh equally
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            losses.append(loss.item())
-            needle_rows = mask.sum(1) < mask.shape[1] // 3  # (B,) NIAH rows (LM rows label all, copy rows half)
-            if bool(needle_rows.any()):
-                exact.append(((logits.argmax(-1) == target) | ~mask)[needle_rows].all(1).float().mean().item())
-            if log is not None and (step + 1) % log_every == 0:
-                k = log_every
-                log(f"step {step + 1:4d}  loss {sum(losses[-k:]) / len(losses[-k:]):.3f}  answer exact "
-                    f"{sum(exact[-k:]) / max(1, len(exact[-k:])):.2f}  {time.time() - start:.0f}s")
-    finally:
-        model.eval()
-    tail = losses[-20:]
-    return {"train_seconds": round(time.time() - start, 1), "final_loss": round(sum(tail) / len(tail), 4),
-            "examples": n}
+
+    def make_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = examples[step * B:(step + 1) * B]
+        return torch.stack([e["input_ids"] for e in batch]), torch.stack([e["labels"] for e in batch])  # (B, T) each
+
+    return StepBatches(make_batch, recipe.steps, B,
+                       f"text NIAH {recipe.steps} x {B}: copy at {recipe.copy_len}, short at {recipe.short_len}, "
+                       f"then {recipe.seq_len} tokens")
 
 
 @torch.no_grad()

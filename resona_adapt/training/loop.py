@@ -154,7 +154,8 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
           config: TrainConfig | None = None, *, callbacks: Sequence[Any] = (),
           compute_metrics: Callable[[Any], dict[str, float]] | None = None, data_collator: Any = None,
           console: Any = None, optimizers: tuple[Any, Any] = (None, None),
-          on_step: Callable[[int, float], None] | None = None) -> TrainSummary:
+          on_step: Callable[[int, float], None] | None = None,
+          loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "token_mean") -> TrainSummary:
     """Train a retrofitted model (optionally with a LoRA from `resona_adapt.lora.add_lora`) in place.
 
     The base stays frozen except ``config.unfreeze_layers``; Resona parameters train at
@@ -167,14 +168,18 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
     length curriculum. ``optimizers``: (optimizer, scheduler) built by the caller, as transformers'
     ``Trainer`` takes them (then ``config``'s optimizer, schedule and weight decay are unused).
     ``on_step(step, loss)`` is called after every optimizer step (step from 0, that step's loss).
+    ``loss``: "token_mean" (the model's loss, the mean over the batch's labelled tokens), "row_mean"
+    (`trainer.row_mean_loss`: each row's token mean, then the mean over the rows) or a function
+    ``(logits, labels) -> loss``.
     """
     from transformers import PrinterCallback
 
     from .curriculum import StepCallback
     from .progress import RichProgressCallback
-    from .trainer import ResonaTrainer
+    from .trainer import ResonaTrainer, check_loss
 
     config = config or TrainConfig()
+    check_loss(loss)
     check_setup(model, train_dataset, config)
     inner = unwrap_model(model)
     state = retrofit_state(inner)
@@ -195,6 +200,7 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
         compute_metrics=compute_metrics or _compute_metrics,
         preprocess_logits_for_metrics=_argmax_logits, callbacks=all_callbacks,
         lr_multiplier=config.lr_multiplier, checkpoint_format=config.checkpoint_format, optimizers=optimizers,
+        loss=loss,
     )
     trainer.remove_callback(PrinterCallback)
     if on_step is not None:

@@ -14,34 +14,68 @@ gradient accumulation, schedules, logging and evaluation are the library's own:
   step, before that step's checkpoint would be written (`StopOnNonFinite`);
 - a training dataset marked ``ordered`` (`curriculum.StepBatches`: one batch per step, a length
   curriculum) is read in order instead of shuffled;
-- `step_loss` is the loss of the last optimizer step (this process's, over its micro-batches).
+- `step_loss` is the loss of the last optimizer step (this process's, over its micro-batches);
+- ``loss``: "token_mean" (the model's own loss: the mean over all labelled tokens of the batch),
+  "row_mean" (`row_mean_loss`: each row's mean over its labelled tokens, then the mean over the
+  rows, so every example weighs the same whatever its number of labels), or a callable
+  ``(logits, labels) -> loss``, a per-batch mean like those two.
 The optimizer, scheduler, RNG and trainer-state files are the Trainer's, so a resumed run
 continues exactly where the interrupted one stopped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainerCallback
 
-from ..errors import TrainingError
+from ..errors import ResonaConfigError, TrainingError
+from ..tasks.mqar import IGNORE
 from .checkpoints import load_trainable, mark_complete, write_training_checkpoint
 from .groups import param_groups
 
 
+LOSSES = ("token_mean", "row_mean")
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def row_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM cross-entropy where rows weigh equally: position t's logits predict ``labels[:, t + 1]``
+    (the causal-LM convention, labels at the input positions, -100 = no loss); each row's loss is the
+    mean over its labelled tokens (0 for a row without any), the result the mean over the rows."""
+    target = labels[:, 1:]  # (B, T-1)
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    mask = target != IGNORE  # (B, T-1)
+    tok_loss = F.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")  # (B, T-1)
+    return ((tok_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+
+
+def check_loss(loss: str | LossFn) -> None:
+    """Refuse a ``loss`` option `ResonaTrainer` does not know."""
+    if not callable(loss) and loss not in LOSSES:
+        raise ResonaConfigError(f"unknown loss {loss!r}; choose from {', '.join(LOSSES)} or pass a function "
+                                f"(logits, labels) -> loss")
+
+
 class ResonaTrainer(Trainer):
     """A ``Trainer`` for retrofitted models (optionally PEFT-wrapped). Extra keyword arguments:
-    ``lr_multiplier`` (None = the model's ResonaConfig) and ``checkpoint_format`` ("merged" | "adapter")."""
+    ``lr_multiplier`` (None = the model's ResonaConfig), ``checkpoint_format`` ("merged" | "adapter")
+    and ``loss`` ("token_mean" | "row_mean" | a function (logits, labels) -> loss; see the module)."""
 
     def __init__(self, *args: Any, lr_multiplier: float | None = None, checkpoint_format: str = "merged",
-                 **kwargs: Any) -> None:
+                 loss: str | LossFn = "token_mean", **kwargs: Any) -> None:
+        check_loss(loss)
         self.lr_multiplier = lr_multiplier
         self.checkpoint_format = checkpoint_format
+        self.loss = loss
+        if loss != "token_mean":
+            self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
         self.nonfinite_loss: float | None = None
         self._saving_checkpoint = False
         self._step_loss: tuple[int, torch.Tensor] | None = None  # (global step, summed micro-batch losses)
@@ -64,6 +98,18 @@ class ResonaTrainer(Trainer):
         if getattr(dataset, "ordered", False):
             return SequentialSampler(dataset)  # one batch per step, in the dataset's order (a curriculum)
         return super()._get_train_sampler(train_dataset)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if self.loss == "token_mean":
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")  # (B, T); the model computes no loss of its own
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]  # (B, T, V)
+        loss = (row_mean_loss if self.loss == "row_mean" else self.loss)(logits, labels)
+        return (loss, outputs) if return_outputs else loss
 
     @property
     def step_loss(self) -> float | None:
