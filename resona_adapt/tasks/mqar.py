@@ -65,16 +65,13 @@ def mqar(
     filler: random tokens before each example: a count, or ``(lo, hi)`` / ``"lo-hi"`` for a count drawn
     per example. bos_id: a token put first (after it come the filler and the example).
     """
-    lo, hi = parse_filler(filler)
+    lo, hi = parse_filler(filler, seq_len)
     if bos_id is not None and not 0 <= int(bos_id) < vocab_size:
         raise ValueError(f"MQAR bos_id {bos_id} is outside the vocabulary (0..{vocab_size - 1})")
     if seq_len % 2:
         raise ValueError(f"MQAR seq_len must be even, got {seq_len}")
     if vocab_size <= seq_len:
         raise ValueError(f"MQAR needs vocab_size > seq_len, got vocab {vocab_size} and seq_len {seq_len}")
-    if hi > seq_len:
-        raise ValueError(f"MQAR filler of up to {hi} tokens is longer than the sequence ({seq_len} tokens); "
-                         f"use at most {seq_len} filler tokens or a longer --seq-len")
     if 4 * num_kv_pairs > seq_len:
         raise ValueError(f"MQAR needs 4 * num_kv_pairs <= seq_len, got {num_kv_pairs} pairs for {seq_len} tokens")
     half = vocab_size // 2
@@ -108,8 +105,9 @@ def mqar(
     return MQARData(inputs, labels, seq_len, num_kv_pairs, (lo, hi), bos_id)
 
 
-def parse_filler(filler: int | tuple[int, int] | str) -> tuple[int, int]:
-    """``3`` -> (3, 3); ``(0, 3)`` or ``"0-3"`` -> (0, 3): the range of filler tokens per example."""
+def parse_filler(filler: int | tuple[int, int] | str, seq_len: int | None = None) -> tuple[int, int]:
+    """``3`` -> (3, 3); ``(0, 3)`` or ``"0-3"`` -> (0, 3): the range of filler tokens per example; with
+    ``seq_len``, also refused when the filler can be longer than the sequence."""
     try:
         if isinstance(filler, str):
             parts = filler.strip().split("-")
@@ -124,6 +122,9 @@ def parse_filler(filler: int | tuple[int, int] | str) -> tuple[int, int]:
         lo = hi = None
     if lo is None or hi is None or not 0 <= lo <= hi:
         raise ValueError(f"MQAR filler must be a count N >= 0 or a range LO-HI with 0 <= LO <= HI, got {filler!r}")
+    if seq_len is not None and hi > seq_len:
+        raise ValueError(f"MQAR filler of up to {hi} tokens is longer than the sequence ({seq_len} tokens); "
+                         f"use at most {seq_len} filler tokens or a longer --seq-len")
     return lo, hi
 
 
