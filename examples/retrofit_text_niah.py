@@ -48,10 +48,14 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="write the trained retrofit (and tokenizer) here")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", default=None)
-    for name in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks", "key_shift"):
+    for name in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks", "key_shift", "query_window"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--score-scale", type=float, default=None)
     ap.add_argument("--chunk-pool", default=None, choices=("mean", "weighted", "attention"))
+    ap.add_argument("--mix", default=None, choices=("residual", "gated"))
+    ap.add_argument("--eval-top-k", default=None,
+                    help="comma-separated chunks read per query at evaluation (default: the config's top_k); "
+                         "NIAH is measured once per value")
     for name in ("steps", "batch_size", "seq_len", "min_len", "short_len", "questions", "copy_len", "tail_steps"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("lr", "lm_fraction", "short_fraction", "copy_fraction", "tail_lm_fraction", "tail_lr"):
@@ -69,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     recipe = TEXT_QUICK_RECIPE if args.quick else TEXT_RECIPE
     cfg = {k: getattr(args, k) for k in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks",
-                                          "score_scale", "chunk_pool") if getattr(args, k) is not None}
+                                          "score_scale", "chunk_pool", "mix", "query_window") if getattr(args, k) is not None}
     if args.key_shift is not None:
         cfg["key_shift"] = bool(args.key_shift)
     fields = {k: getattr(args, k) for k in ("layers", "steps", "batch_size", "seq_len", "min_len", "lr", "lm_fraction",
@@ -110,15 +114,32 @@ def main() -> None:
     ppl = heldout_ppl(model, tokenizer, args.ppl_windows or (4 if args.quick else 32), 2048)
     log(f"held-out perplexity: {ppl}")
     variants = args.variants.split(",")
-    rows = measure_niah(model, tokenizer, lengths, eval_kinds, samples, variants, args.seed, log=log)
-    log("\n| context | " + " | ".join(variants) + " |\n|---|" + "---|" * len(variants))
-    for r in rows:
-        log(f"| {r['length']} | " + " | ".join(f"{r[v]:.2f}" for v in variants) + " |")
+    by_k: dict[str, list] = {}
+    for k in ([int(v) for v in args.eval_top_k.split(",")] if args.eval_top_k else [None]):
+        if k is not None:
+            set_top_k(model, k)
+            log(f"reading top_k={k} chunks per query")
+        rows = measure_niah(model, tokenizer, lengths, eval_kinds, samples, variants, args.seed, log=log)
+        by_k[str(k)] = rows
+        log("\n| context | " + " | ".join(variants) + " |\n|---|" + "---|" * len(variants))
+        for r in rows:
+            log(f"| {r['length']} | " + " | ".join(f"{r[v]:.2f}" for v in variants) + " |")
     log(f"| ppl (held-out) | {ppl['base']:.3f} | {ppl['retrofit']:.3f} (x{ppl['ratio']:.4f}) |")
     result = {"recipe": recipe.to_dict(), "args": vars(args), "train": summary, "ppl": ppl, "niah": rows,
               "total_seconds": round(time.time() - t_all, 1)}
+    if len(by_k) > 1:
+        result["niah_by_top_k"] = by_k
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def set_top_k(model: torch.nn.Module, k: int) -> None:
+    """Read ``k`` chunks per query at inference in every Resona branch of ``model``."""
+    from resona_adapt.adapters.branch import ResonaBranch
+
+    for m in model.modules():
+        if isinstance(m, ResonaBranch):
+            m.config = dataclasses.replace(m.config, top_k=k)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,13 @@ class ResonaConfig:
         metadata={"help": "Read keys also see the previous token (k_j = W_k x_j + W_p x_(j-1)), so the read can "
                   "find 'the token after the one I hold' wherever it sits in a chunk (copying, recall)."},
     )
+    query_window: int = field(
+        default=0,
+        metadata={"help": "Search queries also see the token embeddings of the last `query_window` positions (the "
+                  "query's own included), pooled by a learned token score plus a per-offset bias and projected by "
+                  "a zero-initialised encoder, so a query can look for where its recent context occurred (a key "
+                  "a few tokens back in a question). 0 = the layer input alone, as in the paper."},
+    )
     mix: str = field(default="residual", metadata={"help": f"Mixing mode, one of {MIX_MODES}."})
     alpha: float = field(default=0.5, metadata={"help": "Weight a of Ym in the paper mixes (0 < a < 1)."})
     lr_multiplier: float = field(
@@ -121,6 +128,9 @@ class ResonaConfig:
         n = self.neighbor_chunks
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 4:
             raise ResonaConfigError(f"ResonaConfig.neighbor_chunks must be an integer from 0 to 4, got {n!r}")
+        w = self.query_window
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= 256:
+            raise ResonaConfigError(f"ResonaConfig.query_window must be an integer from 0 to 256, got {w!r}")
         if self.read_shift not in (0, 1) or isinstance(self.read_shift, bool):
             raise ResonaConfigError(f"ResonaConfig.read_shift must be 0 or 1, got {self.read_shift!r}")
         if not isinstance(self.key_shift, bool):

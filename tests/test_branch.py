@@ -43,7 +43,14 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
         k = k.view(T, H, dh)
         v = branch.v_proj(x_hat[b]).view(T, H, dh)
         for t in range(T):
-            q_s = F.normalize(branch.query_encoder(h_hat[b, t]), dim=-1)
+            q_raw = branch.query_encoder(h_hat[b, t])
+            if cfg.query_window:  # the last W positions up to t itself, scored by token and offset back from t
+                W, first = cfg.query_window, max(0, t - cfg.query_window + 1)
+                recent = x_hat[b, first:t + 1]  # (<=W, D)
+                offsets = torch.arange(t - first, -1, -1)  # t - s for s = first..t
+                w = torch.softmax(recent @ branch.window_query + branch.window_bias[offsets], 0)
+                q_raw = q_raw + branch.window_encoder((w[:, None] * recent).sum(0))
+            q_s = F.normalize(q_raw, dim=-1)
             scored = []
             s_ = cfg.read_shift  # a chunk is read as the positions after its own: [cU + s, (c+1)U + s)
             for c in range(T // U):
@@ -97,6 +104,57 @@ def test_matches_dense_reference(top_k, T, sink, pool, neighbors, read_shift, sh
         fast = branch.retrieve(h, x)
         slow = dense_reference(branch, h, x, top_k)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("window", [1, 3, 6])
+@pytest.mark.parametrize("neighbors, pool", [(0, "mean"), (1, "attention")])
+def test_query_window_matches_dense_reference(window, neighbors, pool, monkeypatch):
+    import resona_adapt.adapters.branch as branch_module
+
+    monkeypatch.setattr(branch_module, "WINDOW_TILE_BUDGET", 2 * window * D)  # several window tiles
+    branch = make_branch(top_k=2, query_window=window, neighbor_chunks=neighbors, chunk_pool=pool).double()
+    h, x = torch.randn(2, 21, D, dtype=torch.float64), torch.randn(2, 21, D, dtype=torch.float64)
+    with torch.no_grad():
+        fast = branch.retrieve(h, x)
+        slow = dense_reference(branch, h, x, 2)
+        without = make_branch(top_k=2, neighbor_chunks=neighbors, chunk_pool=pool).double().retrieve(h, x)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+    assert (fast - without).abs().max() > 1e-3  # the window changed which chunks were chosen
+
+
+def test_query_window_starts_at_zero_and_changes_nothing_at_injection():
+    torch.manual_seed(0)
+    plain = ResonaBranch(D, ResonaConfig(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16))
+    torch.manual_seed(0)
+    windowed = ResonaBranch(D, ResonaConfig(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16,
+                                            query_window=4))
+    assert windowed.window_encoder.weight.abs().sum() == 0 and windowed.window_bias.shape == (4,)
+    missing, unexpected = windowed.load_state_dict(plain.state_dict(), strict=False)  # the same other weights
+    assert sorted(missing) == ["window_bias", "window_encoder.weight", "window_query"] and not unexpected
+    h, x = torch.randn(1, 20, D), torch.randn(1, 20, D)
+    with torch.no_grad():
+        torch.testing.assert_close(windowed.retrieve(h, x, return_indices=True)[1],
+                                   plain.retrieve(h, x, return_indices=True)[1])
+    with torch.no_grad():  # a trained output projection: the search (through score_scale) gets gradient
+        windowed.o_proj.weight.normal_()
+    windowed.retrieve(h, x).pow(2).sum().backward()
+    assert windowed.window_encoder.weight.grad.abs().sum() > 0  # so the window learns from zero
+    for bad in (-1, 257, True, 2.0):
+        with pytest.raises(Exception, match="query_window"):
+            ResonaConfig(query_window=bad)
+
+
+@pytest.mark.parametrize("t", [0, 3, 4, 9, 17])
+def test_query_window_is_causal(t):
+    """The window brings the query's own token and earlier ones into the search query, never a later
+    one; the chunks read still end before t (the dense reference checks that)."""
+    branch = make_branch(top_k=3, query_window=5)
+    T = 20
+    h, x = torch.randn(1, T, D), torch.randn(1, T, D)
+    x2 = x.clone()
+    x2[:, t + 1:] = torch.randn(1, T - t - 1, D)
+    with torch.no_grad():
+        assert torch.equal(branch.retrieve(h, x)[:, :t + 1], branch.retrieve(h, x2)[:, :t + 1])
 
 
 def test_query_tiles_do_not_change_the_result():

@@ -262,3 +262,26 @@ def test_weighted_chunk_pool_steps_equal_a_full_forward(pool):
     steps, _ = stepwise_logits(model, ids, prefill=5)
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
     assert_branch_is_live(model, ids)
+
+
+@pytest.mark.parametrize("family", ["mamba2", "mamba"])
+def test_query_window_steps_equal_a_full_forward(family):
+    """The window of recent embeddings is re-embedded from the cached ids at each decode step, left
+    padding included."""
+    model = build_tiny(family)
+    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, query_window=5, **CFG))
+    randomize_resona(model)
+    model.generation_config.eos_token_id = None
+    ids = torch.randint(0, VOCAB, (2, 27), generator=torch.Generator().manual_seed(3))
+    full = full_logits(model, ids)
+    steps, _ = stepwise_logits(model, ids, prefill=3)
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    assert_branch_is_live(model, ids)
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(1, VOCAB, (1, n), generator=g) for n in (11, 2)]
+    batch = torch.cat([torch.cat([torch.zeros(1, 11 - r.shape[1], dtype=torch.long), r], 1) for r in rows])
+    mask = (torch.arange(11) >= torch.tensor([[0], [9]])).long()
+    seqs, scores = generate_scores(model, batch, mask)
+    for b, row in enumerate(rows):
+        alone_seq, alone_scores = generate_scores(model, row)
+        assert (scores[b] - alone_scores[0]).abs().max() <= 1e-4, b

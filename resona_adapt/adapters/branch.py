@@ -16,6 +16,9 @@ Design (see docs/method.md for why):
   complete chunks, and with ``key_shift`` the read keys also see the previous token
   (``k_j = W_k x̂_j + W_p x̂_{j-1}``), so "the token after the one I hold" is found wherever the chunk
   boundaries fall (docs/method.md, "Where chunk boundaries fall").
+- ``query_window`` (optional): the search query also sees the last W token embeddings (the query's
+  own included), pooled by a learned token score plus a per-offset bias, through a zero-initialised
+  ``window_encoder``; the search can then look for where the recent context occurred.
 - In the function-preserving mixes the output projection (``residual``) or the gate (``gated``)
   starts at zero, so the retrofitted model's outputs equal the base model's at injection.
 """
@@ -30,6 +33,8 @@ from ..config import ResonaConfig
 from ..kernels import chunk_means, retrieve
 from .mixing import Mix
 from .norm import RMSNorm
+
+WINDOW_TILE_BUDGET = 2**22  # floats of gathered window embeddings per tile of `recent_context` (16 MiB in fp32)
 
 
 class ResonaBranch(nn.Module):
@@ -65,6 +70,11 @@ class ResonaBranch(nn.Module):
         self.pool_logits = nn.Parameter(torch.zeros(U, **kw)) if config.chunk_pool == "weighted" else None
         # chunk_pool="attention": summary = sum_j softmax_j(x_hat_j . pool_query) x_hat_j (zeros = the mean)
         self.pool_query = nn.Parameter(torch.zeros(d_model, **kw)) if config.chunk_pool == "attention" else None
+        # query_window: pooled recent token embeddings join the search query
+        W = config.query_window
+        self.window_encoder = nn.Linear(d_model, E, bias=False, **kw) if W else None
+        self.window_query = nn.Parameter(torch.zeros(d_model, **kw)) if W else None
+        self.window_bias = nn.Parameter(torch.zeros(W, **kw)) if W else None  # [o]: offset o back from the query
         self.mix = Mix(d_model, config, **kw)
         self.reset_parameters()
 
@@ -91,11 +101,47 @@ class ResonaBranch(nn.Module):
             nn.init.zeros_(self.pool_logits)
         if self.pool_query is not None:
             nn.init.zeros_(self.pool_query)
+        if self.window_encoder is not None:
+            nn.init.zeros_(self.window_encoder.weight)
+            nn.init.zeros_(self.window_query)
+            nn.init.zeros_(self.window_bias)
 
     # -- pieces, also used by incremental decoding -------------------------------------------
-    def search_queries(self, h_hat: Tensor) -> Tensor:
-        """h_hat: (B, T, D) normalised layer input -> (B, T, E) unit search queries."""
-        return F.normalize(self.query_encoder(h_hat).float(), dim=-1)
+    def search_queries(self, h_hat: Tensor, recent: Tensor | None = None) -> Tensor:
+        """h_hat: (B, T, D) normalised layer input, and with ``query_window`` ``recent`` (B, T, D) the pooled
+        recent embeddings (`recent_context` / `pool_window`) -> (B, T, E) unit search queries."""
+        q = self.query_encoder(h_hat)  # (B, T, E)
+        if self.window_encoder is not None:
+            if recent is None:
+                raise ValueError("this branch has a query window: pass the pooled recent embeddings")
+            q = q + self.window_encoder(recent.to(q.dtype))
+        return F.normalize(q.float(), dim=-1)
+
+    def pool_window(self, x_win: Tensor, valid: Tensor) -> Tensor:
+        """x_win: (B, T, W, D) normalised embeddings of each query's last W positions, oldest first (the
+        query's own last); valid: (B or 1, T, W) bool, False before the sequence -> (B, T, D), the
+        softmax-weighted sum with scores ``x . window_query + window_bias[offset]``."""
+        W = x_win.shape[2]
+        bias = self.window_bias.flip(0)  # (W,) oldest first
+        s = (x_win @ self.window_query).float() + bias.float()  # (B, T, W)
+        w = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1).to(x_win.dtype)  # (B, T, W)
+        return torch.einsum("btwd,btw->btd", x_win, w)
+
+    def recent_context(self, x_hat: Tensor) -> Tensor:
+        """x_hat: (B, T, D) normalised embeddings of consecutive positions from the first one -> (B, T, D)
+        `pool_window` of each position's last ``query_window`` positions, in tiles of bounded memory."""
+        W = self.config.query_window
+        B, T, D = x_hat.shape
+        padded = torch.cat([x_hat.new_zeros(B, W - 1, D), x_hat], dim=1)  # (B, T+W-1, D)
+        tile = max(1, WINDOW_TILE_BUDGET // max(1, B * W * D))
+        offsets = torch.arange(W, device=x_hat.device)  # (W,)
+        parts = []
+        for t0 in range(0, T, tile):
+            t1 = min(T, t0 + tile)
+            win = padded[:, t0:t1 + W - 1].unfold(1, W, 1).transpose(2, 3)  # (B, n, W, D), oldest first
+            pos = torch.arange(t0, t1, device=x_hat.device).unsqueeze(1) - (W - 1) + offsets  # (n, W)
+            parts.append(self.pool_window(win, (pos >= 0).unsqueeze(0)))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, T, D)
 
     def chunk_embeddings(self, x_hat: Tensor) -> Tensor:
         """x_hat: (B, T, D) normalised embeddings -> (B, N, E) unit embeddings of complete chunks."""
@@ -131,7 +177,8 @@ class ResonaBranch(nn.Module):
         """The retrieval output Yr (B, T, D) for a whole sequence (and the chosen chunks (B, T, K))."""
         cfg = self.config
         h_hat, x_hat = self.norm_h(h), self.norm_x(x)  # (B, T, D) x2
-        qs = self.search_queries(h_hat)  # (B, T, E)
+        recent = self.recent_context(x_hat) if self.window_encoder is not None else None  # (B, T, D)
+        qs = self.search_queries(h_hat, recent)  # (B, T, E)
         cs = self.chunk_embeddings(x_hat)  # (B, N, E)
         q = self.heads(self.q_proj(h_hat))  # (B, T, H, d)
         k = self.heads(self.keys(x_hat))  # (B, T, H, d)

@@ -173,7 +173,7 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
     if K == 0:  # no chunk is complete anywhere yet: the branch reads nothing
         attn = h_hat.new_zeros(B, Tn, H * dh)
     else:
-        qs = branch.search_queries(h_hat)  # (B, Tn, E)
+        qs = branch.search_queries(h_hat, _recent(branch, state, q_pos, embed))  # (B, Tn, E)
         sel_pos = q_pos - cfg.read_shift  # a shifted read must end before the query too
         idx, score = select_chunks_ref(qs, summaries, K, U, sel_pos)  # (B, Tn, K) x2
         idx, score = add_neighbors(idx, score, sel_pos, U, cfg.neighbor_chunks)  # (B, Tn, K') x2
@@ -187,6 +187,20 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
         attn = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, Tn, H*d)
     y_r = branch.o_proj(attn.to(branch.o_proj.weight.dtype))  # (B, Tn, out_dim)
     return y_r, h_hat
+
+
+def _recent(branch: ResonaBranch, state: ResonaCacheState, q_pos: Tensor,
+            embed: Callable[[Tensor], Tensor]) -> Tensor | None:
+    """With ``query_window``: the pooled embeddings (B, Tn, D) of each new query's last W positions
+    (q_pos: (B, Tn) real positions), re-embedded from the cached ids; None without a window."""
+    W = branch.config.query_window
+    if not W:
+        return None
+    B, Tn = q_pos.shape
+    pos = q_pos.unsqueeze(-1) - (W - 1) + torch.arange(W, device=q_pos.device)  # (B, Tn, W), oldest first
+    ids = state.ids.gather(1, (state.pad.view(B, 1, 1) + pos.clamp(min=0)).view(B, -1)).long()  # (B, Tn*W)
+    x_win = branch.norm_x(embed(ids)).view(B, Tn, W, -1)  # (B, Tn, W, D)
+    return branch.pool_window(x_win, pos >= 0)
 
 
 def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor, idx: Tensor, bias: Tensor,
