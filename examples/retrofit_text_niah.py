@@ -33,7 +33,7 @@ import torch
 
 from resona_adapt import load_model, resona_parameters, retrofit
 from resona_adapt.evaluation.niah import parse_context_lengths
-from resona_adapt.text_demo import (TEXT_QUICK_RECIPE, TEXT_RECIPE, heldout_ppl, load_text_base,
+from resona_adapt.text_demo import (TEXT_QUICK_RECIPE, TEXT_RECIPE, heldout_ppl, load_text_base, train_tail,
                                     measure_niah, train_text)
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="write the trained retrofit (and tokenizer) here")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", default=None)
-    for name in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks", "key_shift", "query_window"):
+    for name in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks", "key_shift", "key_context", "query_window"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--score-scale", type=float, default=None)
     ap.add_argument("--chunk-pool", default=None, choices=("mean", "weighted", "attention"))
@@ -73,7 +73,7 @@ def main() -> None:
     args = ap.parse_args()
     recipe = TEXT_QUICK_RECIPE if args.quick else TEXT_RECIPE
     cfg = {k: getattr(args, k) for k in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks",
-                                          "score_scale", "chunk_pool", "mix", "query_window") if getattr(args, k) is not None}
+                                          "score_scale", "chunk_pool", "mix", "key_context", "query_window") if getattr(args, k) is not None}
     if args.key_shift is not None:
         cfg["key_shift"] = bool(args.key_shift)
     fields = {k: getattr(args, k) for k in ("layers", "steps", "batch_size", "seq_len", "min_len", "lr", "lm_fraction",
@@ -99,6 +99,13 @@ def main() -> None:
         model = load_model(args.load)
         tokenizer = AutoTokenizer.from_pretrained(args.load)
         summary: dict = {"loaded": args.load}
+        if args.tail_steps:  # only the plain-text tail, on the loaded retrofit
+            summary["tail"] = train_tail(model, tokenizer, recipe, seed=args.seed, log=log, log_every=args.log_every)
+            if args.save:
+                from resona_adapt import save_retrofitted
+
+                save_retrofitted(model, args.save)
+                tokenizer.save_pretrained(args.save)
     else:
         model, tokenizer = load_text_base(args.base)
         retrofit(model, layers=recipe.layers, config=recipe.config)

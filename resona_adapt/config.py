@@ -91,6 +91,12 @@ class ResonaConfig:
         metadata={"help": "Read keys also see the previous token (k_j = W_k x_j + W_p x_(j-1)), so the read can "
                   "find 'the token after the one I hold' wherever it sits in a chunk (copying, recall)."},
     )
+    key_context: int = field(
+        default=1,
+        metadata={"help": "With key_shift: how many previous tokens each read key sees (k_j = W_k x_j + sum_o W_o "
+                  "x_(j-o), o = 1..key_context). 2 lets the read copy a sequence whose tokens repeat (a number "
+                  "like 8653855: 'the token after 8' is ambiguous, 'after 6 8' is not)."},
+    )
     query_window: int = field(
         default=0,
         metadata={"help": "Search queries also see the token embeddings of the last `query_window` positions (the "
@@ -128,6 +134,9 @@ class ResonaConfig:
         n = self.neighbor_chunks
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 4:
             raise ResonaConfigError(f"ResonaConfig.neighbor_chunks must be an integer from 0 to 4, got {n!r}")
+        n = self.key_context
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 4:
+            raise ResonaConfigError(f"ResonaConfig.key_context must be an integer from 1 to 4, got {n!r}")
         w = self.query_window
         if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= 256:
             raise ResonaConfigError(f"ResonaConfig.query_window must be an integer from 0 to 256, got {w!r}")

@@ -90,13 +90,20 @@ def train_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int =
     main = fit_text(model, tokenizer, recipe, seed=seed, log=log, log_every=log_every)
     if not recipe.tail_steps:
         return main
+    tail = train_tail(model, tokenizer, recipe, seed=seed, log=log, log_every=log_every)
+    return {"train_seconds": round(main["train_seconds"] + tail["train_seconds"], 1), "final_loss": tail["final_loss"],
+            "examples": main["examples"] + tail["examples"]}
+
+
+def train_tail(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0, log: Log | None = None,
+               log_every: int = 10) -> dict:
+    """The plain-text tail of ``recipe`` alone (``tail_steps`` at ``seq_len`` tokens, ``tail_lm_fraction``
+    plain-text rows, no copying, lr ``tail_lr``), e.g. on a retrofit trained and saved earlier."""
     if log is not None:
         log(f"plain-text tail: {recipe.tail_steps} steps, {recipe.tail_lm_fraction:.0%} plain-text rows, lr {recipe.tail_lr:g}")
     tail_recipe = dataclasses.replace(recipe, steps=recipe.tail_steps, lm_fraction=recipe.tail_lm_fraction,
                                       lr=recipe.tail_lr, copy_fraction=0.0, short_fraction=0.0, tail_steps=0)
-    tail = fit_text(model, tokenizer, tail_recipe, seed=seed + 11, log=log, log_every=log_every)
-    return {"train_seconds": round(main["train_seconds"] + tail["train_seconds"], 1), "final_loss": tail["final_loss"],
-            "examples": main["examples"] + tail["examples"]}
+    return fit_text(model, tokenizer, tail_recipe, seed=seed + 11, log=log, log_every=log_every)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: float = 0.05) -> float:

@@ -37,9 +37,9 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
     out = h.new_zeros(B, T, H * dh)
     for b in range(B):
         k = branch.k_proj(x_hat[b])
-        if cfg.key_shift:
-            prev = torch.cat([x_hat.new_zeros(1, x_hat.shape[-1]), x_hat[b, :-1]])  # position -1: nothing
-            k = k + branch.k_prev_proj(prev)
+        for o, proj in enumerate([branch.k_prev_proj, *branch.k_prev_more] if cfg.key_shift else [], start=1):
+            prev = torch.cat([x_hat.new_zeros(o, x_hat.shape[-1]), x_hat[b, :-o]])  # positions < 0: nothing
+            k = k + proj(prev)
         k = k.view(T, H, dh)
         v = branch.v_proj(x_hat[b]).view(T, H, dh)
         for t in range(T):
@@ -104,6 +104,21 @@ def test_matches_dense_reference(top_k, T, sink, pool, neighbors, read_shift, sh
         fast = branch.retrieve(h, x)
         slow = dense_reference(branch, h, x, top_k)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("key_context, read_shift, neighbors", [(2, 1, 0), (3, 1, 1), (2, 0, 0)])
+def test_keys_that_see_several_previous_tokens_match_dense_reference(key_context, read_shift, neighbors):
+    branch = make_branch(top_k=2, key_context=key_context, read_shift=read_shift, neighbor_chunks=neighbors).double()
+    assert len(branch.k_prev_more) == key_context - 1
+    h, x = torch.randn(2, 21, D, dtype=torch.float64), torch.randn(2, 21, D, dtype=torch.float64)
+    with torch.no_grad():
+        fast = branch.retrieve(h, x)
+        torch.testing.assert_close(fast, dense_reference(branch, h, x, 2), atol=1e-5, rtol=1e-4)
+        branch.k_prev_more[-1].weight.mul_(2)  # the farthest previous token does count
+        assert (branch.retrieve(h, x) - fast).abs().max() > 1e-3
+    for bad in (0, 5, True, 1.5):
+        with pytest.raises(Exception, match="key_context"):
+            ResonaConfig(key_context=bad)
 
 
 @pytest.mark.parametrize("window", [1, 3, 6])

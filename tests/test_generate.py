@@ -246,7 +246,7 @@ def test_a_decode_step_never_projects_context_tokens():
     assert not calls
     cfg = next(iter(layers.values())).resona.config
     # top_k chunks and their neighbours, U tokens each plus the token before (shifted keys)
-    per_layer_step = 2 * (1 + cfg.neighbor_chunks) * (U + int(cfg.key_shift))
+    per_layer_step = 2 * (1 + cfg.neighbor_chunks) * (U + int(cfg.key_shift) * cfg.key_context)
     completed = 2 * len(layers) * U  # chunks 5 and 6 complete at lengths 24 and 28, once per layer
     assert sum(embedded) == 8 * len(layers) * per_layer_step + completed
 
@@ -264,12 +264,12 @@ def test_weighted_chunk_pool_steps_equal_a_full_forward(pool):
     assert_branch_is_live(model, ids)
 
 
-@pytest.mark.parametrize("family", ["mamba2", "mamba"])
-def test_query_window_steps_equal_a_full_forward(family):
-    """The window of recent embeddings is re-embedded from the cached ids at each decode step, left
-    padding included."""
+@pytest.mark.parametrize("family, key_context", [("mamba2", 1), ("mamba", 1), ("mamba2", 3)])
+def test_query_window_steps_equal_a_full_forward(family, key_context):
+    """The window of recent embeddings is re-embedded from the cached ids at each decode step, and
+    keys that see several previous tokens get them from the cache too; left padding included."""
     model = build_tiny(family)
-    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, query_window=5, **CFG))
+    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, query_window=5, key_context=key_context, **CFG))
     randomize_resona(model)
     model.generation_config.eos_token_id = None
     ids = torch.randint(0, VOCAB, (2, 27), generator=torch.Generator().manual_seed(3))

@@ -47,3 +47,20 @@ def test_absorbed_form_equals_projecting_every_token(shift, sink, pos):
     torch.testing.assert_close(got, want.reshape(Q, H * d), atol=1e-5, rtol=1e-5)
     if not sink:
         assert (got[0] == 0).all()
+
+
+def test_absorbed_form_with_keys_that_see_two_previous_tokens():
+    g = torch.Generator().manual_seed(1)
+    Q, K, U, D, H, d = 4, 2, 4, 12, 2, 6
+    x, p1, p2 = (torch.randn(Q, K, U, D, generator=g) for _ in range(3))
+    w_k, w_v, w1, w2 = (torch.randn(H * d, D, generator=g) for _ in range(4))
+    q, bias = torch.randn(Q, H, d, generator=g), torch.randn(Q, K, generator=g)
+    valid = torch.ones(Q, K, dtype=torch.bool)
+    got = absorbed_attention(q, x, valid, bias, w_k, w_v, x_prev=[p1, p2], w_prev=[w1, w2])
+    k = x @ w_k.T + p1 @ w1.T + p2 @ w2.T  # (Q, K, U, H*d)
+    idx = torch.arange(K).expand(Q, K).reshape(Q, 1, K)
+    want = chunk_attention_ref(q.view(Q, 1, H, d), k.reshape(Q, K * U, H, d), (x @ w_v.T).reshape(Q, K * U, H, d),
+                               idx, bias.view(Q, 1, K), U)
+    torch.testing.assert_close(got, want.reshape(Q, H * d), atol=1e-5, rtol=1e-5)
+    one = absorbed_attention(q, x, valid, bias, w_k, w_v, x_prev=[p1], w_prev=[w1])
+    assert (got - one).abs().max() > 1e-3  # the second previous token changes the logits

@@ -36,6 +36,20 @@ def test_round_trip_same_logits_bit_for_bit(family, tmp_path):
     assert sorted(resona_layers(load_model(str(tmp_path / "out")))) == [0, 3]
 
 
+def test_round_trip_with_a_query_window_and_token_scored_chunks(tmp_path):
+    model = build_tiny("mamba2")
+    retrofit(model, layers=[1, -1], config=ResonaConfig(query_window=5, chunk_pool="attention", neighbor_chunks=1, **CFG))
+    randomize_resona(model)
+    ids = torch.randint(0, VOCAB, (2, 23))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path / "out")
+    loaded = load_retrofitted(tmp_path / "out")
+    assert loaded.config.resona["config"]["query_window"] == 5
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, expected)
+
+
 def test_merged_checkpoint_still_loads_as_the_base_in_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 

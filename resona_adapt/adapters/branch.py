@@ -61,8 +61,11 @@ class ResonaBranch(nn.Module):
         self.q_proj = nn.Linear(d_model, H * dh, bias=False, **kw)
         self.k_proj = nn.Linear(d_model, H * dh, bias=False, **kw)
         self.v_proj = nn.Linear(d_model, H * dh, bias=False, **kw)
-        # key_shift: keys also see the previous token's embedding
+        # key_shift: keys also see the previous token's embedding (and with key_context > 1, earlier ones)
         self.k_prev_proj = nn.Linear(d_model, H * dh, bias=False, **kw) if config.key_shift else None
+        self.k_prev_more = nn.ModuleList(  # [i]: the token i + 2 back
+            [nn.Linear(d_model, H * dh, bias=False, **kw) for _ in range(config.key_context - 1)]
+            if config.key_shift else [])
         self.o_proj = nn.Linear(H * dh, out_dim or d_model, bias=False, **kw)  # out_dim: Hymba's attention width
         self.sink_logit = nn.Parameter(torch.zeros(H, **kw)) if config.sink else None
         self.pos_bias = nn.Parameter(torch.zeros(H, U, **kw))
@@ -90,6 +93,8 @@ class ResonaBranch(nn.Module):
         nn.init.normal_(self.v_proj.weight, std=self.d_model**-0.5)
         if self.k_prev_proj is not None:
             nn.init.normal_(self.k_prev_proj.weight, std=self.d_model**-0.5)
+        for proj in self.k_prev_more:
+            nn.init.normal_(proj.weight, std=self.d_model**-0.5)
         if self.config.mix == "residual":
             nn.init.zeros_(self.o_proj.weight)
         else:
@@ -159,13 +164,19 @@ class ResonaBranch(nn.Module):
             means = chunk_means(x_hat, U)  # (B, N, D)
         return F.normalize(self.context_encoder(means).float(), dim=-1)
 
+    def prev_key_projections(self) -> list[nn.Linear]:
+        """The projections of the tokens 1, 2, .. ``key_context`` back (empty without ``key_shift``)."""
+        return [] if self.k_prev_proj is None else [self.k_prev_proj, *self.k_prev_more]
+
     def keys(self, x_hat: Tensor) -> Tensor:
         """x_hat: (B, T, D) normalised embeddings of consecutive positions from the first one -> read
-        keys (B, T, H*d); with ``key_shift`` each also sees the previous position (zero before the first)."""
+        keys (B, T, H*d); with ``key_shift`` each also sees the ``key_context`` previous positions (zero
+        before the first)."""
         k = self.k_proj(x_hat)  # (B, T, H*d)
-        if self.k_prev_proj is not None:
-            prev = torch.cat([x_hat.new_zeros(x_hat.shape[0], 1, x_hat.shape[2]), x_hat[:, :-1]], dim=1)  # (B, T, D)
-            k = k + self.k_prev_proj(prev)
+        B, T, D = x_hat.shape
+        for o, proj in enumerate(self.prev_key_projections(), start=1):
+            prev = torch.cat([x_hat.new_zeros(B, min(o, T), D), x_hat[:, :max(0, T - o)]], dim=1)  # (B, T, D)
+            k = k + proj(prev)
         return k
 
     def heads(self, t: Tensor) -> Tensor:

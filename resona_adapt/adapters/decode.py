@@ -213,20 +213,21 @@ def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor
     D = branch.d_model
     Q = B * Tq
     valid = idx >= 0  # (B, Tq, K)
-    shift = branch.k_prev_proj is not None
-    # each slot's tokens (from c*U + read_shift), and with shifted keys the token before them: U (+1) positions
-    first = idx.clamp(min=0).unsqueeze(-1) * U + cfg.read_shift - int(shift)  # (B, Tq, K, 1), real position
-    pos = state.pad.view(B, 1, 1, 1) + first + torch.arange(U + int(shift), device=idx.device)  # (B, Tq, K, W)
+    prev_projs = branch.prev_key_projections()
+    n = len(prev_projs)  # tokens before each read token that its key sees
+    # each slot's tokens (from c*U + read_shift), and with shifted keys the n tokens before them: U + n positions
+    first = idx.clamp(min=0).unsqueeze(-1) * U + cfg.read_shift  # (B, Tq, K, 1), real position of a slot's 1st token
+    pos = state.pad.view(B, 1, 1, 1) + first - n + torch.arange(U + n, device=idx.device)  # (B, Tq, K, U+n)
     pos = pos.clamp(min=0, max=state.length - 1)  # empty slots (masked) may point past a short row
-    ids = state.ids.gather(1, pos.view(B, -1)).long()  # (B, Tq*K*W)
-    x_win = branch.norm_x(embed(ids)).view(Q, K, U + int(shift), D)  # (Q, K, W, D)
-    x_prev = None
-    if shift:  # the token before a row's first token is nothing: zeros, as in the full path
-        before_row = (torch.arange(U, device=idx.device) == 0) & (first.view(Q, K, 1) < 0)  # (Q, K, U)
-        x_prev = x_win[:, :, :-1].masked_fill(before_row.unsqueeze(-1), 0.0)  # (Q, K, U, D)
+    ids = state.ids.gather(1, pos.view(B, -1)).long()  # (B, Tq*K*(U+n))
+    x_win = branch.norm_x(embed(ids)).view(Q, K, U + n, D)  # (Q, K, U+n, D)
+    x_prev = []
+    for o in range(1, n + 1):  # a token before a row's first token is nothing: zeros, as in the full path
+        before_row = first.view(Q, K, 1) + torch.arange(U, device=idx.device) - o < 0  # (Q, K, U)
+        x_prev.append(x_win[:, :, n - o:n - o + U].masked_fill(before_row.unsqueeze(-1), 0.0))  # (Q, K, U, D)
     out = absorbed_attention(
-        q.reshape(Q, H, dh), x_win[:, :, int(shift):], valid.view(Q, K), bias.view(Q, K),
-        branch.k_proj.weight, branch.v_proj.weight, x_prev=x_prev,
-        w_prev=branch.k_prev_proj.weight if shift else None, sink_logit=branch.sink_logit, pos_bias=branch.pos_bias,
+        q.reshape(Q, H, dh), x_win[:, :, n:], valid.view(Q, K), bias.view(Q, K),
+        branch.k_proj.weight, branch.v_proj.weight, x_prev=x_prev or None,
+        w_prev=[proj.weight for proj in prev_projs] or None, sink_logit=branch.sink_logit, pos_bias=branch.pos_bias,
     )  # (Q, H*d)
     return out.view(B, Tq, H * dh)

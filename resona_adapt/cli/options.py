@@ -58,7 +58,7 @@ def model_options(f: Callable) -> Callable:
 
 
 CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "chunk_pool",
-                 "neighbor_chunks", "read_shift", "key_shift", "query_window", "mix", "alpha", "replace_attention")
+                 "neighbor_chunks", "read_shift", "key_shift", "key_context", "query_window", "mix", "alpha", "replace_attention")
 
 
 def resona_config_options(f: Callable) -> Callable:

@@ -16,6 +16,8 @@ Shape key: Q queries, K slots, U chunk size, H heads, d head dim, D model width.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -30,8 +32,8 @@ def absorbed_attention(
     w_k: Tensor,
     w_v: Tensor,
     *,
-    x_prev: Tensor | None = None,
-    w_prev: Tensor | None = None,
+    x_prev: Tensor | Sequence[Tensor] | None = None,
+    w_prev: Tensor | Sequence[Tensor] | None = None,
     sink_logit: Tensor | None = None,
     pos_bias: Tensor | None = None,
 ) -> Tensor:
@@ -40,7 +42,8 @@ def absorbed_attention(
     q: (Q, H, d) read queries; x: (Q, K, U, D) normalised embeddings of each slot's tokens;
     valid: (Q, K) bool, False = empty slot; bias: (Q, K) logit added to every token of a slot;
     w_k, w_v: (H*d, D) key and value projections; x_prev: (Q, K, U, D) the embedding of the token
-    before each one (zeros before a row's first token) and w_prev: (H*d, D), for shifted keys;
+    before each one (zeros before a row's first token) and w_prev: (H*d, D), for shifted keys, or
+    lists of them, one per previous token a key sees (`ResonaConfig.key_context`);
     sink_logit: (H,) logit of a slot whose value is zero; pos_bias: (H, U).
     Returns (Q, H*d). A query with no valid slot (and no sink) gets zeros.
     """
@@ -51,8 +54,10 @@ def absorbed_attention(
     xf = x.reshape(Q, K * U, D)  # (Q, KU, D)
     logits = torch.bmm(qk, xf.transpose(1, 2))  # (Q, H, KU)
     if w_prev is not None and x_prev is not None:
-        qp = torch.bmm(qt, w_prev.view(H, d, D)).transpose(0, 1)  # (Q, H, D)
-        logits = logits + torch.bmm(qp, x_prev.reshape(Q, K * U, D).transpose(1, 2))
+        pairs = zip(x_prev, w_prev) if isinstance(x_prev, (list, tuple)) else [(x_prev, w_prev)]
+        for xp, wp in pairs:  # one per previous token a key sees
+            qp = torch.bmm(qt, wp.view(H, d, D)).transpose(0, 1)  # (Q, H, D)
+            logits = logits + torch.bmm(qp, xp.reshape(Q, K * U, D).transpose(1, 2))
     logits = logits.float().mul_(d**-0.5).view(Q, H, K, U) + bias.float().view(Q, 1, K, 1)  # (Q, H, K, U)
     if pos_bias is not None:
         logits = logits + pos_bias.float().view(1, H, 1, U)
