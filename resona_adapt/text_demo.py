@@ -72,12 +72,20 @@ class TextRecipe:
     (docs/text-niah.md, run C)."""
     tail_lm_fraction: float = 0.6
     tail_lr: float = 2e-3
+    text_loss_weight: float = 0.0
+    """Every token without a label (the haystack, needles and questions of a NIAH example, the first half
+    of a copy example) also carries the language-modelling loss, at this weight beside the answer
+    loss: the branch learns where reading helps plain text and where it must stay out of the way
+    (the perplexity cost). 0 = answers only."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["config"] = self.config.to_dict()
         return d
 
+
+TEXT_LABEL = 1 << 30
+"""Added to a label that carries only the text loss (`TextRecipe.text_loss_weight`); answer labels stay token ids."""
 
 TEXT_RECIPE = TextRecipe()
 TEXT_QUICK_RECIPE = TextRecipe(steps=60, seq_len=512, min_len=256, kinds=("number",), short_fraction=0.0)
@@ -139,14 +147,19 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
     exact: list[float] = []
 
     def loss_and_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        text = labels >= TEXT_LABEL  # (B, T) tokens that carry only the text loss (text_loss_weight)
+        answers = labels.masked_fill(text, IGNORE)  # (B, T)
         with torch.no_grad():  # the answer-exact metric, from the logits the loss reads anyway
-            target = labels[:, 1:]  # (B, T-1)
+            target = answers[:, 1:]  # (B, T-1)
             mask = target != IGNORE  # (B, T-1)
             needle_rows = mask.sum(1) < mask.shape[1] // 3  # (B,) NIAH rows (LM rows label all, copy rows half)
             if bool(needle_rows.any()):
                 hit = (logits[:, :-1].argmax(-1) == target) | ~mask  # (B, T-1)
                 exact.append(hit[needle_rows].all(1).float().mean().item())
-        return row_mean_loss(logits, labels)
+        loss = row_mean_loss(logits, answers)
+        if bool(text.any()):
+            loss = loss + recipe.text_loss_weight * row_mean_loss(logits, torch.where(text, labels - TEXT_LABEL, IGNORE))
+        return loss
 
     start = time.time()
 
@@ -191,7 +204,12 @@ def text_batches(tokenizer: Any, recipe: TextRecipe, seed: int = 0) -> "StepBatc
 
     def make_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = examples[step * B:(step + 1) * B]
-        return torch.stack([e["input_ids"] for e in batch]), torch.stack([e["labels"] for e in batch])  # (B, T) each
+        ids, labels = torch.stack([e["input_ids"] for e in batch]), torch.stack([e["labels"] for e in batch])  # (B, T)
+        if recipe.text_loss_weight > 0:  # unlabelled tokens carry the text loss, flagged by TEXT_LABEL
+            text = labels == IGNORE  # (B, T)
+            text[:, 0] = False  # nothing predicts the first token
+            labels = torch.where(text, ids + TEXT_LABEL, labels)
+        return ids, labels
 
     return StepBatches(make_batch, recipe.steps, B,
                        f"text NIAH {recipe.steps} x {B}: copy at {recipe.copy_len}, short at {recipe.short_len}, "

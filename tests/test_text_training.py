@@ -170,3 +170,40 @@ def test_row_mean_loss_with_gradient_accumulation_matches_one_batch():
     assert sum(not torch.equal(p, init[n]) for n, p in weights[0].items()) >= 3  # the branch trained
     assert all(torch.allclose(p, weights[1][n], atol=1e-6, rtol=1e-4) for n, p in weights[0].items())
     assert max(abs(a - b) for a, b in zip(*losses)) < 1e-5, losses  # the step's loss: the mean over its 4 rows
+
+
+
+def test_text_loss_weight_adds_the_lm_loss_of_the_unlabelled_tokens(fake_corpus, monkeypatch):
+    """With ``text_loss_weight`` every token without an answer label also carries the LM loss: the
+    step loss is the answer loss + weight x the row-mean LM loss of those tokens."""
+    import dataclasses
+
+    from resona_adapt import text_demo
+    from resona_adapt.training import trainer as trainer_module
+
+    tok = byte_tokenizer()
+    recipe = dataclasses.replace(RECIPE, steps=2, copy_fraction=0.0, short_fraction=0.0, text_loss_weight=0.5)
+    ids, labels = text_batches(tok, recipe, seed=1).batch(0)
+    plain_ids, plain = text_batches(tok, dataclasses.replace(recipe, text_loss_weight=0.0), seed=1).batch(0)
+    assert torch.equal(ids, plain_ids)
+    flagged = labels >= text_demo.TEXT_LABEL  # (B, T)
+    assert torch.equal(flagged[:, 1:], (plain == IGNORE)[:, 1:]) and not flagged[:, 0].any()
+    assert torch.equal((labels - text_demo.TEXT_LABEL)[flagged], ids[flagged])  # the flag wraps the token itself
+    assert torch.equal(labels[~flagged], plain[~flagged])  # answers untouched
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    steps: list[float] = []
+
+    def spy(logits, labels_):
+        out = row_mean_loss(logits, labels_)
+        calls.append((labels_.clone(), out.detach()))
+        return out
+
+    monkeypatch.setattr(trainer_module, "row_mean_loss", spy)
+    real_train = loop.train
+    monkeypatch.setattr(loop, "train", lambda *a, on_step=None, **k: real_train(
+        *a, on_step=lambda s, l: (steps.append(l), on_step(s, l)), **k))
+    fit_text(_model(), tok, recipe, seed=1)
+    (answers, a), (text_labels, t) = calls[0], calls[1]
+    assert torch.equal(answers, plain)  # the first term: answers only, as without the weight
+    assert torch.equal(text_labels != IGNORE, flagged) and torch.equal(text_labels[flagged], ids[flagged])
+    assert abs(steps[0] - float(a + 0.5 * t)) < 1e-4 and float(t) > 0
