@@ -45,7 +45,11 @@ class TextRecipe:
     only, linear warm-up over 5% of the steps, cosine decay to 10%, clipping 1.0)."""
 
     config: ResonaConfig = field(default_factory=lambda: ResonaConfig(
-        chunk_size=64, top_k=4, train_top_k=4, num_heads=2, chunk_pool="weighted"))
+        chunk_size=32, top_k=8, train_top_k=8, num_heads=2, chunk_pool="attention", neighbor_chunks=1,
+        key_context=3, query_window=32))
+    """Measured choices (docs/text-niah.md, "0.4"): chunks of 32 read 8 at a time; search queries that
+    see the last 32 tokens (``query_window``: the key a few tokens back in the question); read keys
+    that see the 3 previous tokens (``key_context``: copying a number whose digits repeat)."""
     layers: str = "-1"
     steps: int = 900
     batch_size: int = 8
@@ -65,13 +69,12 @@ class TextRecipe:
     """The first ``copy_fraction`` of the steps train on copying (`copy_text_dataset`) at ``copy_len``
     tokens, before any NIAH step: dense supervision for the read path's induction step."""
     copy_len: int = 256
-    tail_steps: int = 0
+    tail_steps: int = 150
     """After the ``steps`` above, this many more steps at ``seq_len`` tokens with ``tail_lm_fraction``
-    plain-text rows, no copying, at lr ``tail_lr`` (`train_text`). Off by default: 150 such steps took
-    the perplexity cost from x1.26 to x1.11 but NIAH past 2k tokens from 0.5-0.65 to 0.15-0.30
-    (docs/text-niah.md, run C)."""
+    plain-text rows, no copying, at lr ``tail_lr`` (`train_text`): it took the perplexity cost from x1.12
+    to x1.013 and kept NIAH (docs/text-niah.md, "0.4", R6 + tail). 0 = no tail."""
     tail_lm_fraction: float = 0.6
-    tail_lr: float = 2e-3
+    tail_lr: float = 1e-3
     text_loss_weight: float = 0.0
     """Every token without a label (the haystack, needles and questions of a NIAH example, the first half
     of a copy example) also carries the language-modelling loss, at this weight beside the answer
@@ -88,7 +91,7 @@ TEXT_LABEL = 1 << 30
 """Added to a label that carries only the text loss (`TextRecipe.text_loss_weight`); answer labels stay token ids."""
 
 TEXT_RECIPE = TextRecipe()
-TEXT_QUICK_RECIPE = TextRecipe(steps=60, seq_len=512, min_len=256, kinds=("number",), short_fraction=0.0)
+TEXT_QUICK_RECIPE = TextRecipe(steps=60, seq_len=512, min_len=256, kinds=("number",), short_fraction=0.0, tail_steps=0)
 
 
 def train_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0, log: Log | None = None,
