@@ -251,32 +251,29 @@ def test_a_decode_step_never_projects_context_tokens():
     assert sum(embedded) == 8 * len(layers) * per_layer_step + completed
 
 
-@pytest.mark.parametrize("pool", ["weighted", "attention"])
-def test_weighted_chunk_pool_steps_equal_a_full_forward(pool):
-    model = build_tiny("mamba2")
-    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, chunk_pool=pool, **CFG))
+def assert_steps_equal_full_forward(family: str, prefill: int, **cfg):
+    """A trained branch of ``cfg``: single-token decoding gives the full forward's logits; returns the model."""
+    model = build_tiny(family)
+    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, **cfg, **CFG))
     randomize_resona(model)
     model.generation_config.eos_token_id = None
     ids = torch.randint(0, VOCAB, (2, 27), generator=torch.Generator().manual_seed(3))
-    full = full_logits(model, ids)
-    steps, _ = stepwise_logits(model, ids, prefill=5)
-    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    steps, _ = stepwise_logits(model, ids, prefill=prefill)
+    torch.testing.assert_close(steps, full_logits(model, ids), atol=1e-4, rtol=1e-4)
     assert_branch_is_live(model, ids)
+    return model
+
+
+@pytest.mark.parametrize("pool", ["weighted", "attention"])
+def test_weighted_chunk_pool_steps_equal_a_full_forward(pool):
+    assert_steps_equal_full_forward("mamba2", 5, chunk_pool=pool)
 
 
 @pytest.mark.parametrize("family, key_context", [("mamba2", 1), ("mamba", 1), ("mamba2", 3)])
 def test_query_window_steps_equal_a_full_forward(family, key_context):
     """The window of recent embeddings is re-embedded from the cached ids at each decode step, and
     keys that see several previous tokens get them from the cache too; left padding included."""
-    model = build_tiny(family)
-    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, query_window=5, key_context=key_context, **CFG))
-    randomize_resona(model)
-    model.generation_config.eos_token_id = None
-    ids = torch.randint(0, VOCAB, (2, 27), generator=torch.Generator().manual_seed(3))
-    full = full_logits(model, ids)
-    steps, _ = stepwise_logits(model, ids, prefill=3)
-    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
-    assert_branch_is_live(model, ids)
+    model = assert_steps_equal_full_forward(family, 3, query_window=5, key_context=key_context)
     g = torch.Generator().manual_seed(5)
     rows = [torch.randint(1, VOCAB, (1, n), generator=g) for n in (11, 2)]
     batch = torch.cat([torch.cat([torch.zeros(1, 11 - r.shape[1], dtype=torch.long), r], 1) for r in rows])
