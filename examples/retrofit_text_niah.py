@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="write the trained retrofit (and tokenizer) here")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", default=None)
-    for name in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks", "key_shift", "key_context", "query_window"):
+    for name in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks", "key_shift", "key_context", "query_window", "read_window"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--score-scale", type=float, default=None)
     ap.add_argument("--chunk-pool", default=None, choices=("mean", "weighted", "attention"))
@@ -76,6 +76,8 @@ def main() -> None:
                                           "score_scale", "chunk_pool", "mix", "key_context", "query_window") if getattr(args, k) is not None}
     if args.key_shift is not None:
         cfg["key_shift"] = bool(args.key_shift)
+    if args.read_window is not None:
+        cfg["read_window"] = bool(args.read_window)
     fields = {k: getattr(args, k) for k in ("layers", "steps", "batch_size", "seq_len", "min_len", "lr", "lm_fraction",
                                                 "short_fraction", "short_len", "questions", "copy_fraction", "copy_len",
                                                 "tail_steps", "tail_lm_fraction", "tail_lr", "text_loss_weight")

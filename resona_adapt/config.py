@@ -104,6 +104,13 @@ class ResonaConfig:
                   "a zero-initialised encoder, so a query can look for where its recent context occurred (a key "
                   "a few tokens back in a question). 0 = the layer input alone, as in the paper."},
     )
+    read_window: bool = field(
+        default=False,
+        metadata={"help": "With query_window and key_shift: the read also sees the pooled window. Each read key "
+                  "adds the pooled embeddings of the query_window tokens before it, and the read query its own "
+                  "pooled window (zero-initialised), so the read can prefer the value whose needle names the asked "
+                  "key when several look alike (RULER's multikey)."},
+    )
     mix: str = field(default="residual", metadata={"help": f"Mixing mode, one of {MIX_MODES}."})
     alpha: float = field(default=0.5, metadata={"help": "Weight a of Ym in the paper mixes (0 < a < 1)."})
     lr_multiplier: float = field(
@@ -140,6 +147,11 @@ class ResonaConfig:
         w = self.query_window
         if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= 256:
             raise ResonaConfigError(f"ResonaConfig.query_window must be an integer from 0 to 256, got {w!r}")
+        if not isinstance(self.read_window, bool):
+            raise ResonaConfigError(f"ResonaConfig.read_window must be true or false, got {self.read_window!r}")
+        if self.read_window and (not w or not self.key_shift):
+            raise ResonaConfigError("ResonaConfig.read_window needs a query_window (> 0) and key_shift=True: the read "
+                                    "sees the same pooled window the search query does; set both, or read_window=False")
         if self.read_shift not in (0, 1) or isinstance(self.read_shift, bool):
             raise ResonaConfigError(f"ResonaConfig.read_shift must be 0 or 1, got {self.read_shift!r}")
         if not isinstance(self.key_shift, bool):

@@ -35,21 +35,32 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
     B, T, _ = h.shape
     h_hat, x_hat = branch.norm_h(h), branch.norm_x(x)
     out = h.new_zeros(B, T, H * dh)
+
+    def window_pool(b: int, t: int, read: bool = False) -> torch.Tensor:
+        """The last W positions up to t itself, scored by token and offset back from t (the read's own
+        scores with ``read``)."""
+        first = max(0, t - cfg.query_window + 1)
+        recent = x_hat[b, first:t + 1]  # (<=W, D)
+        offsets = torch.arange(t - first, -1, -1)  # t - s for s = first..t
+        query, bias = ((branch.read_window_query, branch.read_window_bias) if read
+                       else (branch.window_query, branch.window_bias))
+        w = torch.softmax(recent @ query + bias[offsets], 0)
+        return (w[:, None] * recent).sum(0)
+
     for b in range(B):
         k = branch.k_proj(x_hat[b])
         for o, proj in enumerate([branch.k_prev_proj, *branch.k_prev_more] if cfg.key_shift else [], start=1):
             prev = torch.cat([x_hat.new_zeros(o, x_hat.shape[-1]), x_hat[b, :-o]])  # positions < 0: nothing
             k = k + proj(prev)
+        if cfg.read_window:  # a key also sees the window that ends just before it (nothing before position 0)
+            k = k + torch.stack([branch.k_window_proj(window_pool(b, s - 1, read=True)) if s else k.new_zeros(H * dh)
+                                 for s in range(T)])
         k = k.view(T, H, dh)
         v = branch.v_proj(x_hat[b]).view(T, H, dh)
         for t in range(T):
             q_raw = branch.query_encoder(h_hat[b, t])
-            if cfg.query_window:  # the last W positions up to t itself, scored by token and offset back from t
-                W, first = cfg.query_window, max(0, t - cfg.query_window + 1)
-                recent = x_hat[b, first:t + 1]  # (<=W, D)
-                offsets = torch.arange(t - first, -1, -1)  # t - s for s = first..t
-                w = torch.softmax(recent @ branch.window_query + branch.window_bias[offsets], 0)
-                q_raw = q_raw + branch.window_encoder((w[:, None] * recent).sum(0))
+            if cfg.query_window:
+                q_raw = q_raw + branch.window_encoder(window_pool(b, t))
             q_s = F.normalize(q_raw, dim=-1)
             scored = []
             s_ = cfg.read_shift  # a chunk is read as the positions after its own: [cU + s, (c+1)U + s)
@@ -72,7 +83,10 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
                     if (c + i + 1) * U + s_ <= t and c + i not in read:
                         read.add(c + i)
                         chosen.append((c + i, score))
-            q = branch.q_proj(h_hat[b, t]).view(H, dh)
+            q = branch.q_proj(h_hat[b, t])
+            if cfg.read_window:
+                q = q + branch.q_window_proj(window_pool(b, t, read=True))
+            q = q.view(H, dh)
             for head in range(H):
                 logits, values = [], []
                 if branch.sink_logit is not None:
@@ -160,16 +174,65 @@ def test_query_window_starts_at_zero_and_changes_nothing_at_injection():
 
 
 @pytest.mark.parametrize("t", [0, 3, 4, 9, 17])
-def test_query_window_is_causal(t):
-    """The window brings the query's own token and earlier ones into the search query, never a later
-    one; the chunks read still end before t (the dense reference checks that)."""
-    branch = make_branch(top_k=3, query_window=5)
+@pytest.mark.parametrize("read_window", [False, True])
+def test_query_window_is_causal(t, read_window):
+    """The window brings the query's own token and earlier ones into the search query (and with
+    read_window the read query; a key the tokens before it), never a later one; the chunks read
+    still end before t (the dense reference checks that)."""
+    branch = make_branch(top_k=3, query_window=5, read_window=read_window)
     T = 20
     h, x = torch.randn(1, T, D), torch.randn(1, T, D)
     x2 = x.clone()
     x2[:, t + 1:] = torch.randn(1, T - t - 1, D)
     with torch.no_grad():
         assert torch.equal(branch.retrieve(h, x)[:, :t + 1], branch.retrieve(h, x2)[:, :t + 1])
+
+
+@pytest.mark.parametrize("window, neighbors, key_context", [(3, 0, 1), (6, 1, 3), (1, 1, 2)])
+def test_read_window_matches_dense_reference(window, neighbors, key_context, monkeypatch):
+    import resona_adapt.adapters.branch as branch_module
+
+    monkeypatch.setattr(branch_module, "WINDOW_TILE_BUDGET", 2 * window * D)  # several window tiles
+    branch = make_branch(top_k=2, query_window=window, read_window=True, neighbor_chunks=neighbors,
+                         key_context=key_context).double()
+    h, x = torch.randn(2, 21, D, dtype=torch.float64), torch.randn(2, 21, D, dtype=torch.float64)
+    with torch.no_grad():
+        fast = branch.retrieve(h, x)
+        torch.testing.assert_close(fast, dense_reference(branch, h, x, 2), atol=1e-5, rtol=1e-4)
+        pool = [branch.read_window_query, branch.read_window_bias] if window > 1 else []  # 1 token: no weights
+        for p in [branch.k_window_proj.weight, branch.q_window_proj.weight, *pool]:  # each side of the read counts
+            saved = p.clone()
+            p.mul_(3)
+            assert (branch.retrieve(h, x) - fast).abs().max() > 1e-3
+            p.copy_(saved)
+
+
+def test_read_window_starts_as_the_plain_read_and_learns():
+    cfg = dict(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16, query_window=4)
+    torch.manual_seed(0)
+    plain = ResonaBranch(D, ResonaConfig(**cfg))
+    windowed = ResonaBranch(D, ResonaConfig(**cfg, read_window=True))
+    assert windowed.q_window_proj.weight.abs().sum() == 0 and windowed.k_window_proj.weight.abs().sum() > 0
+    missing, unexpected = windowed.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["k_window_proj.weight", "q_window_proj.weight", "read_window_bias",
+                               "read_window_query"] and not unexpected
+    with torch.no_grad():  # trained read and output projections; the window's query side still at zero
+        for m in (plain, windowed):
+            torch.manual_seed(1)
+            m.q_proj.weight.normal_()
+            m.o_proj.weight.normal_()
+    h, x = torch.randn(1, 20, D), torch.randn(1, 20, D)
+    with torch.no_grad():
+        assert (windowed.retrieve(h, x) - plain.retrieve(h, x)).abs().max() > 1e-3  # keys see the window
+        windowed.k_window_proj.weight.zero_()
+        torch.testing.assert_close(windowed.retrieve(h, x), plain.retrieve(h, x))  # ... and nothing else changed
+        windowed.k_window_proj.weight.normal_()
+    windowed.retrieve(h, x).pow(2).sum().backward()
+    assert windowed.q_window_proj.weight.grad.abs().sum() > 0  # the query side learns from zero
+    for bad in (dict(read_window=True), dict(read_window=True, query_window=4, key_shift=False),
+                dict(read_window=1, query_window=4)):
+        with pytest.raises(Exception, match="read_window"):
+            ResonaConfig(**bad)
 
 
 def test_query_tiles_do_not_change_the_result():

@@ -269,11 +269,14 @@ def test_weighted_chunk_pool_steps_equal_a_full_forward(pool):
     assert_steps_equal_full_forward("mamba2", 5, chunk_pool=pool)
 
 
-@pytest.mark.parametrize("family, key_context", [("mamba2", 1), ("mamba", 1), ("mamba2", 3)])
-def test_query_window_steps_equal_a_full_forward(family, key_context):
+@pytest.mark.parametrize("family, key_context, read_window", [("mamba2", 1, False), ("mamba", 1, False),
+                                                              ("mamba2", 3, False), ("mamba2", 2, True)])
+def test_query_window_steps_equal_a_full_forward(family, key_context, read_window):
     """The window of recent embeddings is re-embedded from the cached ids at each decode step, and
-    keys that see several previous tokens get them from the cache too; left padding included."""
-    model = assert_steps_equal_full_forward(family, 3, query_window=5, key_context=key_context)
+    keys that see several previous tokens (or, with read_window, the pooled window before them) get
+    them from the cache too; left padding included."""
+    model = assert_steps_equal_full_forward(family, 3, query_window=5, key_context=key_context,
+                                            read_window=read_window)
     g = torch.Generator().manual_seed(5)
     rows = [torch.randint(1, VOCAB, (1, n), generator=g) for n in (11, 2)]
     batch = torch.cat([torch.cat([torch.zeros(1, 11 - r.shape[1], dtype=torch.long), r], 1) for r in rows])

@@ -38,7 +38,8 @@ def test_round_trip_same_logits_bit_for_bit(family, tmp_path):
 
 def test_round_trip_with_a_query_window_and_token_scored_chunks(tmp_path):
     model = build_tiny("mamba2")
-    retrofit(model, layers=[1, -1], config=ResonaConfig(query_window=5, chunk_pool="attention", neighbor_chunks=1, **CFG))
+    cfg = ResonaConfig(query_window=5, read_window=True, chunk_pool="attention", neighbor_chunks=1, **CFG)
+    retrofit(model, layers=[1, -1], config=cfg)
     randomize_resona(model)
     ids = torch.randint(0, VOCAB, (2, 23))
     with torch.no_grad():

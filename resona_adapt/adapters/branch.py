@@ -19,6 +19,10 @@ Design (see docs/method.md for why):
 - ``query_window`` (optional): the search query also sees the last W token embeddings (the query's
   own included), pooled by a learned token score plus a per-offset bias, through a zero-initialised
   ``window_encoder``; the search can then look for where the recent context occurred.
+- ``read_window`` (optional, with ``query_window``): each read key also sees the pooled window of
+  the W tokens before it (``k_window_proj``) and the read query its own pooled window
+  (``q_window_proj``, zero at injection), with pool scores of its own, so among several look-alike
+  needles the read can prefer the one whose key matches the question's.
 - In the function-preserving mixes the output projection (``residual``) or the gate (``gated``)
   starts at zero, so the retrofitted model's outputs equal the base model's at injection.
 """
@@ -78,6 +82,12 @@ class ResonaBranch(nn.Module):
         self.window_encoder = nn.Linear(d_model, E, bias=False, **kw) if W else None
         self.window_query = nn.Parameter(torch.zeros(d_model, **kw)) if W else None
         self.window_bias = nn.Parameter(torch.zeros(W, **kw)) if W else None  # [o]: offset o back from the query
+        # read_window: read keys see the pooled window before them, read queries their own; the read's
+        # window has its own pool scores, so the read does not pull the search's pool toward its needs
+        self.read_window_query = nn.Parameter(torch.zeros(d_model, **kw)) if config.read_window else None
+        self.read_window_bias = nn.Parameter(torch.zeros(W, **kw)) if config.read_window else None
+        self.k_window_proj = nn.Linear(d_model, H * dh, bias=False, **kw) if config.read_window else None
+        self.q_window_proj = nn.Linear(d_model, H * dh, bias=False, **kw) if config.read_window else None
         self.mix = Mix(d_model, config, **kw)
         self.reset_parameters()
 
@@ -110,6 +120,11 @@ class ResonaBranch(nn.Module):
             nn.init.zeros_(self.window_encoder.weight)
             nn.init.zeros_(self.window_query)
             nn.init.zeros_(self.window_bias)
+        if self.k_window_proj is not None:
+            nn.init.normal_(self.k_window_proj.weight, std=self.d_model**-0.5)
+            nn.init.zeros_(self.q_window_proj.weight)  # the read query starts as the layer input's alone
+            nn.init.zeros_(self.read_window_query)
+            nn.init.zeros_(self.read_window_bias)
 
     # -- pieces, also used by incremental decoding -------------------------------------------
     def search_queries(self, h_hat: Tensor, recent: Tensor | None = None) -> Tensor:
@@ -122,19 +137,21 @@ class ResonaBranch(nn.Module):
             q = q + self.window_encoder(recent.to(q.dtype))
         return F.normalize(q.float(), dim=-1)
 
-    def pool_window(self, x_win: Tensor, valid: Tensor) -> Tensor:
+    def pool_window(self, x_win: Tensor, valid: Tensor, read: bool = False) -> Tensor:
         """x_win: (B, T, W, D) normalised embeddings of each query's last W positions, oldest first (the
         query's own last); valid: (B or 1, T, W) bool, False before the sequence -> (B, T, D), the
-        softmax-weighted sum with scores ``x . window_query + window_bias[offset]``."""
-        W = x_win.shape[2]
-        bias = self.window_bias.flip(0)  # (W,) oldest first
-        s = (x_win @ self.window_query).float() + bias.float()  # (B, T, W)
+        softmax-weighted sum with scores ``x . window_query + window_bias[offset]`` (with ``read``, the
+        read's own ``read_window_query`` and ``read_window_bias``)."""
+        query, bias = (self.read_window_query, self.read_window_bias) if read else (self.window_query, self.window_bias)
+        bias = bias.flip(0)  # (W,) oldest first
+        s = (x_win @ query).float() + bias.float()  # (B, T, W)
         w = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1).to(x_win.dtype)  # (B, T, W)
         return torch.einsum("btwd,btw->btd", x_win, w)
 
-    def recent_context(self, x_hat: Tensor) -> Tensor:
+    def recent_context(self, x_hat: Tensor, read: bool = False) -> Tensor:
         """x_hat: (B, T, D) normalised embeddings of consecutive positions from the first one -> (B, T, D)
-        `pool_window` of each position's last ``query_window`` positions, in tiles of bounded memory."""
+        `pool_window` of each position's last ``query_window`` positions, in tiles of bounded memory
+        (``read``: with the read's pool scores)."""
         W = self.config.query_window
         B, T, D = x_hat.shape
         padded = torch.cat([x_hat.new_zeros(B, W - 1, D), x_hat], dim=1)  # (B, T+W-1, D)
@@ -145,7 +162,7 @@ class ResonaBranch(nn.Module):
             t1 = min(T, t0 + tile)
             win = padded[:, t0:t1 + W - 1].unfold(1, W, 1).transpose(2, 3)  # (B, n, W, D), oldest first
             pos = torch.arange(t0, t1, device=x_hat.device).unsqueeze(1) - (W - 1) + offsets  # (n, W)
-            parts.append(self.pool_window(win, (pos >= 0).unsqueeze(0)))
+            parts.append(self.pool_window(win, (pos >= 0).unsqueeze(0), read))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, T, D)
 
     def chunk_embeddings(self, x_hat: Tensor) -> Tensor:
@@ -168,16 +185,32 @@ class ResonaBranch(nn.Module):
         """The projections of the tokens 1, 2, .. ``key_context`` back (empty without ``key_shift``)."""
         return [] if self.k_prev_proj is None else [self.k_prev_proj, *self.k_prev_more]
 
-    def keys(self, x_hat: Tensor) -> Tensor:
+    def keys(self, x_hat: Tensor, recent: Tensor | None = None) -> Tensor:
         """x_hat: (B, T, D) normalised embeddings of consecutive positions from the first one -> read
         keys (B, T, H*d); with ``key_shift`` each also sees the ``key_context`` previous positions (zero
-        before the first)."""
+        before the first), and with ``read_window`` the pooled window of the position before it
+        (``recent`` (B, T, D) from `recent_context(read=True)`; zero before the first)."""
         k = self.k_proj(x_hat)  # (B, T, H*d)
         B, T, D = x_hat.shape
         for o, proj in enumerate(self.prev_key_projections(), start=1):
             prev = torch.cat([x_hat.new_zeros(B, min(o, T), D), x_hat[:, :max(0, T - o)]], dim=1)  # (B, T, D)
             k = k + proj(prev)
+        if self.k_window_proj is not None:
+            if recent is None:
+                raise ValueError("this branch has a read window: pass the pooled recent embeddings")
+            before = torch.cat([recent.new_zeros(B, min(1, T), D), recent[:, :max(0, T - 1)]], dim=1)  # (B, T, D)
+            k = k + self.k_window_proj(before.to(k.dtype))
         return k
+
+    def read_queries(self, h_hat: Tensor, recent: Tensor | None = None) -> Tensor:
+        """h_hat: (B, T, D) normalised layer input (and with ``read_window`` ``recent`` (B, T, D), the
+        read's pooled window, `recent_context(read=True)`) -> (B, T, H, d) read queries."""
+        q = self.q_proj(h_hat)  # (B, T, H*d)
+        if self.q_window_proj is not None:
+            if recent is None:
+                raise ValueError("this branch has a read window: pass the pooled recent embeddings")
+            q = q + self.q_window_proj(recent.to(q.dtype))
+        return self.heads(q)
 
     def heads(self, t: Tensor) -> Tensor:
         """(B, T, H*d) -> (B, T, H, d)."""
@@ -191,8 +224,9 @@ class ResonaBranch(nn.Module):
         recent = self.recent_context(x_hat) if self.window_encoder is not None else None  # (B, T, D)
         qs = self.search_queries(h_hat, recent)  # (B, T, E)
         cs = self.chunk_embeddings(x_hat)  # (B, N, E)
-        q = self.heads(self.q_proj(h_hat))  # (B, T, H, d)
-        k = self.heads(self.keys(x_hat))  # (B, T, H, d)
+        read_recent = self.recent_context(x_hat, read=True) if self.k_window_proj is not None else None  # (B, T, D)
+        q = self.read_queries(h_hat, read_recent)  # (B, T, H, d)
+        k = self.heads(self.keys(x_hat, read_recent))  # (B, T, H, d)
         v = self.heads(self.v_proj(x_hat))  # (B, T, H, d)
         out = retrieve(
             qs, cs, q, k, v,

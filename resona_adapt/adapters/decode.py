@@ -173,12 +173,14 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
     if K == 0:  # no chunk is complete anywhere yet: the branch reads nothing
         attn = h_hat.new_zeros(B, Tn, H * dh)
     else:
-        qs = branch.search_queries(h_hat, _recent(branch, state, q_pos, embed))  # (B, Tn, E)
+        recent = _recent(branch, state, q_pos, embed)  # (B, Tn, D) or None
+        qs = branch.search_queries(h_hat, recent)  # (B, Tn, E)
         sel_pos = q_pos - cfg.read_shift  # a shifted read must end before the query too
         idx, score = select_chunks_ref(qs, summaries, K, U, sel_pos)  # (B, Tn, K) x2
         idx, score = add_neighbors(idx, score, sel_pos, U, cfg.neighbor_chunks)  # (B, Tn, K') x2
-        q = branch.heads(branch.q_proj(h_hat))  # (B, Tn, H, d)
-        tile = max(1, QUERY_TILE_BUDGET // max(1, B * idx.shape[-1] * (U + 1) * D))
+        q = branch.read_queries(h_hat, _recent(branch, state, q_pos, embed, read=True))  # (B, Tn, H, d)
+        per_token = (U + 1) * (cfg.query_window if cfg.read_window else 1)  # gathered positions per slot
+        tile = max(1, QUERY_TILE_BUDGET // max(1, B * idx.shape[-1] * per_token * D))
         parts = [
             _absorbed_attention(branch, state, q[:, t0:t0 + tile], idx[:, t0:t0 + tile],
                                 score[:, t0:t0 + tile] * cfg.score_scale, embed)
@@ -190,17 +192,18 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
 
 
 def _recent(branch: ResonaBranch, state: ResonaCacheState, q_pos: Tensor,
-            embed: Callable[[Tensor], Tensor]) -> Tensor | None:
+            embed: Callable[[Tensor], Tensor], read: bool = False) -> Tensor | None:
     """With ``query_window``: the pooled embeddings (B, Tn, D) of each new query's last W positions
-    (q_pos: (B, Tn) real positions), re-embedded from the cached ids; None without a window."""
+    (q_pos: (B, Tn) real positions), re-embedded from the cached ids; None without a window (``read``:
+    the read's pool, None without ``read_window``)."""
     W = branch.config.query_window
-    if not W:
+    if not W or (read and not branch.config.read_window):
         return None
     B, Tn = q_pos.shape
     pos = q_pos.unsqueeze(-1) - (W - 1) + torch.arange(W, device=q_pos.device)  # (B, Tn, W), oldest first
     ids = state.ids.gather(1, (state.pad.view(B, 1, 1) + pos.clamp(min=0)).view(B, -1)).long()  # (B, Tn*W)
     x_win = branch.norm_x(embed(ids)).view(B, Tn, W, -1)  # (B, Tn, W, D)
-    return branch.pool_window(x_win, pos >= 0)
+    return branch.pool_window(x_win, pos >= 0, read)
 
 
 def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor, idx: Tensor, bias: Tensor,
@@ -225,9 +228,33 @@ def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor
     for o in range(1, n + 1):  # a token before a row's first token is nothing: zeros, as in the full path
         before_row = first.view(Q, K, 1) + torch.arange(U, device=idx.device) - o < 0  # (Q, K, U)
         x_prev.append(x_win[:, :, n - o:n - o + U].masked_fill(before_row.unsqueeze(-1), 0.0))  # (Q, K, U, D)
+    w_prev = [proj.weight for proj in prev_projs]
+    if branch.k_window_proj is not None:  # read_window: the pooled window before each token, as one more term
+        x_prev.append(_windows_before(branch, state, first, embed).view(Q, K, U, D))
+        w_prev.append(branch.k_window_proj.weight)
     out = absorbed_attention(
         q.reshape(Q, H, dh), x_win[:, :, n:], valid.view(Q, K), bias.view(Q, K),
         branch.k_proj.weight, branch.v_proj.weight, x_prev=x_prev or None,
-        w_prev=[proj.weight for proj in prev_projs] or None, sink_logit=branch.sink_logit, pos_bias=branch.pos_bias,
+        w_prev=w_prev or None, sink_logit=branch.sink_logit, pos_bias=branch.pos_bias,
     )  # (Q, H*d)
     return out.view(B, Tq, H * dh)
+
+
+def _windows_before(branch: ResonaBranch, state: ResonaCacheState, first: Tensor,
+                    embed: Callable[[Tensor], Tensor]) -> Tensor:
+    """With ``read_window``: for each slot token at real position p = first + u (first: (B, Tq, K, 1)),
+    the pooled embeddings of positions p-W .. p-1 (`ResonaBranch.pool_window`), zeros for p = 0 as in
+    the full path -> (B, Tq, K, U, D)."""
+    U, W = branch.config.chunk_size, branch.config.query_window
+    B = first.shape[0]
+    span = first - W + torch.arange(U + W - 1, device=first.device)  # (B, Tq, K, U+W-1), real positions
+    at = (state.pad.view(B, 1, 1, 1) + span.clamp(min=0)).clamp(max=state.length - 1)  # empty slots may point past
+    ids = state.ids.gather(1, at.view(B, -1))
+    x = branch.norm_x(embed(ids.long())).view(*span.shape, -1)  # (B, Tq, K, U+W-1, D)
+    win = x.unfold(3, W, 1).transpose(-1, -2)  # (B, Tq, K, U, W, D), oldest first
+    valid = span.unfold(3, W, 1) >= 0  # (B, Tq, K, U, W)
+    empty = ~valid.any(-1, keepdim=True)  # (B, Tq, K, U, 1): a token at position 0 has no window
+    lead = win.shape[:3]
+    pooled = branch.pool_window(win.reshape(B, -1, W, win.shape[-1]),
+                                (valid | empty).reshape(B, -1, W), read=True)  # (B, Tq*K*U, D)
+    return pooled.view(*lead, U, -1).masked_fill(empty, 0.0)

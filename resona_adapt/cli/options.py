@@ -58,7 +58,7 @@ def model_options(f: Callable) -> Callable:
 
 
 CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "chunk_pool",
-                 "neighbor_chunks", "read_shift", "key_shift", "key_context", "query_window", "mix", "alpha", "replace_attention")
+                 "neighbor_chunks", "read_shift", "key_shift", "key_context", "query_window", "read_window", "mix", "alpha", "replace_attention")
 
 
 def resona_config_options(f: Callable) -> Callable:
@@ -75,6 +75,10 @@ def resona_config_options(f: Callable) -> Callable:
         elif name == "key_shift":
             f = click.option("--key-shift/--no-key-shift", default=None,
                              help="Read keys also see the previous token (default on).")(f)
+        elif name == "read_window":
+            f = click.option("--read-window/--no-read-window", default=None,
+                             help="With --query-window: the read keys and query also see the pooled window "
+                                  "(default off).")(f)
         elif name == "replace_attention":
             f = click.option(flag, is_flag=True, default=None,
                              help="Hybrid-head models (Hymba): replace the chosen layers' attention heads with the "
