@@ -151,7 +151,7 @@ class ResonaConfig:
             raise ResonaConfigError(f"ResonaConfig.read_window must be true or false, got {self.read_window!r}")
         if self.read_window and (not w or not self.key_shift):
             raise ResonaConfigError("ResonaConfig.read_window needs a query_window (> 0) and key_shift=True: the read "
-                                    "sees the same pooled window the search query does; set both, or read_window=False")
+                                    "pools the same last query_window tokens the search query does; set both, or read_window=False")
         if self.read_shift not in (0, 1) or isinstance(self.read_shift, bool):
             raise ResonaConfigError(f"ResonaConfig.read_shift must be 0 or 1, got {self.read_shift!r}")
         if not isinstance(self.key_shift, bool):
