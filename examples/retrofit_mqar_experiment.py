@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--phase", action="append", default=None, help="FRACTION:SEQ_LEN:KV[,KV] (repeatable)")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--search-loss-weight", type=float, default=None, help="the search's own loss (default: the recipe's)")
     ap.add_argument("--filler", default=None, help="training filler: N or LO-HI random tokens before each example")
     ap.add_argument("--neighbor-chunks", type=int, default=None)
     ap.add_argument("--key-shift", type=int, choices=(0, 1), default=None)
@@ -86,7 +87,7 @@ def main() -> None:
                 if getattr(args, k) is not None}
     if args.key_shift is not None:
         cfg_over["key_shift"] = bool(args.key_shift)
-    rec_over = {k: getattr(args, k) for k in ("base_lr", "steps", "batch_size", "seed", "filler")
+    rec_over = {k: getattr(args, k) for k in ("base_lr", "steps", "batch_size", "seed", "filler", "search_loss_weight")
                 if getattr(args, k) is not None}
     if args.layers is not None:
         rec_over["layers"] = tuple(int(i) for i in args.layers.split(","))

@@ -58,7 +58,7 @@ def main() -> None:
                          "NIAH is measured once per value")
     for name in ("steps", "batch_size", "seq_len", "min_len", "short_len", "questions", "copy_len", "tail_steps"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    for name in ("lr", "lm_fraction", "short_fraction", "copy_fraction", "tail_lm_fraction", "tail_lr", "text_loss_weight"):
+    for name in ("lr", "lm_fraction", "short_fraction", "copy_fraction", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=None)
     ap.add_argument("--kinds", default=None, help="training needle kinds (default: the recipe's)")
     ap.add_argument("--eval-kinds", default=None, help="measured needle kinds (default: the training kinds)")
@@ -80,7 +80,7 @@ def main() -> None:
         cfg["read_window"] = bool(args.read_window)
     fields = {k: getattr(args, k) for k in ("layers", "steps", "batch_size", "seq_len", "min_len", "lr", "lm_fraction",
                                                 "short_fraction", "short_len", "questions", "copy_fraction", "copy_len",
-                                                "tail_steps", "tail_lm_fraction", "tail_lr", "text_loss_weight")
+                                                "tail_steps", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight")
               if getattr(args, k) is not None}
     if args.kinds:
         fields["kinds"] = tuple(k.strip() for k in args.kinds.split(",") if k.strip())

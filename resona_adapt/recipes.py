@@ -57,6 +57,7 @@ class RetrofitRecipe:
     phases: tuple[Phase, ...] = (Phase(1.0, 256, (32, 64)),)
     filler: str = "0"  # random tokens before each training example: N, or LO-HI per example
     seed: int = 0
+    search_loss_weight: float = 0.0  # the search's own loss beside the answer loss (training.search_loss); 0 = off
     notes: str = field(default="", compare=False)
 
     @property
@@ -193,7 +194,7 @@ def train_recipe(model: nn.Module, recipe: RetrofitRecipe, *, vocab_size: int | 
     config = TrainConfig(lr=recipe.base_lr, lr_multiplier=recipe.config.lr_multiplier,
                          weight_decay=recipe.weight_decay, warmup_ratio=recipe.warmup, max_grad_norm=recipe.clip,
                          steps=recipe.steps, batch_size=recipe.batch_size, log_every=max(1, recipe.steps // 20),
-                         seed=recipe.seed, progress=progress)
+                         seed=recipe.seed, progress=progress, search_loss_weight=recipe.search_loss_weight)
     report = None if on_step is None else lambda step, loss: on_step(step, loss, recipe.phase_at(step))
     was_training = model.training
     rng = _rng_states()  # the Trainer seeds the global RNGs; callers' later draws must not change

@@ -46,10 +46,12 @@ class TextRecipe:
 
     config: ResonaConfig = field(default_factory=lambda: ResonaConfig(
         chunk_size=32, top_k=8, train_top_k=8, num_heads=2, chunk_pool="attention", neighbor_chunks=1,
-        key_context=3, query_window=32))
-    """Measured choices (docs/text-niah.md, "0.4"): chunks of 32 read 8 at a time; search queries that
-    see the last 32 tokens (``query_window``: the key a few tokens back in the question); read keys
-    that see the 3 previous tokens (``key_context``: copying a number whose digits repeat)."""
+        key_context=3, query_window=32, read_window=True))
+    """Measured choices (docs/text-niah.md, "0.4" and "0.5"): chunks of 32 read 8 at a time; search
+    queries that see the last 32 tokens (``query_window``: the key a few tokens back in the question);
+    read keys that see the 3 previous tokens (``key_context``: copying a number whose digits repeat)
+    and the pooled 32 before them, read queries their own 32 (``read_window``: the read tells needles
+    with look-alike values apart by their keys; it needs ``search_loss_weight``, below)."""
     layers: str = "-1"
     steps: int = 900
     batch_size: int = 8
@@ -80,6 +82,11 @@ class TextRecipe:
     of a copy example) also carries the language-modelling loss, at this weight beside the answer
     loss: the branch learns where reading helps plain text and where it must stay out of the way
     (the perplexity cost). 0 = answers only."""
+    search_loss_weight: float = 0.5
+    """Weight of the search's own loss (`resona_adapt.training.search_loss`): at every answer token the
+    chunk whose read holds the token to copy should win the search. Without it a read that tells
+    needles apart (``read_window``) starved the search and long contexts failed (docs/text-niah.md,
+    "0.5"). 0 = the search learns from the read loss alone."""
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -138,6 +145,7 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
     from .recipes import _rng_states, _set_rng_states, trainable_parameters
     from .retrofit import resona_parameters
     from .training import TrainConfig, train
+    from .training.search_loss import SearchLoss
     from .training.trainer import row_mean_loss
 
     if not list(resona_parameters(model)):
@@ -148,6 +156,8 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, recipe.steps, recipe.lr) / recipe.lr)
     losses: list[float] = []
     exact: list[float] = []
+    searched: list[float] = []  # the search loss of each step (search_loss_weight > 0)
+    search = SearchLoss(model)
 
     def loss_and_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         text = labels >= TEXT_LABEL  # (B, T) tokens that carry only the text loss (text_loss_weight)
@@ -162,6 +172,10 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
         loss = row_mean_loss(logits, answers)
         if bool(text.any()):
             loss = loss + recipe.text_loss_weight * row_mean_loss(logits, torch.where(text, labels - TEXT_LABEL, IGNORE))
+        if recipe.search_loss_weight > 0:
+            s_loss = search(answers)
+            searched.append(s_loss.item())
+            loss = loss + recipe.search_loss_weight * s_loss
         return loss
 
     start = time.time()
@@ -171,13 +185,16 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
         if log is not None and (step + 1) % log_every == 0:
             k = log_every
             log(f"step {step + 1:4d}  loss {sum(losses[-k:]) / len(losses[-k:]):.3f}  answer exact "
-                f"{sum(exact[-k:]) / max(1, len(exact[-k:])):.2f}  {time.time() - start:.0f}s")
+                f"{sum(exact[-k:]) / max(1, len(exact[-k:])):.2f}"
+                + (f"  search {sum(searched[-k:]) / len(searched[-k:]):.3f}" if searched else "")
+                + f"  {time.time() - start:.0f}s")
 
     config = TrainConfig(lr=recipe.lr, lr_multiplier=1.0, weight_decay=0.01, warmup_ratio=0.05, max_grad_norm=1.0,
                          steps=recipe.steps, batch_size=recipe.batch_size, log_every=max(1, log_every), seed=seed)
     rng = _rng_states()  # the Trainer seeds the global RNGs; the caller's later draws must not change
     try:
-        train(model, data, config=config, optimizers=(opt, schedule), on_step=on_step, loss=loss_and_exact)
+        with search:
+            train(model, data, config=config, optimizers=(opt, schedule), on_step=on_step, loss=loss_and_exact)
     finally:
         model.eval()
         _set_rng_states(rng)

@@ -68,6 +68,23 @@ def test_train_on_mqar_lowers_the_loss(runner, tmp_path):
     assert mqar_eval_loss(after) < mqar_eval_loss(before) - 0.5
 
 
+def test_train_with_the_search_loss_records_it_and_refuses_plain_text(runner, tmp_path):
+    base = save_base(tmp_path / "base", tokenizer=True)
+    res = runner.invoke(cli, ["train", "--model", str(base), *MQAR, *RESONA, "--steps", "3", "--search-loss-weight", "0.5",
+                              "--output", str(tmp_path / "trained")])
+    assert res.exit_code == 0, res.output
+    assert load_model(str(tmp_path / "trained")).config.resona["training"][-1]["search_loss_weight"] == 0.5
+    (tmp_path / "plain.txt").write_text(" ".join(WORDS * 20))
+    res = runner.invoke(cli, ["train", "--model", str(base), "--data", str(tmp_path / "plain.txt"), *RESONA,
+                              "--seq-len", "32", "--steps", "1", "--no-progress", "--search-loss-weight", "1",
+                              "--output", str(tmp_path / "o")])
+    assert res.exit_code == 2, res.output
+    assert "the search loss has nothing to supervise" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.run").exists()
+    res = runner.invoke(cli, ["train", "--model", str(base), *MQAR, "--search-loss-weight", "-1", "--output", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "--search-loss-weight" in res.output
+
+
 def test_train_retrofits_a_base_and_resumes(runner, tmp_path):
     base = save_base(tmp_path / "base")
     out = tmp_path / "t"

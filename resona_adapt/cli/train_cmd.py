@@ -45,6 +45,10 @@ from .options import (
 @click.option("--weight-decay", type=NON_NEGATIVE, default=0.01, show_default=True)
 @click.option("--warmup-ratio", type=FiniteFloat(0.0, 1.0, high_open=True), default=0.05, show_default=True)
 @click.option("--max-grad-norm", type=NON_NEGATIVE, default=1.0, show_default=True, help="Gradient clipping (0 = off).")
+@click.option("--search-loss-weight", type=NON_NEGATIVE, default=0.0, show_default=True,
+              help="Add the search's own loss at this weight: at every answer token, the chunk holding the token to "
+                   "copy should win the search (0 = off; needs answers after their source, e.g. --task mqar/niah or "
+                   "prompt/completion data).")
 @click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True, help="Optimizer steps.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per step and process.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
@@ -74,7 +78,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
             bos_id: int | None,
             num_examples: int | None, eval_examples: int, tokenizer: str | None, lr: float,
             lr_multiplier: float | None, unfreeze_layers: str | None, weight_decay: float, warmup_ratio: float,
-            max_grad_norm: float, steps: int, batch_size: int, grad_accum: int, eval_every: int | None,
+            max_grad_norm: float, search_loss_weight: float, steps: int, batch_size: int, grad_accum: int, eval_every: int | None,
             save_every: int | None, save_total_limit: int | None, checkpoint_format: str, log_every: int,
             output: str, run_dir: str | None, resume: bool, overwrite: bool, seed: int, lora_r: int,
             lora_alpha: int | None, lora_target: str, layers: str | None, progress: bool | None, as_json: bool,
@@ -117,7 +121,7 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     unfreeze = as_layer_list(unfreeze_layers, "--unfreeze-layers") or []
     config = TrainConfig(
         lr=lr, lr_multiplier=lr_multiplier, unfreeze_layers=unfreeze, weight_decay=weight_decay,
-        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, steps=steps, batch_size=batch_size,
+        warmup_ratio=warmup_ratio, max_grad_norm=max_grad_norm, search_loss_weight=search_loss_weight, steps=steps, batch_size=batch_size,
         grad_accum=grad_accum, eval_every=eval_every, save_every=save_every, save_total_limit=save_total_limit,
         checkpoint_format=checkpoint_format, log_every=log_every, run_dir=run_dir, output=output, resume=resume,
         seed=seed,

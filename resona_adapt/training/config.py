@@ -45,6 +45,9 @@ class TrainConfig:
     progress: bool = field(default=False, metadata={"help": "Show a rich progress bar (loss, tokens/s, ETA)."})
     optim: str = field(default="adamw_torch", metadata={"help": "transformers optimizer name (AdamW by default)."})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    search_loss_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the search's own loss (training.search_loss) beside the LM loss; "
+                                        "0 = the search learns from the read alone."})
     extra_args: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "More transformers TrainingArguments (e.g. bf16=True)."})
 
@@ -68,6 +71,7 @@ class TrainConfig:
         number("weight_decay", lambda v: v >= 0, ">= 0")
         number("max_grad_norm", lambda v: v >= 0, ">= 0 (0 = no clipping)")
         number("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)")
+        number("search_loss_weight", lambda v: v >= 0, ">= 0 (0 = off)")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             raise ResonaConfigError(f"TrainConfig.checkpoint_format must be one of {CHECKPOINT_FORMATS}, "
                                     f"got {self.checkpoint_format!r}")

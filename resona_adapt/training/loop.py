@@ -148,6 +148,10 @@ def check_setup(model: nn.Module, train_dataset: Dataset, config: TrainConfig) -
         if not -n <= i < n:
             raise ResonaConfigError(f"cannot unfreeze layer {i}: the model has {n} layers (0..{n - 1})")
     resolve_resume(config)
+    if config.search_loss_weight > 0:
+        from .search_loss import check_supervised
+
+        check_supervised(model, train_dataset)
 
 
 def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None = None,
@@ -200,7 +204,7 @@ def train(model: nn.Module, train_dataset: Dataset, eval_dataset: Dataset | None
         compute_metrics=compute_metrics or _compute_metrics,
         preprocess_logits_for_metrics=_argmax_logits, callbacks=all_callbacks,
         lr_multiplier=config.lr_multiplier, checkpoint_format=config.checkpoint_format, optimizers=optimizers,
-        loss=loss,
+        loss=loss, search_loss_weight=config.search_loss_weight,
     )
     trainer.remove_callback(PrinterCallback)
     if on_step is not None:
@@ -270,6 +274,7 @@ def record_training(model: nn.Module, config: TrainConfig, trainer: Any, evaluat
         "optim": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__ if given_optimizer else config.optim,
         "scheduler": "given" if given_optimizer else config.scheduler, "warmup_ratio": config.warmup_ratio,
         "weight_decay": config.weight_decay, "max_grad_norm": config.max_grad_norm, "seed": config.seed,
+        "search_loss_weight": config.search_loss_weight,
         "unfrozen_layers": list(config.unfreeze_layers), "lora": is_peft_model(trainer.model),
         "resumed": resume is not None, "tokens": int(trainer.state.num_input_tokens_seen),
         "first_loss": _finite(losses[0]) if losses else None, "final_loss": _finite(losses[-1]) if losses else None,

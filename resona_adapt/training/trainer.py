@@ -65,15 +65,18 @@ def check_loss(loss: str | LossFn) -> None:
 
 class ResonaTrainer(Trainer):
     """A ``Trainer`` for retrofitted models (optionally PEFT-wrapped). Extra keyword arguments:
-    ``lr_multiplier`` (None = the model's ResonaConfig), ``checkpoint_format`` ("merged" | "adapter")
-    and ``loss`` ("token_mean" | "row_mean" | a function (logits, labels) -> loss; see the module)."""
+    ``lr_multiplier`` (None = the model's ResonaConfig), ``checkpoint_format`` ("merged" | "adapter"),
+    ``loss`` ("token_mean" | "row_mean" | a function (logits, labels) -> loss; see the module) and
+    ``search_loss_weight``: in training, that times the search's own loss (`search_loss.SearchLoss` on
+    the labels) is added to the loss (evaluation reports the LM loss alone)."""
 
     def __init__(self, *args: Any, lr_multiplier: float | None = None, checkpoint_format: str = "merged",
-                 loss: str | LossFn = "token_mean", **kwargs: Any) -> None:
+                 loss: str | LossFn = "token_mean", search_loss_weight: float = 0.0, **kwargs: Any) -> None:
         check_loss(loss)
         self.lr_multiplier = lr_multiplier
         self.checkpoint_format = checkpoint_format
         self.loss = loss
+        self.search_loss_weight = search_loss_weight
         if loss != "token_mean":
             self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
         self.nonfinite_loss: float | None = None
@@ -101,15 +104,35 @@ class ResonaTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        if self.search_loss_weight > 0 and model.training:
+            from .search_loss import SearchLoss
+
+            labels = inputs["labels"]  # (B, T)
+            with SearchLoss(model) as search:  # records this forward's branch inputs
+                loss, outputs = self._lm_loss(model, inputs, num_items_in_batch)
+                extra = self.search_loss_weight * search(labels)  # a mean over this micro-batch
+            if self._scaled_for_accumulation(num_items_in_batch):  # the Trainer will not divide this loss: we do
+                extra = extra / max(1, int(getattr(self, "current_gradient_accumulation_steps", 1)))
+            loss = loss + extra
+            return (loss, outputs) if return_outputs else loss
+        loss, outputs = self._lm_loss(model, inputs, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
+        """Whether the LM loss of a micro-batch is already a share of the step's loss (the Trainer's own rule)."""
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None)
+
+    def _lm_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> tuple[Any, Any]:
+        """(the ``loss`` option's loss, the model's outputs) of one batch."""
         if self.loss == "token_mean":
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels")  # (B, T); the model computes no loss of its own
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]  # (B, T, V)
-        loss = (row_mean_loss if self.loss == "row_mean" else self.loss)(logits, labels)
-        return (loss, outputs) if return_outputs else loss
+        return (row_mean_loss if self.loss == "row_mean" else self.loss)(logits, labels), outputs
 
     @property
     def step_loss(self) -> float | None:

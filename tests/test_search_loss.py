@@ -1,0 +1,253 @@
+"""The search's own loss (`training.search_loss`): the source of every answer token is the earlier
+occurrence that matches the answer best, its target chunks are exactly those whose selection makes
+the read hold it (checked against the kernels' own neighbour rule), the loss trains the search to
+pick them, and `fit_text` adds it at its weight and leaves no hook behind."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import resona_adapt.training.loop as loop
+from resona_adapt import ResonaConfig, retrofit
+from resona_adapt.kernels.reference import add_neighbors
+from resona_adapt.retrofit import resona_layers, resona_parameters
+from resona_adapt.tasks.mqar import IGNORE, mqar
+from resona_adapt.text_demo import TextRecipe, fit_text
+from resona_adapt.training.data import shift_targets_to_labels
+from resona_adapt.training.search_loss import SearchLoss, answer_runs, copy_sources, search_targets
+
+from helpers.models import tiny_text_model
+from helpers.text_tokenizers import byte_tokenizer
+
+
+def test_answer_runs_are_the_maximal_labelled_stretches():
+    labelled = torch.tensor([0, 1, 1, 0, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
+    assert answer_runs(labelled) == [(1, 3), (5, 6), (7, 10)]
+    assert answer_runs(torch.zeros(4, dtype=torch.bool)) == []
+
+
+def test_the_source_is_the_needle_not_a_distractor_sharing_its_first_tokens():
+    # context: a distractor "5 1 2 9 9" at 2..6, the needle "5 1 2 3 4" at 10..14; the answer copies the needle
+    ids = torch.tensor([7, 7, 5, 1, 2, 9, 9, 8, 8, 8, 5, 1, 2, 3, 4, 8, 6, 5, 1, 2, 3, 4])
+    start = 17
+    assert copy_sources(ids, start, 22) == [[10], [11], [12], [13], [14]]
+    # a token that occurs only alone (no stretch of 2) has no source; 6 at 16 never occurs before
+    lone = torch.tensor([3, 1, 4, 4, 0, 9, 3, 6])
+    assert copy_sources(lone, 6, 8) == [[], []]
+    assert copy_sources(torch.tensor([1, 2]), 0, 2) == [[], []]  # nothing before the run
+    # a one-token answer (MQAR: key 3 -> value 8) is found through the key before it
+    mqar = torch.tensor([3, 8, 4, 9, 5, 8, 2, 2, 3, 8])
+    assert copy_sources(mqar, 9, 10) == [[1]]
+    # ", " after a value matches in many places: too many ties say nothing, so it is not supervised
+    many = torch.tensor([4, 5, 0, 4, 5, 0, 4, 5, 0, 4, 5, 0, 4, 5, 0, 2, 4, 5])
+    assert copy_sources(many, 16, 18) == [[], []]
+    assert copy_sources(many, 16, 18, max_sources=5) == [[0, 3, 6, 9, 12], [1, 4, 7, 10, 13]]
+
+
+def test_mqar_answers_are_found_through_their_keys():
+    """MQAR's inputs at the answer positions are not the answers (the next query key follows): the source
+    of every answer is the value right after its key's first occurrence."""
+    data = mqar(4, 128, 16, 512, seed=3)
+    labels = shift_targets_to_labels(data.labels)  # (4, 128) labels[p] predicted at p - 1
+    checked = 0
+    for b in range(4):
+        ids = data.inputs[b]
+        for start, end in answer_runs(labels[b] != IGNORE):
+            assert end == start + 1  # one token per answer
+            key = int(ids[start - 1])
+            value_at = int((ids[:start] == key).nonzero()[0]) + 1
+            assert copy_sources(ids, start, end, labels[b, start:end]) == [[value_at]]
+            checked += 1
+    assert checked == 4 * 16
+
+
+@pytest.mark.parametrize("read_shift,neighbors", [(1, 1), (0, 0), (1, 0), (0, 2)])
+def test_target_chunks_are_exactly_those_whose_read_holds_the_source(read_shift, neighbors):
+    """For every supervised query and every chunk it may select, the chunk is a target iff selecting it
+    alone makes the read (the selection plus `reference.add_neighbors`' slots, each slot c reading
+    positions [c*U + s, (c+1)*U + s)) include the source position."""
+    g = torch.Generator().manual_seed(0)
+    U, T = 4, 96
+    ids = torch.randint(10, 40, (2, T), generator=g)
+    answers = torch.full((2, T), IGNORE)
+    for b, (src, dst, n) in enumerate([(13, 70, 9), (30, 60, 12)]):  # copy ids[src:src+n] to dst, label it
+        ids[b, dst:dst + n] = ids[b, src:src + n].clone()
+        answers[b, dst:dst + n] = ids[b, dst:dst + n]
+    rows, queries, hits = search_targets(ids, answers, U, neighbors, read_shift)
+    assert len(rows) > 10 and hits.shape == (len(rows), T // U)
+    source = {}  # (row, answer position) -> its source positions
+    for b in range(2):
+        for a, e in answer_runs(answers[b] != IGNORE):
+            for k, found in enumerate(copy_sources(ids[b], a, e)):
+                source[b, a + k] = found
+    checked = 0
+    for row, t, hit in zip(rows.tolist(), queries.tolist(), hits):
+        sources = source[row, t + 1]  # the query at t predicts the token at t + 1
+        may_select = (t - read_shift) // U
+        for c in range(T // U):
+            if c >= may_select:
+                assert not hit[c]  # the causal rule: never a target the query cannot select
+                continue
+            slots, _ = add_neighbors(torch.tensor([[[c]]]), torch.zeros(1, 1, 1), torch.tensor([t - read_shift]), U, neighbors)
+            read = {q for s in slots.flatten().tolist() if s >= 0 for q in range(s * U + read_shift, (s + 1) * U + read_shift)}
+            assert bool(hit[c]) == any(j in read for j in sources), (row, t, c)
+            checked += 1
+    assert checked > 100
+
+
+def _copy_batch(n: int, half: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(1, 256, (n, half), generator=g)
+    ids = torch.cat([first, first], dim=1)  # (n, 2*half)
+    answers = torch.cat([torch.full((n, half), IGNORE), first], dim=1)
+    return ids, answers
+
+
+def _hit_rate(model, ids, answers) -> float:
+    """Share of supervised queries whose top-1 selection (the kernels' own) is a target chunk."""
+    layer = next(iter(resona_layers(model).values()))
+    seen = {}
+    hook = layer.resona.register_forward_pre_hook(lambda m, a, k: seen.update(h=a[0], x=a[1]), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids)
+        _, idx = layer.resona.retrieve(seen["h"], seen["x"], return_indices=True)  # (B, T, K)
+    hook.remove()
+    cfg = layer.resona.config
+    rows, queries, hits = search_targets(ids, answers, cfg.chunk_size, cfg.neighbor_chunks, cfg.read_shift)
+    top1 = idx[rows, queries, 0]  # (Q,)
+    return hits[torch.arange(len(rows)), top1.clamp(min=0)].logical_and(top1 >= 0).float().mean().item()
+
+
+def test_the_search_loss_alone_teaches_the_search_to_pick_the_source_chunk():
+    """A frozen tiny Mamba2 with a branch whose search sees a query window: 60 steps on the search loss
+    only take the top-1 hit rate on held-out copy rows far above where it started (chance ~ 1/8)."""
+    torch.manual_seed(0)
+    model = retrofit(tiny_text_model(), layers=[-1], config=ResonaConfig(
+        chunk_size=8, top_k=1, train_top_k=1, num_heads=1, head_dim=8, query_window=8, neighbor_chunks=1))
+    test_ids, test_answers = _copy_batch(8, 64, seed=1)
+    before = _hit_rate(model, test_ids, test_answers)
+    params = [p for _, p in resona_parameters(model)]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    model.train()
+    with SearchLoss(model) as search:
+        for step in range(60):
+            ids, answers = _copy_batch(8, 64, seed=100 + step)
+            model(input_ids=ids)
+            loss = search(answers)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    after = _hit_rate(model, test_ids, test_answers)
+    assert before < 0.4 and after > before + 0.4, (before, after)
+
+
+def test_search_loss_needs_a_forward_and_removes_its_hooks():
+    model = retrofit(tiny_text_model(), layers=[-1], config=ResonaConfig(chunk_size=8, num_heads=1, head_dim=8))
+    branch = next(iter(resona_layers(model).values())).resona
+    with SearchLoss(model) as search:
+        with pytest.raises(RuntimeError, match="no forward recorded"):
+            search(torch.full((1, 8), IGNORE))
+        ids = torch.randint(1, 256, (1, 40))
+        model(input_ids=ids)
+        assert float(search(torch.full((1, 40), IGNORE))) == 0.0  # nothing to supervise
+    assert not model._forward_pre_hooks and not branch._forward_pre_hooks
+
+
+def test_fit_text_adds_the_search_loss_at_its_weight(fake_corpus, monkeypatch):
+    """With ``search_loss_weight`` the step loss is the answer loss + weight x the search loss, the log
+    shows the search loss, the weights differ from a run without it, and no hook is left behind."""
+    from resona_adapt.training import search_loss as module
+
+    def model_():
+        torch.manual_seed(0)
+        return retrofit(tiny_text_model(), layers=[-1], config=ResonaConfig(chunk_size=16, top_k=2, num_heads=1, head_dim=8))
+
+    recipe = TextRecipe(config=ResonaConfig(chunk_size=16), steps=2, batch_size=2, seq_len=300, min_len=200,
+                        kinds=("number",), questions=1, copy_fraction=0.5, copy_len=128, short_fraction=0.0, lr=5e-3,
+                        tail_steps=0)
+    searched: list[float] = []
+    real_call = module.SearchLoss.__call__
+
+    def spy(self, answers):
+        out = real_call(self, answers)
+        searched.append(float(out.detach()))
+        return out
+
+    steps: list[float] = []
+    real_train = loop.train
+    monkeypatch.setattr(loop, "train", lambda *a, on_step=None, **k: real_train(
+        *a, on_step=lambda s, l: (steps.append(l), on_step(s, l)), **k))
+    plain_model = model_()
+    fit_text(plain_model, byte_tokenizer(), recipe, seed=1)
+    plain = list(steps)
+    monkeypatch.setattr(module.SearchLoss, "__call__", spy)
+    steps.clear()
+    model, log = model_(), []
+    fit_text(model, byte_tokenizer(), dataclasses.replace(recipe, search_loss_weight=0.5), seed=1, log=log.append,
+             log_every=1)
+    assert len(searched) == 2 and all(s > 0 for s in searched)
+    assert abs(steps[0] - (plain[0] + 0.5 * searched[0])) < 1e-4  # the first step: same weights, same answer loss
+    assert "search" in log[0]
+    assert any(not torch.equal(p, dict(resona_parameters(plain_model))[n]) for n, p in resona_parameters(model))
+    assert not model._forward_pre_hooks
+    assert all(not layer.resona._forward_pre_hooks for layer in resona_layers(model).values())
+
+
+def _mqar_rows(n: int, seed: int) -> list[dict]:
+    data = mqar(n, 64, 8, 256, seed=seed)
+    labels = shift_targets_to_labels(data.labels)
+    return [{"input_ids": data.inputs[i], "labels": labels[i]} for i in range(n)]
+
+
+def _mqar_model():
+    torch.manual_seed(0)
+    return retrofit(tiny_text_model(), layers=[-1], config=ResonaConfig(chunk_size=2, top_k=2, num_heads=1, head_dim=8))
+
+
+def test_train_adds_the_search_loss_and_divides_it_across_accumulation():
+    """`train` with ``search_loss_weight``: the first step's loss is the LM loss + weight x the search
+    loss, and 2 micro-batches of 2 rows train exactly as one batch of 4 (the search term is divided
+    across the accumulation steps as the Trainer divides the LM loss)."""
+    from resona_adapt.training import TrainConfig, train
+
+    data = _mqar_rows(4, seed=5)
+    sgd = dict(lr=1e-2, lr_multiplier=10.0, steps=2, scheduler="constant", warmup_ratio=0.0, optim="sgd",
+               weight_decay=0.0, max_grad_norm=0.0)
+    first, weights = {}, []
+    for weight, batch, accum in ((0.0, 4, 1), (0.5, 4, 1), (0.5, 2, 2)):
+        model, seen = _mqar_model(), []
+        train(model, data, config=TrainConfig(batch_size=batch, grad_accum=accum, search_loss_weight=weight, **sgd),
+              on_step=lambda step, loss: seen.append(loss))
+        first[weight, batch] = seen[0]
+        weights.append(dict(resona_parameters(model)))
+        assert not model._forward_pre_hooks
+        assert model.config.resona["training"][-1]["search_loss_weight"] == weight
+    model = _mqar_model()
+    with SearchLoss(model) as search:
+        model(input_ids=torch.stack([d["input_ids"] for d in data]))
+        expected = float(search(torch.stack([d["labels"] for d in data])).detach())
+    assert expected > 0.1
+    assert abs(first[0.5, 4] - (first[0.0, 4] + 0.5 * expected)) < 1e-4
+    assert abs(first[0.5, 2] - first[0.5, 4]) < 1e-4
+    assert all(torch.allclose(p, weights[2][n], atol=1e-6, rtol=1e-4) for n, p in weights[1].items())
+    assert any(not torch.equal(p, weights[0][n]) for n, p in weights[1].items())  # the search term moved the weights
+
+
+def test_train_refuses_a_search_loss_with_nothing_to_supervise():
+    """Plain-text rows label every token, so no answer has an earlier source: refused before training."""
+    from resona_adapt.errors import ResonaConfigError
+    from resona_adapt.training import TrainConfig, train
+
+    ids = torch.randint(1, 256, (4, 64))
+    rows = [{"input_ids": ids[i], "labels": ids[i].clone()} for i in range(4)]
+    model = _mqar_model()
+    before = {n: p.clone() for n, p in resona_parameters(model)}
+    with pytest.raises(ResonaConfigError, match="the search loss has nothing to supervise"):
+        train(model, rows, config=TrainConfig(steps=1, batch_size=2, search_loss_weight=1.0))
+    assert all(torch.equal(p, before[n]) for n, p in resona_parameters(model))
+    with pytest.raises(ResonaConfigError, match="search_loss_weight must be a finite number >= 0"):
+        TrainConfig(search_loss_weight=-1.0)
