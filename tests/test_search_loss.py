@@ -168,7 +168,7 @@ def test_fit_text_adds_the_search_loss_at_its_weight(fake_corpus, monkeypatch):
 
     recipe = TextRecipe(config=ResonaConfig(chunk_size=16), steps=2, batch_size=2, seq_len=300, min_len=200,
                         kinds=("number",), questions=1, copy_fraction=0.5, copy_len=128, short_fraction=0.0, lr=5e-3,
-                        tail_steps=0)
+                        tail_steps=0, search_loss_weight=0.0)
     searched: list[float] = []
     real_call = module.SearchLoss.__call__
 

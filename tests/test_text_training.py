@@ -82,7 +82,8 @@ def _model():
 
 # 6 steps: 2 of copying at 128 tokens, 2 short NIAH/LM at 640, 2 at 700; a high LR so the weights move
 RECIPE = TextRecipe(config=ResonaConfig(chunk_size=16), steps=6, batch_size=2, seq_len=700, min_len=500,
-                    kinds=("number",), questions=1, copy_fraction=1 / 3, copy_len=128, short_fraction=1 / 3, short_len=640, lr=5e-3)
+                    kinds=("number",), questions=1, copy_fraction=1 / 3, copy_len=128, short_fraction=1 / 3, short_len=640, lr=5e-3,
+                    search_loss_weight=0.0)  # the old loop had no search loss
 
 
 def test_fit_text_reproduces_the_old_loop(fake_corpus, monkeypatch):
