@@ -176,11 +176,14 @@ class SearchLoss:
         if self.ids is None or len(self.inputs) != len(self.branches):
             raise RuntimeError("SearchLoss: no forward recorded; call the model inside the `with` block first")
         losses = []
+        targets: dict[tuple[int, int, int], tuple[Tensor, Tensor, Tensor]] = {}  # branches alike share them
         for i, branch in enumerate(self.branches):
             h, x = self.inputs[i]
             cfg = branch.config
-            rows, queries, hits = search_targets(self.ids.cpu(), answers.cpu(), cfg.chunk_size, cfg.neighbor_chunks,
-                                                 cfg.read_shift)
+            key = (cfg.chunk_size, cfg.neighbor_chunks, cfg.read_shift)
+            if key not in targets:
+                targets[key] = search_targets(self.ids.cpu(), answers.cpu(), *key)
+            rows, queries, hits = targets[key]
             if rows.numel():
                 losses.append(branch_search_loss(branch, h, x, rows, queries, hits))
         if not losses:
