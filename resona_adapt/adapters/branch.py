@@ -148,6 +148,18 @@ class ResonaBranch(nn.Module):
         w = torch.softmax(s.masked_fill(~valid, float("-inf")), dim=-1).to(x_win.dtype)  # (B, T, W)
         return torch.einsum("btwd,btw->btd", x_win, w)
 
+    def pool_span(self, x_span: Tensor, pos: Tensor, read: bool = False) -> Tensor:
+        """x_span: (B, ..., S, D) normalised embeddings of S consecutive positions, pos: (B or 1, ..., S)
+        their real positions (< 0 before the sequence) -> (B, ..., S-W+1, D), `pool_window` of the W
+        positions ending at each of the last S-W+1; zeros where all W are before the sequence."""
+        W = self.config.query_window
+        win = x_span.unfold(-2, W, 1).transpose(-1, -2)  # (B, ..., n, W, D), oldest first
+        valid = pos.unfold(-1, W, 1) >= 0  # (B or 1, ..., n, W)
+        empty = ~valid.any(-1, keepdim=True)  # (B or 1, ..., n, 1): no real position, no window
+        pooled = self.pool_window(win.reshape(win.shape[0], -1, W, win.shape[-1]),
+                                  (valid | empty).reshape(valid.shape[0], -1, W), read)  # (B, prod(..., n), D)
+        return pooled.view(*win.shape[:-2], -1).masked_fill(empty, 0.0)
+
     def recent_context(self, x_hat: Tensor, read: bool = False) -> Tensor:
         """x_hat: (B, T, D) normalised embeddings of consecutive positions from the first one -> (B, T, D)
         `pool_window` of each position's last ``query_window`` positions, in tiles of bounded memory
@@ -155,14 +167,10 @@ class ResonaBranch(nn.Module):
         W = self.config.query_window
         B, T, D = x_hat.shape
         padded = torch.cat([x_hat.new_zeros(B, W - 1, D), x_hat], dim=1)  # (B, T+W-1, D)
+        pos = torch.arange(1 - W, T, device=x_hat.device).unsqueeze(0)  # (1, T+W-1), real positions
         tile = max(1, WINDOW_TILE_BUDGET // max(1, B * W * D))
-        offsets = torch.arange(W, device=x_hat.device)  # (W,)
-        parts = []
-        for t0 in range(0, T, tile):
-            t1 = min(T, t0 + tile)
-            win = padded[:, t0:t1 + W - 1].unfold(1, W, 1).transpose(2, 3)  # (B, n, W, D), oldest first
-            pos = torch.arange(t0, t1, device=x_hat.device).unsqueeze(1) - (W - 1) + offsets  # (n, W)
-            parts.append(self.pool_window(win, (pos >= 0).unsqueeze(0), read))
+        parts = [self.pool_span(padded[:, t0:t0 + tile + W - 1], pos[:, t0:t0 + tile + W - 1], read)  # (B, n, D)
+                 for t0 in range(0, T, tile)]
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, T, D)
 
     def chunk_embeddings(self, x_hat: Tensor) -> Tensor:

@@ -251,10 +251,4 @@ def _windows_before(branch: ResonaBranch, state: ResonaCacheState, first: Tensor
     at = (state.pad.view(B, 1, 1, 1) + span.clamp(min=0)).clamp(max=state.length - 1)  # empty slots may point past
     ids = state.ids.gather(1, at.view(B, -1))
     x = branch.norm_x(embed(ids.long())).view(*span.shape, -1)  # (B, Tq, K, U+W-1, D)
-    win = x.unfold(3, W, 1).transpose(-1, -2)  # (B, Tq, K, U, W, D), oldest first
-    valid = span.unfold(3, W, 1) >= 0  # (B, Tq, K, U, W)
-    empty = ~valid.any(-1, keepdim=True)  # (B, Tq, K, U, 1): a token at position 0 has no window
-    lead = win.shape[:3]
-    pooled = branch.pool_window(win.reshape(B, -1, W, win.shape[-1]),
-                                (valid | empty).reshape(B, -1, W), read=True)  # (B, Tq*K*U, D)
-    return pooled.view(*lead, U, -1).masked_fill(empty, 0.0)
+    return branch.pool_span(x, span, read=True)  # (B, Tq, K, U, D); a token at position 0 has no window: zeros
