@@ -41,6 +41,9 @@ def test_the_source_is_the_needle_not_a_distractor_sharing_its_first_tokens():
     # a one-token answer (MQAR: key 3 -> value 8) is found through the key before it
     mqar = torch.tensor([3, 8, 4, 9, 5, 8, 2, 2, 3, 8])
     assert copy_sources(mqar, 9, 10) == [[1]]
+    # the match runs LOOKBACK = 8 tokens back before the run: the 8-token match beats the 7-token one
+    far = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 2, 3, 4, 5, 6, 7, 8, 9, 11, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert copy_sources(far, 27, 28) == [[8]]
     # ", " after a value matches in many places: too many ties say nothing, so it is not supervised
     many = torch.tensor([4, 5, 0, 4, 5, 0, 4, 5, 0, 4, 5, 0, 4, 5, 0, 2, 4, 5])
     assert copy_sources(many, 16, 18) == [[], []]
@@ -251,3 +254,53 @@ def test_train_refuses_a_search_loss_with_nothing_to_supervise():
     assert all(torch.equal(p, before[n]) for n, p in resona_parameters(model))
     with pytest.raises(ResonaConfigError, match="search_loss_weight must be a finite number >= 0"):
         TrainConfig(search_loss_weight=-1.0)
+
+
+def _reference_copy_sources(ids, start, end, run=None, min_match=2, max_sources=4):
+    """The per-run, per-position definition `row_sources` computes for all runs at once."""
+    from resona_adapt.training.search_loss import LOOKBACK
+
+    ctx, run = ids[:start].tolist(), (ids[start:end] if run is None else run).tolist()
+    out = []
+    for k in range(len(run)):
+        lengths = []
+        for j in range(len(ctx)):
+            if ctx[j] != run[k]:
+                lengths.append(0)
+                continue
+            n = 1  # backwards through the run, then up to LOOKBACK input tokens before it
+            while j - n >= 0 and (run[k - n] == ctx[j - n] if n <= k else
+                                  n - k <= min(LOOKBACK, start) and ids[start - (n - k)] == ctx[j - n]):
+                n += 1
+            m = 1  # forwards through the run, inside the context
+            while j + m < len(ctx) and k + m < len(run) and ctx[j + m] == run[k + m]:
+                m += 1
+            lengths.append(n + m - 1)
+        best = max(lengths, default=0)
+        found = [j for j, n in enumerate(lengths) if n == best] if best >= min_match else []
+        out.append(found if len(found) <= max_sources else [])
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_all_runs_at_once_equal_the_per_run_definition(seed):
+    """`row_sources` (every run of a row at once) gives what the per-position definition gives, for rows of
+    several runs (also touching, one token apart and at the row's start) over a small alphabet, with MQAR-like
+    answers that differ from the inputs under them."""
+    from resona_adapt.training.search_loss import row_sources
+
+    g = torch.Generator().manual_seed(seed)
+    T = 120
+    ids = torch.randint(0, 5 if seed % 2 else 12, (T,), generator=g)
+    answers = torch.full((T,), IGNORE)
+    runs = [(0, 3), (30, 41), (42, 43), (60, 70), (70, 72), (100, 118)]
+    for a, e in runs:
+        answers[a:e] = ids[a:e] if seed < 3 else torch.randint(0, 12, (e - a,), generator=g)
+    ids[100:118] = ids[44:62].clone()  # a long copy (its source holds a run's tokens too)
+    answers[100:118] = ids[100:118] if seed < 3 else ids[45:63]
+    pos, found = row_sources(ids, answers)
+    got = {p: [j for j in row if j >= 0] for p, row in zip(pos.tolist(), found.tolist())}
+    for a, e in answer_runs(answers != IGNORE):
+        for k, want in enumerate(_reference_copy_sources(ids, a, e, answers[a:e])):
+            assert got[a + k] == want, (a, e, k)
+    assert sum(map(len, got.values())) > 10  # the rows do have sources to find

@@ -53,40 +53,70 @@ def answer_runs(labelled: Tensor) -> list[tuple[int, int]]:
     return runs
 
 
+def row_sources(ids: Tensor, answers: Tensor, min_match: int = MIN_MATCH,
+                max_sources: int = MAX_SOURCES) -> tuple[Tensor, Tensor]:
+    """ids, answers: (T,) one row's input tokens and answer tokens (`IGNORE` where unlabelled) ->
+    ``(positions, sources)``: (P,) the labelled positions and (P, max_sources) their sources, -1 padded.
+
+    The sources of the answer token at ``p``, in the run ``[s, e)`` of labelled positions, are the
+    positions ``j < s`` whose match with the run around ``p`` (backwards through the run and up to
+    `LOOKBACK` input tokens before ``s``, then forwards through the run) is longest and at least
+    ``min_match`` tokens; none when no match is that long or more than ``max_sources`` tie. All runs
+    at once: the loops go over `LOOKBACK` and the longest run, not over the runs."""
+    T = ids.numel()
+    pos = (answers != IGNORE).nonzero().flatten()  # (P,)
+    P = pos.numel()
+    sources = torch.full((P, max_sources), -1, dtype=torch.long)  # (P, M)
+    if P == 0:
+        return pos, sources
+    first = torch.ones(P, dtype=torch.bool)  # the first position of its run
+    first[1:] = pos[1:] != pos[:-1] + 1
+    last = torch.ones(P, dtype=torch.bool)  # the last position of its run
+    last[:-1] = first[1:]
+    run = first.long().cumsum(0) - 1  # (P,) run index
+    starts = pos[first]  # (R,)
+    ends = pos[last]  # (R,) last positions
+    s = starts[run]  # (P,)
+    j = torch.arange(T).unsqueeze(1)  # (T, 1) candidate sources
+    may = j < s.unsqueeze(0)  # (T, P) a source lies before its run
+    if not bool(may.any()):
+        return pos, sources
+    same = ((ids.unsqueeze(1) == answers[pos].unsqueeze(0)) & may).long()  # (T, P)
+    before = torch.zeros(T, starts.numel(), dtype=torch.long)  # (T, R) tokens before j matching those before a run
+    alive = torch.ones(T, starts.numel(), dtype=torch.bool)
+    for i in range(1, LOOKBACK + 1):
+        alive &= (j >= i) & (starts >= i).unsqueeze(0) & (ids[(j - i).clamp(min=0)] == ids[(starts - i).clamp(min=0)])
+        before += alive.long()
+    back = same * (1 + before[:, run])  # (T, P) matching tokens ending at (j, p), going back; right at run starts
+    offset = pos - s  # (P,)
+    for k in range(1, int(offset.max()) + 1):  # within a run: back[j, p] = same[j, p] * (back[j-1, p-1] + 1)
+        cols = (offset == k).nonzero().flatten()  # (n,)
+        back[1:, cols] = same[1:, cols] * (back[:-1, cols - 1] + 1)
+    fwd = same.clone()  # (T, P) matching tokens starting at (j, p), going forward
+    to_end = ends[run] - pos  # (P,)
+    for k in range(1, int(to_end.max()) + 1):  # within a run: fwd[j, p] = same[j, p] * (fwd[j+1, p+1] + 1)
+        cols = (to_end == k).nonzero().flatten()  # (n,)
+        fwd[:-1, cols] = same[:-1, cols] * (fwd[1:, cols + 1] + 1)
+    total = (back + fwd - 1).clamp(min=0)  # (T, P) length of the whole matching stretch through (j, p)
+    best = total.max(dim=0).values  # (P,)
+    found = (total == best) & (best >= min_match) & may  # (T, P)
+    count = found.sum(0)  # (P,)
+    jj, pp = found.T.nonzero(as_tuple=True)[::-1]  # found pairs, by column then j
+    rank = found.long().cumsum(0)[jj, pp] - 1  # place of each among its column's sources
+    ok = count[pp] <= max_sources
+    sources[pp[ok], rank[ok]] = jj[ok]
+    return pos, sources
+
+
 def copy_sources(ids: Tensor, start: int, end: int, run: Tensor | None = None, min_match: int = MIN_MATCH,
                  max_sources: int = MAX_SOURCES) -> list[list[int]]:
-    """ids: (T,) input tokens; the answer run ``[start, end)`` with its tokens ``run`` (L,) (default
-    ``ids[start:end]``; MQAR's inputs there are not the answers) -> for each run position, the positions
-    ``j < start`` whose match with the run around it (backwards, up to `LOOKBACK` input tokens past the
-    run's start, then forwards within the run) is longest and at least ``min_match`` tokens; empty when
-    none is, or when more than ``max_sources`` tie."""
-    ctx = ids[:start]  # (S,)
-    run = ids[start:end] if run is None else run  # (L,)
-    S, L = ctx.numel(), run.numel()
-    if S == 0:
-        return [[] for _ in range(L)]
-    same = (ctx.unsqueeze(1) == run.unsqueeze(0)).long()  # (S, L)
-    before = torch.zeros(S, dtype=torch.long)  # before[j]: tokens before j that match those before the run
-    alive = torch.ones(S, dtype=torch.bool)
-    for i in range(1, min(LOOKBACK, start) + 1):
-        j = torch.arange(S) - i  # (S,)
-        alive &= (j >= 0) & (ctx[j.clamp(min=0)] == ids[start - i])
-        before += alive.long()
-    back = same.clone()  # back[j, k]: matching tokens ending at (j, k), going back along the diagonal
-    back[:, 0] = same[:, 0] * (1 + before)
-    for k in range(1, L):
-        back[1:, k] = same[1:, k] * (back[:-1, k - 1] + 1)
-    fwd = same.clone()  # fwd[j, k]: matching tokens starting at (j, k), going forward
-    for k in range(L - 2, -1, -1):
-        fwd[:-1, k] = same[:-1, k] * (fwd[1:, k + 1] + 1)
-    total = (back + fwd - 1).clamp(min=0)  # (S, L) length of the whole matching stretch through (j, k)
-    best = total.max(dim=0).values  # (L,)
-    out = []
-    for k in range(L):
-        b = int(best[k])
-        found = (total[:, k] == b).nonzero().flatten().tolist() if b >= min_match else []
-        out.append(found if len(found) <= max_sources else [])
-    return out
+    """The `row_sources` of one answer run ``[start, end)`` of ``ids`` (T,), with its tokens ``run`` (L,)
+    (default ``ids[start:end]``; MQAR's inputs there are not the answers) -> a list of sources per run
+    position (empty when it has none)."""
+    answers = torch.full((end,), IGNORE, dtype=torch.long)
+    answers[start:end] = ids[start:end] if run is None else run
+    _, found = row_sources(ids[:end], answers, min_match, max_sources)
+    return [[j for j in row if j >= 0] for row in found.tolist()]
 
 
 def search_targets(ids: Tensor, answers: Tensor, chunk_size: int, neighbors: int = 0,
@@ -98,24 +128,22 @@ def search_targets(ids: Tensor, answers: Tensor, chunk_size: int, neighbors: int
     not in a complete chunk they may see, or that have no source, are left out."""
     B, T = ids.shape
     N = T // chunk_size
-    rows, queries, hits = [], [], []
+    chunk = torch.arange(N)  # (N,)
+    empty = torch.zeros(0, dtype=torch.long)
+    rows, queries, hits = [empty], [empty], [torch.zeros(0, N, dtype=torch.bool)]
     for b in range(B):
-        for start, end in answer_runs(answers[b] != IGNORE):
-            for k, sources in enumerate(copy_sources(ids[b], start, end, answers[b, start:end])):
-                t = start + k - 1  # the query that predicts the token at start + k
-                visible = (t - read_shift) // chunk_size  # chunks 0 .. visible-1 the query may select
-                row = torch.zeros(N, dtype=torch.bool)
-                for j in sources:
-                    c = (j - read_shift) // chunk_size  # the chunk whose read holds position j
-                    if 0 <= c < visible:
-                        row[max(0, c - neighbors):c + 1] = True
-                if t >= 0 and bool(row.any()):
-                    rows.append(b)
-                    queries.append(t)
-                    hits.append(row)
-    if not hits:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0, N, dtype=torch.bool)
-    return torch.tensor(rows), torch.tensor(queries), torch.stack(hits)
+        pos, src = row_sources(ids[b], answers[b])  # (P,), (P, M)
+        t = pos - 1  # the query that predicts the token at pos
+        visible = torch.div(t - read_shift, chunk_size, rounding_mode="floor")  # (P,) it may select chunks < visible
+        c = torch.div(src - read_shift, chunk_size, rounding_mode="floor")  # (P, M) the chunk whose read holds a source
+        real = (src >= 0) & (c >= 0) & (c < visible.unsqueeze(1))  # (P, M)
+        within = (chunk >= (c - neighbors).unsqueeze(-1)) & (chunk <= c.unsqueeze(-1))  # (P, M, N)
+        row = (within & real.unsqueeze(-1)).any(1)  # (P, N)
+        keep = (t >= 0) & row.any(1)  # (P,)
+        rows.append(torch.full((int(keep.sum()),), b, dtype=torch.long))
+        queries.append(t[keep])
+        hits.append(row[keep])
+    return torch.cat(rows), torch.cat(queries), torch.cat(hits)
 
 
 def branch_search_loss(branch: nn.Module, h: Tensor, x: Tensor, rows: Tensor, queries: Tensor, hits: Tensor) -> Tensor:
