@@ -254,3 +254,46 @@ def test_train_text_runs_the_plain_text_tail_after_the_schedule(fake_corpus, mon
     calls.clear()
     train_text(model, tok, dataclasses.replace(recipe, tail_steps=0), seed=3)
     assert len(calls) == 1
+
+
+def _load_example(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts every next token of its input right (or, ``wrong_at``, one given token wrong)."""
+
+    def __init__(self, vocab: int, wrong: str | None = None, tokenizer=None) -> None:
+        super().__init__()
+        self.vocab, self.wrong = vocab, None if wrong is None else tokenizer.convert_tokens_to_ids(wrong)
+
+    def forward(self, ids: torch.Tensor):
+        from types import SimpleNamespace
+
+        nxt = torch.cat([ids[:, 1:], ids[:, -1:]], dim=1)  # (1, T) the token after each position
+        if self.wrong is not None:
+            nxt = nxt.masked_fill(nxt == self.wrong, 0)
+        return SimpleNamespace(logits=torch.nn.functional.one_hot(nxt, self.vocab).float())
+
+
+def test_answer_probe_scores_each_part_of_the_expected_answer(fake_corpus):
+    """examples/niah_answer_probe.py: a model that predicts every next token scores 1 on every part; one
+    that never predicts "," scores 0 on the separators only (a slicing off by one would fail both)."""
+    from resona_adapt.training.niah_task import answer_text
+
+    probe = _load_example("niah_answer_probe")
+    assert "".join(t for _, t in probe.answer_parts(["1", "22", "3", "4"])) == answer_text(["1", "22", "3", "4"])
+    tok = byte_tokenizer()
+    right = probe.probe(_Oracle(len(tok)), tok, "multivalue", 800, 3, seed=0, greedy=0)
+    assert {name: len(v) for name, v in right.items()}["value: other tokens"] == 3 * 4 * 6
+    assert all(all(v) for v in right.values()) and "value 4: first token" in right
+    right = probe.probe(_Oracle(len(tok), ",", tok), tok, "multivalue", 800, 3, seed=0, greedy=0)
+    assert not any(right["separator: first token"]) and all(right["separator: other tokens"])
+    assert all(all(v) for name, v in right.items() if not name.startswith("separator"))
