@@ -98,6 +98,52 @@ def test_greedy_generate_equals_argmax_of_full_forwards(family, trained):
     assert torch.equal(out, greedy_by_full_forwards(model, ids, 18))
 
 
+def test_evaluation_greedy_decodes_with_the_cache():
+    """`evaluation.generate.greedy_generate` (NIAH, text eval): the tokens of full forwards, read through
+    the cache (after the prompt, one token per forward), cut after the first stop token; the
+    checkpoint's generation config (sampling, a repetition penalty, its end token) does not apply."""
+    from resona_adapt.evaluation.generate import greedy_generate
+
+    model = make("mamba2")
+    model.generation_config.do_sample, model.generation_config.repetition_penalty = True, 5.0
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(8))
+    want = greedy_by_full_forwards(model, ids, 16)[0, 9:]
+    model.generation_config.eos_token_id = int(want[3])  # not a stop token of the evaluation's
+    lengths = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: lengths.append(k["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        got = greedy_generate(model, ids, 16)
+    finally:
+        hook.remove()
+    assert torch.equal(got, want) and lengths[0] == 9 and set(lengths[1:]) == {1}
+    stop = int(want[5])
+    first = int((want == stop).nonzero()[0])
+    assert torch.equal(greedy_generate(model, ids, 16, stop_ids={stop}), want[: first + 1])
+    assert greedy_generate(model, ids, 0).numel() == 0
+
+
+def test_evaluation_greedy_falls_back_to_full_forwards_where_generate_is_wrong(monkeypatch):
+    """fla's models generate wrong tokens under transformers releases they do not support
+    (`compat.installed_incompatibility`): there the evaluation decodes by full forwards, never generate()."""
+    import resona_adapt.compat as compat
+    from resona_adapt.evaluation.generate import greedy_generate
+
+    model = make("mamba2")
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(9))
+    want = greedy_by_full_forwards(model, ids, 6)[0, 9:]
+    model.__class__ = type("GLAForCausalLM", (type(model),), {"__module__": "fla.models.gla.modeling_gla"})
+
+    def refuse(*a, **k):
+        raise AssertionError("generate() must not run")
+
+    monkeypatch.setattr(model, "generate", refuse)
+    monkeypatch.setattr(compat, "installed_incompatibility", lambda: "fla under transformers 5.24")
+    assert torch.equal(greedy_generate(model, ids, 6), want)
+    monkeypatch.setattr(compat, "installed_incompatibility", lambda: None)
+    with pytest.raises(AssertionError, match="must not run"):
+        greedy_generate(model, ids, 6)  # a supported pair decodes with the cache
+
+
 def generate_scores(model, ids, mask=None, n: int = 14, **kw):
     mask = torch.ones_like(ids) if mask is None else mask  # never let generate() guess a mask from pad ids
     with torch.no_grad():
