@@ -48,7 +48,8 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="write the trained retrofit (and tokenizer) here")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", default=None)
-    for name in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks", "key_shift", "key_context", "query_window", "read_window"):
+    for name in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks", "key_shift", "key_context", "query_window", "read_window",
+                 "read_coverage"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--score-scale", type=float, default=None)
     ap.add_argument("--chunk-pool", default=None, choices=("mean", "weighted", "attention"))
@@ -73,7 +74,8 @@ def main() -> None:
     args = ap.parse_args()
     recipe = TEXT_QUICK_RECIPE if args.quick else TEXT_RECIPE
     cfg = {k: getattr(args, k) for k in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks",
-                                          "score_scale", "chunk_pool", "mix", "key_context", "query_window") if getattr(args, k) is not None}
+                                          "score_scale", "chunk_pool", "mix", "key_context", "query_window", "read_coverage")
+           if getattr(args, k) is not None}
     if args.key_shift is not None:
         cfg["key_shift"] = bool(args.key_shift)
     if args.read_window is not None:

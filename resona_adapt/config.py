@@ -111,6 +111,13 @@ class ResonaConfig:
                   "pooled window (zero-initialised), so the read can prefer the value whose needle names the asked "
                   "key when several look alike (RULER's multikey)."},
     )
+    read_coverage: int = field(
+        default=0,
+        metadata={"help": "Read coverage window W (0 = off): each read slot's logits get -g(h) x the number of the "
+                  "last W positions whose 3 tokens ending there also end at a position of that slot (what the "
+                  "recent output already copied from it), with g a zero-initialised projection of the layer "
+                  "input, so a list answer can move on to a value it has not given (RULER's multivalue)."},
+    )
     mix: str = field(default="residual", metadata={"help": f"Mixing mode, one of {MIX_MODES}."})
     alpha: float = field(default=0.5, metadata={"help": "Weight a of Ym in the paper mixes (0 < a < 1)."})
     lr_multiplier: float = field(
@@ -152,6 +159,9 @@ class ResonaConfig:
         if self.read_window and (not w or not self.key_shift):
             raise ResonaConfigError("ResonaConfig.read_window needs a query_window (> 0) and key_shift=True: the read "
                                     "pools the same last query_window tokens the search query does; set both, or read_window=False")
+        w = self.read_coverage
+        if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= 256:
+            raise ResonaConfigError(f"ResonaConfig.read_coverage must be an integer from 0 to 256, got {w!r}")
         if self.read_shift not in (0, 1) or isinstance(self.read_shift, bool):
             raise ResonaConfigError(f"ResonaConfig.read_shift must be 0 or 1, got {self.read_shift!r}")
         if not isinstance(self.key_shift, bool):

@@ -26,10 +26,20 @@ def make_branch(seed: int = 0, **cfg) -> ResonaBranch:
     return branch
 
 
-def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_k: int) -> torch.Tensor:
+def coverage_reference(ids: list[int], t: int, c: int, window: int, U: int, shift: int, n: int = 3) -> int:
+    """Pairs (s, j): s among the last `window` positions up to t, j < s one of the positions slot c reads,
+    the n tokens ending at j equal to the n ending at s (both with n tokens before them)."""
+    reads = range(c * U + shift, (c + 1) * U + shift)
+    return sum(1 for s in range(max(0, t - window + 1), t + 1) for j in reads
+               if n - 1 <= j < s and ids[j - n + 1:j + 1] == ids[s - n + 1:s + 1])
+
+
+def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_k: int,
+                    ids: torch.Tensor | None = None) -> torch.Tensor:
     """Yr, one query at a time, straight from METHOD.md: eligible chunks end strictly before t; each
     chosen chunk is read with its next `neighbor_chunks` chunks that also end before t (each chunk once);
-    with key_shift a key also sees the previous position's embedding."""
+    with key_shift a key also sees the previous position's embedding; with read_coverage each slot's
+    logits lose gate(h) x its `coverage_reference` (token ids ``ids``)."""
     cfg = branch.config
     U, H, dh = cfg.chunk_size, cfg.num_heads, cfg.head_dim
     B, T, _ = h.shape
@@ -87,16 +97,19 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
             if cfg.read_window:
                 q = q + branch.q_window_proj(window_pool(b, t, read=True))
             q = q.view(H, dh)
+            gate = branch.coverage_gate(h_hat[b, t]) if cfg.read_coverage else None
             for head in range(H):
                 logits, values = [], []
                 if branch.sink_logit is not None:
                     logits.append(branch.sink_logit[head])
                     values.append(h.new_zeros(dh))
                 for c, score in chosen:
+                    cover = 0.0 if gate is None else gate[0] * coverage_reference(ids[b].tolist(), t, c,
+                                                                               cfg.read_coverage, U, s_)
                     for j in range(U):
                         pos = c * U + s_ + j
                         logits.append(q[head] @ k[pos, head] / math.sqrt(dh) + cfg.score_scale * score
-                                      + branch.pos_bias[head, j])
+                                      + branch.pos_bias[head, j] - cover)
                         values.append(v[pos, head])
                 if not logits:
                     continue
@@ -233,6 +246,68 @@ def test_read_window_starts_as_the_plain_read_and_learns():
                 dict(read_window=1, query_window=4)):
         with pytest.raises(Exception, match="read_window"):
             ResonaConfig(**bad)
+
+
+def _repetitive_ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    """(B, T) ids over 3 tokens: many 3-token repeats, so coverage counts are large and varied."""
+    return torch.randint(0, 3, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("window, neighbors, read_shift", [(1, 0, 1), (4, 1, 1), (9, 2, 0), (6, 0, 0)])
+def test_read_coverage_matches_dense_reference(window, neighbors, read_shift, monkeypatch):
+    """Every slot's read logits lose gate(h) x the pairs counted by the definition (a Python loop here),
+    also when the query tiles of `slot_coverage` are small."""
+    import resona_adapt.adapters.coverage as coverage
+
+    monkeypatch.setattr(coverage, "TILE_BUDGET", 3 * 4 * window * 5)  # tiles of a few queries
+    branch = make_branch(top_k=2, read_coverage=window, neighbor_chunks=neighbors, read_shift=read_shift,
+                         key_shift=bool(read_shift)).double()
+    h, x = torch.randn(2, 23, D, dtype=torch.float64), torch.randn(2, 23, D, dtype=torch.float64)
+    ids = _repetitive_ids(2, 23)
+    with torch.no_grad():
+        fast = branch.retrieve(h, x, ids=ids)
+        torch.testing.assert_close(fast, dense_reference(branch, h, x, 2, ids=ids), atol=1e-5, rtol=1e-4)
+        other = branch.retrieve(h, x, ids=_repetitive_ids(2, 23, seed=1))
+    assert (fast - other).abs().max() > 1e-3  # the counts matter
+
+
+@pytest.mark.parametrize("t", [2, 4, 9, 17])
+def test_read_coverage_is_causal(t):
+    """Coverage at t counts tokens up to t only: later ids (and embeddings) change nothing at or before t."""
+    branch = make_branch(top_k=3, read_coverage=6, neighbor_chunks=1)
+    T = 20
+    h, x, ids = torch.randn(1, T, D), torch.randn(1, T, D), _repetitive_ids(1, T)
+    x2, ids2 = x.clone(), ids.clone()
+    x2[:, t + 1:] = torch.randn(1, T - t - 1, D)
+    ids2[:, t + 1:] = (ids2[:, t + 1:] + 1) % 3
+    with torch.no_grad():
+        assert torch.equal(branch.retrieve(h, x, ids=ids)[:, :t + 1], branch.retrieve(h, x2, ids=ids2)[:, :t + 1])
+
+
+def test_read_coverage_starts_at_zero_and_learns():
+    """At injection the gate is zero (the branch reads as without coverage); the gate gets gradient; a
+    forward without token ids is refused with the way out; bad windows are refused."""
+    cfg = dict(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16, neighbor_chunks=1)
+    torch.manual_seed(0)
+    plain = ResonaBranch(D, ResonaConfig(**cfg))
+    covered = ResonaBranch(D, ResonaConfig(**cfg, read_coverage=8))
+    missing, unexpected = covered.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["coverage_gate.bias", "coverage_gate.weight"] and not unexpected
+    with torch.no_grad():
+        for m in (plain, covered):
+            torch.manual_seed(1)
+            m.q_proj.weight.normal_()
+            m.o_proj.weight.normal_()
+    h, x, ids = torch.randn(1, 20, D), torch.randn(1, 20, D), _repetitive_ids(1, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(covered.retrieve(h, x, ids=ids), plain.retrieve(h, x))
+    covered.retrieve(h, x, ids=ids).pow(2).sum().backward()
+    assert covered.coverage_gate.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="input_ids"):
+        covered.retrieve(h, x)
+    for bad in (-1, 257, True, 2.0):
+        with pytest.raises(Exception, match="read_coverage"):
+            ResonaConfig(read_coverage=bad)
 
 
 def test_query_tiles_do_not_change_the_result():

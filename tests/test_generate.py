@@ -331,3 +331,42 @@ def test_query_window_steps_equal_a_full_forward(family, key_context, read_windo
     for b, row in enumerate(rows):
         alone_seq, alone_scores = generate_scores(model, row)
         assert (scores[b] - alone_scores[0]).abs().max() <= 1e-4, b
+
+
+def _copying_ids(rows: int = 2, seed: int = 7) -> torch.Tensor:
+    """(rows, 40) ids whose second half repeats the first from its 4th token on (so read coverage counts
+    copies); the copy is shifted by 17, so no chunk of U = 4 repeats another whole (a tie in the search)."""
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(1, VOCAB, (rows, 20), generator=g)
+    return torch.cat([first, first[:, 3:20], torch.randint(1, VOCAB, (rows, 3), generator=g)], dim=1)  # (rows, 40)
+
+
+def test_read_coverage_steps_equal_a_full_forward():
+    """Read coverage is counted from the cached ids at each decode step exactly as the full forward
+    counts it, left padding included; and it is live (a zero gate changes the logits)."""
+    model = build_tiny("mamba2")
+    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, read_coverage=6, neighbor_chunks=1, **CFG))
+    randomize_resona(model)
+    model.generation_config.eos_token_id = None
+    ids = _copying_ids()
+    steps, _ = stepwise_logits(model, ids, prefill=9)
+    full = full_logits(model, ids)
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    branches = [m for m in model.modules() if type(m).__name__ == "ResonaBranch"]
+    saved = [b.coverage_gate.weight.detach().clone() for b in branches]
+    with torch.no_grad():
+        for b in branches:
+            b.coverage_gate.weight.zero_()
+            b.coverage_gate.bias.zero_()
+    assert (full_logits(model, ids) - full).abs().max() > 1e-3  # the coverage term did something
+    with torch.no_grad():
+        for b, w in zip(branches, saved):
+            b.coverage_gate.weight.copy_(w)
+            b.coverage_gate.bias.fill_(1.0)
+    rows = [ids[:1], ids[1:, 5:]]
+    batch = torch.cat([rows[0], torch.cat([torch.zeros(1, 5, dtype=torch.long), rows[1]], 1)])
+    mask = (torch.arange(40) >= torch.tensor([[0], [5]])).long()
+    seqs, scores = generate_scores(model, batch, mask)
+    for b, row in enumerate(rows):
+        alone_seq, alone_scores = generate_scores(model, row)
+        assert (scores[b] - alone_scores[0]).abs().max() <= 1e-4, b

@@ -161,3 +161,20 @@ def test_cache_keyword_carries_the_hymba_cache():
     with recorded_caches(model) as seen, torch.no_grad():
         out = model(torch.randint(3, VOCAB, (1, 8)), use_cache=True)
     assert sorted(seen) == [0, 3, 5] and all(c is out.past_key_values for c in seen.values())
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_read_coverage_counts_input_tokens_behind_the_meta_tokens(replace):
+    """With M meta tokens in front, read coverage gets the forward's input ids for the positions it reads
+    (the branch counts from the first input token); generate() equals full forwards, swapped heads too."""
+    model = build_hymba()
+    retrofit(model, layers=[1], config=ResonaConfig(replace_attention=replace, read_coverage=6, **CFG))
+    randomize_resona(model)
+    first = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    ids = torch.cat([first, first[:, 1:]], dim=1)  # (1, 17): a copy, so coverage counts something
+    out = logits(model, ids)
+    branch = resona_layers(model)[1].resona
+    with torch.no_grad():
+        branch.coverage_gate.bias.add_(3.0)
+    assert (logits(model, ids) - out).abs().max() > 1e-4  # the counts reach the read
+    check_generate(model, ids[:, :11])

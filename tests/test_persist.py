@@ -38,15 +38,17 @@ def test_round_trip_same_logits_bit_for_bit(family, tmp_path):
 
 def test_round_trip_with_a_query_window_and_token_scored_chunks(tmp_path):
     model = build_tiny("mamba2")
-    cfg = ResonaConfig(query_window=5, read_window=True, chunk_pool="attention", neighbor_chunks=1, **CFG)
+    cfg = ResonaConfig(query_window=5, read_window=True, chunk_pool="attention", neighbor_chunks=1, read_coverage=6,
+                       **CFG)
     retrofit(model, layers=[1, -1], config=cfg)
     randomize_resona(model)
-    ids = torch.randint(0, VOCAB, (2, 23))
+    first = torch.randint(0, VOCAB, (2, 12))
+    ids = torch.cat([first, first[:, 1:]], dim=1)  # (2, 23): a copy, so read coverage counts something
     with torch.no_grad():
         expected = model(ids).logits
     model.save_pretrained(tmp_path / "out")
     loaded = load_retrofitted(tmp_path / "out")
-    assert loaded.config.resona["config"]["query_window"] == 5
+    assert loaded.config.resona["config"]["query_window"] == 5 and loaded.config.resona["config"]["read_coverage"] == 6
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, expected)
 

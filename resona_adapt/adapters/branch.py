@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..config import ResonaConfig
 from ..kernels import chunk_means, retrieve
+from .coverage import ngram_hashes, slot_coverage
 from .mixing import Mix
 from .norm import RMSNorm
 
@@ -88,6 +89,8 @@ class ResonaBranch(nn.Module):
         self.read_window_bias = nn.Parameter(torch.zeros(W, **kw)) if config.read_window else None
         self.k_window_proj = nn.Linear(d_model, H * dh, bias=False, **kw) if config.read_window else None
         self.q_window_proj = nn.Linear(d_model, H * dh, bias=False, **kw) if config.read_window else None
+        # read_coverage: g(h) scales the coverage subtracted from each read slot's logits (zero at injection)
+        self.coverage_gate = nn.Linear(d_model, 1, **kw) if config.read_coverage else None
         self.mix = Mix(d_model, config, **kw)
         self.reset_parameters()
 
@@ -120,6 +123,9 @@ class ResonaBranch(nn.Module):
             nn.init.zeros_(self.window_encoder.weight)
             nn.init.zeros_(self.window_query)
             nn.init.zeros_(self.window_bias)
+        if self.coverage_gate is not None:
+            nn.init.zeros_(self.coverage_gate.weight)
+            nn.init.zeros_(self.coverage_gate.bias)
         if self.k_window_proj is not None:
             nn.init.normal_(self.k_window_proj.weight, std=self.d_model**-0.5)
             nn.init.zeros_(self.q_window_proj.weight)  # the read query starts as the layer input's alone
@@ -220,14 +226,32 @@ class ResonaBranch(nn.Module):
             q = q + self.q_window_proj(recent.to(q.dtype))
         return self.heads(q)
 
+    def coverage_bias(self, h_hat: Tensor, hashes: Tensor, q_pos: Tensor, slots: Tensor) -> Tensor:
+        """With ``read_coverage``: h_hat (B, Tq, D) normalised layer input of the queries at real positions
+        q_pos (B, Tq) or (Tq,), hashes (B, L) `coverage.ngram_hashes` of the sequence, slots (B, Tq, K) the
+        chunks read -> (B, Tq, K), ``-gate(h) * coverage`` to add to the slots' read logits."""
+        cfg = self.config
+        cov = slot_coverage(hashes, q_pos, slots, cfg.chunk_size, cfg.read_shift, cfg.read_coverage)  # (B, Tq, K)
+        return -self.coverage_gate(h_hat).float() * cov
+
     def heads(self, t: Tensor) -> Tensor:
         """(B, T, H*d) -> (B, T, H, d)."""
         return t.view(*t.shape[:-1], self.config.num_heads, self.config.head_dim)
 
     # -- full-sequence path ----------------------------------------------------------------------
-    def retrieve(self, h: Tensor, x: Tensor, return_indices: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """The retrieval output Yr (B, T, D) for a whole sequence (and the chosen chunks (B, T, K))."""
+    def retrieve(self, h: Tensor, x: Tensor, return_indices: bool = False,
+                 ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """The retrieval output Yr (B, T, D) for a whole sequence (and the chosen chunks (B, T, K));
+        ``ids`` (B, T), the token ids of the same positions, are needed with ``read_coverage``."""
         cfg = self.config
+        slot_bias = None
+        if self.coverage_gate is not None:
+            if ids is None or tuple(ids.shape) != tuple(h.shape[:2]):
+                raise ValueError("this branch has read_coverage, which counts copies by token id: run the model "
+                                 "on input_ids (not inputs_embeds), or retrofit without read_coverage")
+            hashes = ngram_hashes(ids)  # (B, T)
+            positions = torch.arange(h.shape[1], device=h.device)  # (T,)
+            slot_bias = lambda slots: self.coverage_bias(self.norm_h(h), hashes, positions, slots)  # noqa: E731
         h_hat, x_hat = self.norm_h(h), self.norm_x(x)  # (B, T, D) x2
         recent = self.recent_context(x_hat) if self.window_encoder is not None else None  # (B, T, D)
         qs = self.search_queries(h_hat, recent)  # (B, T, E)
@@ -241,19 +265,23 @@ class ResonaBranch(nn.Module):
             top_k=cfg.k_for(self.training), chunk_size=cfg.chunk_size, score_scale=cfg.score_scale,
             sink_logit=self.sink_logit, pos_bias=self.pos_bias, query_tile=cfg.query_tile,
             neighbors=cfg.neighbor_chunks, read_shift=cfg.read_shift, return_indices=return_indices,
+            slot_bias=slot_bias,
         )
         attn, idx = out if return_indices else (out, None)
         y_r = self.o_proj(attn.reshape(*attn.shape[:2], -1).to(self.o_proj.weight.dtype))  # (B, T, D)
         return (y_r, idx) if return_indices else y_r
 
-    def forward(self, h: Tensor, x: Tensor, y_m: Tensor, pad: Tensor | None = None) -> Tensor:
+    def forward(self, h: Tensor, x: Tensor, y_m: Tensor, pad: Tensor | None = None,
+                ids: Tensor | None = None) -> Tensor:
         """Mix the retrieval output into ``y_m``. ``pad`` (B,) counts left-padding tokens per row:
-        each row is then treated as if its first real token were position 0."""
+        each row is then treated as if its first real token were position 0. ``ids`` (B, T): the
+        token ids (needed with ``read_coverage``)."""
         if pad is not None and bool(pad.any()):
             h_al, x_al = left_align(h, pad), left_align(x, pad)
-            y_r = right_align(self.retrieve(h_al, x_al), pad)  # (B, T, D)
+            ids_al = left_align(ids, pad) if ids is not None else None
+            y_r = right_align(self.retrieve(h_al, x_al, ids=ids_al), pad)  # (B, T, D)
         else:
-            y_r = self.retrieve(h, x)  # (B, T, D)
+            y_r = self.retrieve(h, x, ids=ids)  # (B, T, D)
         return self.mix(y_m, y_r, self.norm_h(h))
 
 

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from ..errors import SurgeryError
 from ..kernels import absorbed_attention, add_neighbors, select_chunks_ref
-from .branch import ResonaBranch
+from .branch import ResonaBranch, left_align
+from .coverage import ngram_hashes
 from .cache import ResonaCacheState, attach, resona_cache
 from .context import ResonaContext
 
@@ -178,12 +179,15 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
         sel_pos = q_pos - cfg.read_shift  # a shifted read must end before the query too
         idx, score = select_chunks_ref(qs, summaries, K, U, sel_pos)  # (B, Tn, K) x2
         idx, score = add_neighbors(idx, score, sel_pos, U, cfg.neighbor_chunks)  # (B, Tn, K') x2
+        bias = score * cfg.score_scale  # (B, Tn, K')
+        if branch.coverage_gate is not None:  # the same pairs as the full path, counted from the cached ids
+            aligned = left_align(state.ids[:, :state.length].long(), state.pad)  # (B, L) from each row's 1st token
+            bias = bias + branch.coverage_bias(h_hat, ngram_hashes(aligned), q_pos, idx)
         q = branch.read_queries(h_hat, _recent(branch, state, q_pos, embed, read=True))  # (B, Tn, H, d)
         per_token = (U + 1) * (cfg.query_window if cfg.read_window else 1)  # gathered positions per slot
         tile = max(1, QUERY_TILE_BUDGET // max(1, B * idx.shape[-1] * per_token * D))
         parts = [
-            _absorbed_attention(branch, state, q[:, t0:t0 + tile], idx[:, t0:t0 + tile],
-                                score[:, t0:t0 + tile] * cfg.score_scale, embed)
+            _absorbed_attention(branch, state, q[:, t0:t0 + tile], idx[:, t0:t0 + tile], bias[:, t0:t0 + tile], embed)
             for t0 in range(0, Tn, tile)
         ]
         attn = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, Tn, H*d)

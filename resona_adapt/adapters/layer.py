@@ -105,12 +105,20 @@ class ResonaLayer(nn.Module):
         if mixed is None:  # the full-sequence path (also the prefill of a cached forward)
             x = self._context.embeddings_for(h)  # (B, T, D)
             pad = self._context.left_pad(h.shape[1])  # (B,) or None
-            mixed = self.resona(h, x, y, pad=pad)  # (B, T, D)
+            mixed = self.resona(h, x, y, pad=pad, ids=self.token_ids(h))  # (B, T, D)
         if scale != 1.0:
             mixed = mixed * scale
         if lead:
             mixed = torch.cat([y_m[:, :lead], mixed], dim=1)  # (B, L, D)
         return rebuild(mixed)
+
+    def token_ids(self, h: Tensor) -> Tensor | None:
+        """The forward's token ids (B, T) for h (B, T, D), when the branch needs them (``read_coverage``)
+        and the forward was given ids of those positions; else None."""
+        ids = self._context.input_ids
+        if self.resona.coverage_gate is None or ids is None or tuple(ids.shape) != tuple(h.shape[:2]):
+            return None
+        return ids.to(h.device)
 
     def unload_and_optionally_merge_module(self, merge: bool = True, safe_merge: bool = False,
                                            adapter_names: Any = None) -> nn.Module:

@@ -58,7 +58,8 @@ def model_options(f: Callable) -> Callable:
 
 
 CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "chunk_pool",
-                 "neighbor_chunks", "read_shift", "key_shift", "key_context", "query_window", "read_window", "mix", "alpha", "replace_attention")
+                 "neighbor_chunks", "read_shift", "key_shift", "key_context", "query_window", "read_window",
+                 "read_coverage", "mix", "alpha", "replace_attention")
 
 
 def resona_config_options(f: Callable) -> Callable:
@@ -79,6 +80,10 @@ def resona_config_options(f: Callable) -> Callable:
             f = click.option("--read-window/--no-read-window", default=None,
                              help="With --query-window: the read keys and query also see the pooled window "
                                   "(default off).")(f)
+        elif name == "read_coverage":
+            f = click.option(flag, type=int, default=None,
+                             help="Read coverage window W: each chunk read loses a learned share of the copies the "
+                                  "last W tokens made from it, so a list answer moves on (default 0 = off).")(f)
         elif name == "replace_attention":
             f = click.option(flag, is_flag=True, default=None,
                              help="Hybrid-head models (Hymba): replace the chosen layers' attention heads with the "

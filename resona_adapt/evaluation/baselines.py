@@ -79,7 +79,7 @@ def chunk_selection(model: nn.Module, input_ids: Tensor, layer: int | None = Non
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         hidden = hidden_from_call(args, kwargs)  # (B, T, D)
         x = module.context.embeddings_for(hidden)  # (B, T, D)
-        _, found["idx"] = module.resona.retrieve(hidden, x, return_indices=True)
+        _, found["idx"] = module.resona.retrieve(hidden, x, return_indices=True, ids=module.token_ids(hidden))
 
     handle = target.register_forward_hook(hook, with_kwargs=True)
     was_training = model.training

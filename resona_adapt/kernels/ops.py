@@ -10,6 +10,8 @@ No (T x T) object is ever built:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -70,6 +72,7 @@ def retrieve(
     read_shift: int = 0,
     backend: str | None = None,
     return_indices: bool = False,
+    slot_bias: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Causal chunk-and-search and cross-attention over the selected chunks, for a whole sequence.
 
@@ -80,7 +83,9 @@ def retrieve(
     kernel do not tile. ``neighbors``: each selected chunk is read with the next ``neighbors``
     complete chunks (`reference.add_neighbors`). ``read_shift`` (0 or 1): a chunk ``c`` is read as
     the ``U`` positions that follow each of its tokens, ``[c*U + s, (c+1)*U + s)``, and is eligible
-    when that window ends before the query, ``(c+1)*U + s <= t``. Returns (B, T, H, d), and the
+    when that window ends before the query, ``(c+1)*U + s <= t``. ``slot_bias(slots)``, slots: (B, T, K')
+    the chunks read (neighbours included), returns (B, T, K') more logit for each slot's tokens (read
+    coverage, `adapters.coverage`). Returns (B, T, H, d), and the
     selected chunk indices (B, T, K) if asked (the search's choice, without the neighbours).
     """
     be = get_backend(q.device, backend)
@@ -89,8 +94,11 @@ def retrieve(
     read_idx, score = add_neighbors(idx, score, q_pos, chunk_size, neighbors)  # (B, T, K*(1+neighbors)) x2
     if read_shift:  # slot c of the kernels reads positions [c*U + s, (c+1)*U + s)
         k, v = shift_left(k, read_shift), shift_left(v, read_shift)  # (B, T, H, d) x2
+    bias = score * score_scale  # (B, T, K')
+    if slot_bias is not None:
+        bias = bias + slot_bias(read_idx)
     out = be.chunk_attention(
-        q, k, v, read_idx, score * score_scale, chunk_size, sink_logit=sink_logit, pos_bias=pos_bias,
+        q, k, v, read_idx, bias, chunk_size, sink_logit=sink_logit, pos_bias=pos_bias,
         query_tile=query_tile,
     )  # (B, T, H, d)
     return (out, idx) if return_indices else out
