@@ -3,7 +3,8 @@
     python examples/niah_answer_probe.py CHECKPOINT --kind multivalue --length 1024 --samples 24
 
 Builds ``samples`` held-out NIAH prompts of one needle kind (`evaluation.niah.make_text_sample`, the
-evaluation's own), appends the expected answer (`` v1, v2, v3, v4.`` for multivalue, `` v.`` else),
+evaluation's own), appends the answer the training uses (`niah_task.answer_text`: `` v.``, or one
+value per line for multivalue),
 runs one forward of the retrofitted checkpoint and counts, per part of the answer, how often the
 model's top prediction is the expected token: the first token of each value (which value comes
 next), its other tokens (the copy), the separators and the final full stop. ``--greedy N`` also prints
@@ -29,7 +30,7 @@ def answer_parts(values: Sequence[str]) -> list[tuple[str, str]]:
     """The expected answer as (part name, text) pieces whose concatenation is `niah_task.answer_text`."""
     parts = []
     for i, value in enumerate(values):
-        parts += [("separator" if i else "space", ", " if i else " "), (f"value {i + 1}", value)]
+        parts += [("separator" if i else "space", ".\n" if i else " "), (f"value {i + 1}", value)]
     return parts + [("full stop", ".")]
 
 

@@ -46,12 +46,13 @@ class TextRecipe:
 
     config: ResonaConfig = field(default_factory=lambda: ResonaConfig(
         chunk_size=32, top_k=8, train_top_k=8, num_heads=2, chunk_pool="attention", neighbor_chunks=1,
-        key_context=3, query_window=32, read_window=True))
-    """Measured choices (docs/text-niah.md, "0.4" and "0.5"): chunks of 32 read 8 at a time; search
+        key_context=3, query_window=32, read_window=True, read_coverage=24))
+    """Measured choices (docs/text-niah.md, "0.4", "0.5" and "0.6"): chunks of 32 read 8 at a time; search
     queries that see the last 32 tokens (``query_window``: the key a few tokens back in the question);
     read keys that see the 3 previous tokens (``key_context``: copying a number whose digits repeat)
     and the pooled 32 before them, read queries their own 32 (``read_window``: the read tells needles
-    with look-alike values apart by their keys; it needs ``search_loss_weight``, below)."""
+    with look-alike values apart by their keys; it needs ``search_loss_weight``, below); read coverage
+    over the last 24 tokens (``read_coverage``: a list answer moves on to a value it has not given)."""
     layers: str = "-1"
     steps: int = 900
     batch_size: int = 8

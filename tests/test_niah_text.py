@@ -112,7 +112,7 @@ def test_niah_training_examples(fake_corpus):
         assert bool((labels[-n:] != IGNORE).all()) and bool((labels[:-n] == IGNORE).all())  # the answer is the tail
         answer = tok.decode(ids[-n:].tolist())
         assert answer.startswith(" ") and answer.endswith(".")
-        values = answer[1:-1].split(", ")
+        values = answer[1:-1].split(".\n")  # multi-value: one per line
         assert len(values) in (1, 4)
         for v in values:
             assert f"is: {v}." in text
@@ -128,7 +128,7 @@ def test_niah_training_bad_options(fake_corpus):
         niah_text_dataset(tok, 400, 2, kinds=("colour",))
     with pytest.raises(DataError, match="too short"):
         niah_text_dataset(tok, 64, 2, kinds=("uuid",))
-    assert answer_text(["1", "2"]) == " 1, 2."
+    assert answer_text(["1", "2"]) == " 1.\n2." and answer_text(["7"]) == " 7."
 
 
 def test_train_cli_task_niah(fake_corpus, tmp_path):
@@ -285,7 +285,8 @@ class _Oracle(torch.nn.Module):
 
 def test_answer_probe_scores_each_part_of_the_expected_answer(fake_corpus):
     """examples/niah_answer_probe.py: a model that predicts every next token scores 1 on every part; one
-    that never predicts "," scores 0 on the separators only (a slicing off by one would fail both)."""
+    that never predicts a line end scores 0 on the separators' line ends only (a slicing off by one would
+    fail both)."""
     from resona_adapt.training.niah_task import answer_text
 
     probe = _load_example("niah_answer_probe")
@@ -294,6 +295,6 @@ def test_answer_probe_scores_each_part_of_the_expected_answer(fake_corpus):
     right = probe.probe(_Oracle(len(tok)), tok, "multivalue", 800, 3, seed=0, greedy=0)
     assert {name: len(v) for name, v in right.items()}["value: other tokens"] == 3 * 4 * 6
     assert all(all(v) for v in right.values()) and "value 4: first token" in right
-    right = probe.probe(_Oracle(len(tok), ",", tok), tok, "multivalue", 800, 3, seed=0, greedy=0)
-    assert not any(right["separator: first token"]) and all(right["separator: other tokens"])
+    right = probe.probe(_Oracle(len(tok), "Ċ", tok), tok, "multivalue", 800, 3, seed=0, greedy=0)  # byte-level "\n"
+    assert all(right["separator: first token"]) and not any(right["separator: other tokens"])
     assert all(all(v) for name, v in right.items() if not name.startswith("separator"))

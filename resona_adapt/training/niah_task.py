@@ -6,7 +6,7 @@ optionally mixed with plain language-modelling windows so the branch does not co
 
 Every example is exactly ``seq_len`` tokens (no padding): the prompt of `make_text_sample` sized
 so that prompt + answer fit, topped up at the front with the tokens of the corpus text that
-precedes its haystack start, then the answer (`` 1234567.``; multi-value: ``` 1, 2, 3, 4.```)
+precedes its haystack start, then the answer (`` 1234567.``; multi-value: one value per line, `answer_text`)
 whose tokens carry the labels.
 """
 
@@ -26,8 +26,13 @@ TRAIN_HAYSTACK = "corpus:train"
 
 
 def answer_text(values: Sequence[str]) -> str:
-    """The completion a NIAH prompt expects: `` v.`` or `` v1, v2, v3, v4.``."""
-    return " " + ", ".join(values) + "."
+    """The completion a NIAH prompt is trained to: `` v.``, or one value per line, `` v1.\nv2.\nv3.\nv4.``.
+
+    The scoring accepts any layout (each value counts wherever it appears). One per line is what the
+    read can produce: after a value it copies the needle's own ``"."`` and line end, then jumps to the
+    next needle; a ``", "`` after a value occurs nowhere to copy from, and the read gave the needle's
+    ``"."`` instead and stopped listing (docs/text-niah.md, "0.6")."""
+    return " " + ".\n".join(values) + "."
 
 
 def niah_text_dataset(tokenizer: Any, seq_len: int, num_examples: int, seed: int = 0,
