@@ -244,6 +244,7 @@ class ResonaBranch(nn.Module):
         """The retrieval output Yr (B, T, D) for a whole sequence (and the chosen chunks (B, T, K));
         ``ids`` (B, T), the token ids of the same positions, are needed with ``read_coverage``."""
         cfg = self.config
+        h_hat, x_hat = self.norm_h(h), self.norm_x(x)  # (B, T, D) x2
         slot_bias = None
         if self.coverage_gate is not None:
             if ids is None or tuple(ids.shape) != tuple(h.shape[:2]):
@@ -251,8 +252,7 @@ class ResonaBranch(nn.Module):
                                  "on input_ids (not inputs_embeds), or retrofit without read_coverage")
             hashes = ngram_hashes(ids)  # (B, T)
             positions = torch.arange(h.shape[1], device=h.device)  # (T,)
-            slot_bias = lambda slots: self.coverage_bias(self.norm_h(h), hashes, positions, slots)  # noqa: E731
-        h_hat, x_hat = self.norm_h(h), self.norm_x(x)  # (B, T, D) x2
+            slot_bias = lambda slots: self.coverage_bias(h_hat, hashes, positions, slots)  # noqa: E731
         recent = self.recent_context(x_hat) if self.window_encoder is not None else None  # (B, T, D)
         qs = self.search_queries(h_hat, recent)  # (B, T, E)
         cs = self.chunk_embeddings(x_hat)  # (B, N, E)
@@ -276,13 +276,15 @@ class ResonaBranch(nn.Module):
         """Mix the retrieval output into ``y_m``. ``pad`` (B,) counts left-padding tokens per row:
         each row is then treated as if its first real token were position 0. ``ids`` (B, T): the
         token ids (needed with ``read_coverage``)."""
-        if pad is not None and bool(pad.any()):
-            h_al, x_al = left_align(h, pad), left_align(x, pad)
-            ids_al = left_align(ids, pad) if ids is not None else None
-            y_r = right_align(self.retrieve(h_al, x_al, ids=ids_al), pad)  # (B, T, D)
-        else:
-            y_r = self.retrieve(h, x, ids=ids)  # (B, T, D)
-        return self.mix(y_m, y_r, self.norm_h(h))
+        return self.mix(y_m, self.retrieve_padded(h, x, pad, ids), self.norm_h(h))
+
+    def retrieve_padded(self, h: Tensor, x: Tensor, pad: Tensor | None = None, ids: Tensor | None = None) -> Tensor:
+        """`retrieve` (B, T, out_dim) of rows left-padded by ``pad`` (B,) tokens: each row is read as if its
+        first real token were position 0; pad positions get zeros."""
+        if pad is None or not bool(pad.any()):
+            return self.retrieve(h, x, ids=ids)  # (B, T, out_dim)
+        ids_al = left_align(ids, pad) if ids is not None else None
+        return right_align(self.retrieve(left_align(h, pad), left_align(x, pad), ids=ids_al), pad)
 
 
 def left_align(t: Tensor, pad: Tensor) -> Tensor:

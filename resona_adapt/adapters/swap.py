@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .branch import ResonaBranch, left_align, right_align
+from .branch import ResonaBranch
 from .context import ResonaContext
 from .layer import ResonaLayer, split_output
 
@@ -63,16 +63,12 @@ class AttentionSwap(ResonaLayer):
         if y_r is None:  # the full-sequence path (also the prefill of a cached forward)
             x = self._context.embeddings_for(h)  # (B, T, D)
             pad = self._context.left_pad(h.shape[1])  # (B,) or None
+            y_r = self.resona.retrieve_padded(h, x, pad, self.token_ids(h))  # (B, T, A)
             if pad is not None and bool(pad.any()):
-                ids = self.token_ids(h)
-                ids = left_align(ids, pad) if ids is not None else None
-                y_r = right_align(self.resona.retrieve(left_align(h, pad), left_align(x, pad), ids=ids), pad)  # (B, T, A)
                 # The first pad[b] positions of row b are no input tokens: with meta tokens, the model
                 # moves the pads in front of them, so these are pads or meta tokens. They keep the heads'
                 # output, as the meta positions before them do.
                 before = torch.arange(h.shape[1], device=h.device).unsqueeze(0) < pad.unsqueeze(1)  # (B, T)
                 y_r = torch.where(before.unsqueeze(-1), y_attn[:, lead:].to(y_r.dtype), y_r)
-            else:
-                y_r = self.resona.retrieve(h, x, ids=self.token_ids(h))  # (B, T, A)
         y = torch.cat([y_attn[:, :lead], y_r.to(y_attn.dtype)], dim=1) if lead else y_r.to(y_attn.dtype)  # (B, L, A)
         return rebuild(y)
