@@ -61,8 +61,11 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("lr", "lm_fraction", "short_fraction", "copy_fraction", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=None)
+    ap.add_argument("--coverage-init", default=None,
+                    help="the coverage gates' bias from the first NIAH step, frozen before it; 'none' = they train "
+                         "from zero throughout (default: the recipe's)")
     ap.add_argument("--kinds", default=None, help="training needle kinds (default: the recipe's)")
-    ap.add_argument("--eval-kinds", default=None, help="measured needle kinds (default: the training kinds)")
+    ap.add_argument("--eval-kinds", default=None, help="measured needle kinds (default: the distinct training kinds)")
     ap.add_argument("--lengths", default=None, help="default 1k,2k,4k,8k,16k (--quick: 1k,2k)")
     ap.add_argument("--samples", type=int, default=None, help="per length (default 10, --quick 4)")
     ap.add_argument("--variants", default="base,retrofit,jrt-prompt,rag-append")
@@ -84,6 +87,8 @@ def main() -> None:
                                                 "short_fraction", "short_len", "questions", "copy_fraction", "copy_len",
                                                 "tail_steps", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight")
               if getattr(args, k) is not None}
+    if args.coverage_init is not None:
+        fields["coverage_init"] = None if args.coverage_init.lower() == "none" else float(args.coverage_init)
     if args.kinds:
         fields["kinds"] = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     recipe = dataclasses.replace(recipe, config=dataclasses.replace(recipe.config, **cfg), **fields)
@@ -91,7 +96,7 @@ def main() -> None:
         sys.exit("--seq-len: the branches train on contexts of 2k tokens at most")
     lengths = parse_context_lengths(args.lengths or ("1k,2k" if args.quick else "1k,2k,4k,8k,16k"))
     samples = args.samples or (4 if args.quick else 10)
-    eval_kinds = tuple(k.strip() for k in args.eval_kinds.split(",")) if args.eval_kinds else recipe.kinds
+    eval_kinds = tuple(k.strip() for k in args.eval_kinds.split(",")) if args.eval_kinds else recipe.measured_kinds
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     import transformers

@@ -122,6 +122,17 @@ def test_niah_training_examples(fake_corpus):
     assert all(torch.equal(ds[i]["input_ids"], again[i]["input_ids"]) for i in range(12))  # seeded
 
 
+def test_a_kind_listed_twice_is_trained_twice_as_often_and_measured_once(fake_corpus):
+    from resona_adapt.text_demo import TextRecipe
+
+    tok = byte_tokenizer()
+    ds = niah_text_dataset(tok, 700, 12, seed=1, kinds=("number", "multivalue", "multivalue"), min_len=500)
+    answers = [tok.decode(ds[i]["input_ids"][-int((ds[i]["labels"] != IGNORE).sum()):].tolist()) for i in range(12)]
+    assert sum(".\n" in a for a in answers) == 8  # multi-value answers list one value per line
+    recipe = TextRecipe(kinds=("number", "multikey", "multivalue", "multikey", "multivalue"))
+    assert recipe.measured_kinds == ("number", "multikey", "multivalue")
+
+
 def test_niah_training_bad_options(fake_corpus):
     tok = byte_tokenizer()
     with pytest.raises(DataError, match="unknown NIAH needle kind"):
@@ -298,3 +309,36 @@ def test_answer_probe_scores_each_part_of_the_expected_answer(fake_corpus):
     right = probe.probe(_Oracle(len(tok), "Ċ", tok), tok, "multivalue", 800, 3, seed=0, greedy=0)  # byte-level "\n"
     assert all(right["separator: first token"]) and not any(right["separator: other tokens"])
     assert all(all(v) for name, v in right.items() if not name.startswith("separator"))
+
+
+@pytest.mark.parametrize("init", [0.4, None])
+def test_coverage_gates_wait_for_the_niah_steps(fake_corpus, init):
+    """With ``coverage_init`` the read-coverage gates do not move through the copy steps and start the
+    NIAH steps at that bias; without it they train from the first step (the control)."""
+    from resona_adapt import ResonaConfig, retrofit
+    from resona_adapt.text_demo import TextRecipe, fit_text
+    from resona_adapt.training.coverage_start import coverage_gates
+
+    from helpers.models import randomize_resona
+
+    tok = byte_tokenizer()
+    tok.pad_token = tok.eos_token = tok.convert_ids_to_tokens(0)
+    cfg = ResonaConfig(chunk_size=16, top_k=2, num_heads=1, head_dim=8, neighbor_chunks=1, read_coverage=8)
+    model = retrofit(tiny_text_model(), layers=[-1], config=cfg)
+    randomize_resona(model)  # a live read (o_proj away from zero), so the gates get gradient
+    [gate] = coverage_gates(model)
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.bias.zero_()
+    seen = []
+    recipe = TextRecipe(config=cfg, steps=2, batch_size=2, seq_len=700, min_len=500, kinds=("number",), questions=1,
+                        copy_fraction=0.5, copy_len=128, short_fraction=0.0, tail_steps=0, coverage_init=init)
+    fit_text(model, tok, recipe, seed=0, log=lambda _: seen.append((gate.weight.detach().clone(), float(gate.bias.detach()))),
+             log_every=1)
+    (w_copy, b_copy), (w_niah, b_niah) = seen
+    if init is None:
+        assert w_copy.abs().max() > 0 and b_copy != 0  # trained on the copy step
+    else:
+        assert not w_copy.any() and b_copy == 0  # held at zero through the copy step
+        assert w_niah.abs().max() > 0 and b_niah == pytest.approx(init, abs=0.05) and b_niah != pytest.approx(init)
+    assert gate.weight.requires_grad and gate.bias.requires_grad

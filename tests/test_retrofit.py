@@ -39,6 +39,21 @@ def test_function_preserving_at_injection(family, mix):
     torch.testing.assert_close(after, unfrozen, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("mix", ["residual", "gated"])
+def test_function_preserving_with_every_option_on(mix):
+    """The text recipe's options (read windows, read coverage with its gate away from zero, ...) change
+    what the branch reads, never the model's outputs at injection."""
+    model = build_tiny("mamba2")
+    ids = torch.cat([torch.randint(0, VOCAB, (2, 12))] * 2, dim=1)  # (2, 24): a repeat, so coverage counts
+    before = frozen_logits(model, ids)
+    retrofit(model, config=ResonaConfig(mix=mix, neighbor_chunks=1, key_context=3, query_window=6, read_window=True,
+                                        read_coverage=6, **CFG))
+    with torch.no_grad():
+        for layer in resona_layers(model).values():
+            layer.resona.coverage_gate.bias.fill_(2.0)  # a gate that steers the read (see text_demo's coverage_init)
+    assert torch.equal(logits(model, ids), before)
+
+
 @pytest.mark.parametrize("mix", ["paper", "paper-dynamic"])
 def test_paper_mixes_change_outputs_at_injection(mix):
     model = build_tiny("mamba")
