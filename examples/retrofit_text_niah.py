@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,19 @@ from resona_adapt.text_demo import (TEXT_QUICK_RECIPE, TEXT_RECIPE, heldout_ppl,
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def coverage_init(text: str) -> float | str:
+    """--coverage-init: a finite number, or "none"."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number or 'none', got {text!r}")
+    return value
 
 
 def main() -> None:
@@ -61,7 +75,7 @@ def main() -> None:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("lr", "lm_fraction", "short_fraction", "copy_fraction", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=None)
-    ap.add_argument("--coverage-init", default=None,
+    ap.add_argument("--coverage-init", default=None, type=coverage_init,
                     help="the coverage gates' bias from the first NIAH step, frozen before it; 'none' = they train "
                          "from zero throughout (default: the recipe's)")
     ap.add_argument("--kinds", default=None, help="training needle kinds (default: the recipe's)")
@@ -88,7 +102,7 @@ def main() -> None:
                                                 "tail_steps", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight")
               if getattr(args, k) is not None}
     if args.coverage_init is not None:
-        fields["coverage_init"] = None if args.coverage_init.lower() == "none" else float(args.coverage_init)
+        fields["coverage_init"] = None if args.coverage_init == "none" else args.coverage_init
     if args.kinds:
         fields["kinds"] = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     recipe = dataclasses.replace(recipe, config=dataclasses.replace(recipe.config, **cfg), **fields)

@@ -342,3 +342,8 @@ def test_coverage_gates_wait_for_the_niah_steps(fake_corpus, init):
         assert not w_copy.any() and b_copy == 0  # held at zero through the copy step
         assert w_niah.abs().max() > 0 and b_niah == pytest.approx(init, abs=0.05) and b_niah != pytest.approx(init)
     assert gate.weight.requires_grad and gate.bias.requires_grad
+    from resona_adapt.training.coverage_start import CoverageStart
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="coverage_init must be a finite number"):
+            CoverageStart([gate], 1, bad)

@@ -11,6 +11,7 @@ after them, sets their bias to ``init`` and lets them train.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +32,8 @@ class CoverageStart(StepCallback):
     def __init__(self, gates: Sequence[nn.Linear], start: int, init: float) -> None:
         if start < 1:
             raise ValueError(f"CoverageStart needs start >= 1 (the first step the gates train), got {start}")
+        if not math.isfinite(init):
+            raise ValueError(f"coverage_init must be a finite number (or None: no start), got {init}")
         self.gates, self.start, self.init = list(gates), start, float(init)
         super().__init__(before=self._before, end=self.release)
 
