@@ -99,6 +99,11 @@ class TextRecipe:
     train from their injection value (zero) throughout."""
 
     @property
+    def copy_steps(self) -> int:
+        """The steps that train on copying, before any NIAH step (``copy_fraction`` of ``steps``)."""
+        return round(self.copy_fraction * self.steps)
+
+    @property
     def measured_kinds(self) -> tuple[str, ...]:
         """The distinct training kinds in order: what `demo_text` measures (a training weight is not a
         measurement weight)."""
@@ -208,10 +213,9 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
 
     config = TrainConfig(lr=recipe.lr, lr_multiplier=1.0, weight_decay=0.01, warmup_ratio=0.05, max_grad_norm=1.0,
                          steps=recipe.steps, batch_size=recipe.batch_size, log_every=max(1, log_every), seed=seed)
-    copy_steps = round(recipe.copy_fraction * recipe.steps)
     gates = coverage_gates(model)
-    phases = [CoverageStart(gates, copy_steps, recipe.coverage_init)] if (
-        recipe.coverage_init is not None and gates and 0 < copy_steps < recipe.steps) else []
+    phases = [CoverageStart(gates, recipe.copy_steps, recipe.coverage_init)] if (
+        recipe.coverage_init is not None and gates and 0 < recipe.copy_steps < recipe.steps) else []
     rng = _rng_states()  # the Trainer seeds the global RNGs; the caller's later draws must not change
     try:
         with search:
@@ -235,7 +239,7 @@ def text_batches(tokenizer: Any, recipe: TextRecipe, seed: int = 0) -> "StepBatc
 
     B = recipe.batch_size
     n = recipe.steps * B
-    n_copy = round(recipe.copy_fraction * recipe.steps) * B
+    n_copy = recipe.copy_steps * B
     n_short = round(recipe.short_fraction * recipe.steps) * B
     copy = copy_text_dataset(tokenizer, recipe.copy_len, n_copy, seed=seed + 29) if n_copy else []
     ds = niah_text_dataset(tokenizer, recipe.seq_len, n - n_short - n_copy, seed=seed, kinds=recipe.kinds,

@@ -27,7 +27,8 @@ def coverage_gates(model: nn.Module) -> list[nn.Linear]:
 
 class CoverageStart(StepCallback):
     """Freezes ``gates`` before step 0; before step ``start`` sets their bias to ``init`` and unfreezes
-    them. They are unfrozen again when training ends (`release`, also for a run stopped early)."""
+    them. The caller calls `release` when training stops (`text_demo.fit_text` does, in ``finally``),
+    so a run that ends or fails before ``start`` leaves them trainable."""
 
     def __init__(self, gates: Sequence[nn.Linear], start: int, init: float) -> None:
         if start < 1:
@@ -35,7 +36,7 @@ class CoverageStart(StepCallback):
         if not math.isfinite(init):
             raise ValueError(f"coverage_init must be a finite number (or None: no start), got {init}")
         self.gates, self.start, self.init = list(gates), start, float(init)
-        super().__init__(before=self._before, end=self.release)
+        super().__init__(before=self._before)
 
     def _before(self, step: int) -> None:
         if step == 0:
