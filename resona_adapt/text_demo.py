@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -349,12 +350,16 @@ def load_text_base(name: str = TEXT_BASE) -> tuple[nn.Module, Any]:
 
 
 def demo_text(quick: bool = False, seed: int = 0, lengths: Sequence[int] | None = None, samples: int | None = None,
-              recipe: TextRecipe | None = None, log: Log | None = None, return_model: bool = False) -> Any:
+              recipe: TextRecipe | None = None, log: Log | None = None, return_model: bool = False,
+              output: str | Path | None = None) -> Any:
     """Retrofit ``text-mamba2`` (frozen), train the branches with `TEXT_RECIPE` (`TEXT_QUICK_RECIPE`
-    when ``quick``), and measure NIAH by length (base, retrofit) and held-out perplexity.
+    when ``quick``), and measure NIAH by length (base, retrofit) and held-out perplexity. With
+    ``output``: write the merged checkpoint there (`save_retrofitted`, atomically, with the
+    tokenizer), reload it, and measure the reloaded model's NIAH on the same samples.
 
     Returns ``{"rows": [{"length", "base", "retrofit", "samples"}], "ppl": {"base", "retrofit",
-    "ratio", "tokens"}, "train": {...}, "recipe": {...}}``; plain JSON-able values. With
+    "ratio", "tokens"}, "train": {...}, "recipe": {...}}``; plain JSON-able values; with ``output``
+    each row also has ``"reloaded"``, and the result ``"output"`` and ``"reload_matches"``. With
     ``return_model``: ``(result, model, tokenizer)``, to export or reuse the trained retrofit."""
     from .retrofit import retrofit
 
@@ -366,9 +371,25 @@ def demo_text(quick: bool = False, seed: int = 0, lengths: Sequence[int] | None 
     retrofit(model, layers=recipe.layers, config=recipe.config)
     train = train_text(model, tokenizer, recipe, seed=seed, log=log)
     ppl = heldout_ppl(model, tokenizer, windows=4 if quick else 16)
-    rows = measure_niah(model, tokenizer, lengths, kinds=recipe.measured_kinds, samples=samples,
-                        variants=("base", "retrofit"), seed=seed, log=log)
-    result = {"rows": [{"length": r["length"], "base": r["base"], "retrofit": r["retrofit"], "samples": r["samples"]}
-                       for r in rows],
-              "ppl": ppl, "train": train, "recipe": recipe.to_dict()}
+
+    def niah(m: nn.Module, variants: Sequence[str]) -> list[dict]:
+        return measure_niah(m, tokenizer, lengths, kinds=recipe.measured_kinds, samples=samples,
+                            variants=variants, seed=seed, log=log)
+
+    rows = niah(model, ("base", "retrofit"))
+    result: dict[str, Any] = {
+        "rows": [{"length": r["length"], "base": r["base"], "retrofit": r["retrofit"], "samples": r["samples"]}
+                 for r in rows],
+        "ppl": ppl, "train": train, "recipe": recipe.to_dict()}
+    if output is not None:
+        from .formats.merged import save_retrofitted
+        from .loading import load_model
+
+        if log is not None:
+            log(f"exporting the merged text checkpoint to {output} and reloading it")
+        save_retrofitted(model, output)
+        for row, again in zip(result["rows"], niah(load_model(str(output)), ("retrofit",))):
+            row["reloaded"] = again["retrofit"]
+        result["output"] = str(output)
+        result["reload_matches"] = all(r["reloaded"] == r["retrofit"] for r in result["rows"])
     return (result, model, tokenizer) if return_model else result

@@ -48,14 +48,34 @@ def test_demo_text_adds_the_text_story(tmp_path, monkeypatch):
     mqar = {"base_model": "mqar-mamba2", "layers": [0], "trainable_params": 1, "train_seconds": 0.0, "rows": [],
             "function_preserving": True, "reload_matches": True, "recall_fixed": True, "beats_base": True,
             "output": str(tmp_path / "d")}
-    text = {"rows": [{"length": 1024, "base": 0.0, "retrofit": 1.0, "samples": 4}],
-            "ppl": {"base": 40.0, "retrofit": 41.0, "ratio": 1.025, "tokens": 100}, "train": {}, "recipe": {}}
+    text = {"rows": [{"length": 1024, "base": 0.0, "retrofit": 1.0, "reloaded": 1.0, "samples": 4}],
+            "ppl": {"base": 40.0, "retrofit": 41.0, "ratio": 1.025, "tokens": 100}, "train": {}, "recipe": {},
+            "output": str(tmp_path / "t"), "reload_matches": True}
     calls = []
     monkeypatch.setattr(resona_adapt.demo, "run_demo", lambda *a, **k: dict(mqar))
-    monkeypatch.setattr(resona_adapt.text_demo, "demo_text", lambda quick=False, **k: calls.append(quick) or text)
+    monkeypatch.setattr(resona_adapt.text_demo, "demo_text",
+                        lambda quick=False, output=None, **k: calls.append((quick, output)) or text)
     res = CliRunner().invoke(cli, ["demo", "--quick", "--text", "--output", str(tmp_path / "d"), "--json"])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout)["text"] == text and calls == [True]
-    res = CliRunner().invoke(cli, ["demo", "--text", "--output", str(tmp_path / "e")])
+    assert json.loads(res.stdout)["text"] == text and calls == [(True, "resona-demo-text")]
+    res = CliRunner().invoke(cli, ["demo", "--text", "--output", str(tmp_path / "e"), "--text-output", str(tmp_path / "t")])
     assert res.exit_code == 0, res.output
-    assert "NIAH on held-out text" in res.output and "x1.025" in res.output and calls == [True, False]
+    assert "NIAH on held-out text" in res.output and "x1.025" in res.output and calls[1] == (False, str(tmp_path / "t"))
+    assert "reloaded text checkpoint scores the same: yes" in res.output
+
+
+def test_demo_text_output_is_checked_before_anything_runs(tmp_path, monkeypatch):
+    """A --text-output that is --output, or a non-empty directory without --overwrite, is refused in one
+    line before the MQAR half trains; nothing is written."""
+    import resona_adapt.demo
+
+    ran = []
+    monkeypatch.setattr(resona_adapt.demo, "run_demo", lambda *a, **k: ran.append(1))
+    same = CliRunner().invoke(cli, ["demo", "--text", "--output", str(tmp_path / "d"), "--text-output", str(tmp_path / "d")])
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("old")
+    busy = CliRunner().invoke(cli, ["demo", "--text", "--output", str(tmp_path / "e"), "--text-output", str(full)])
+    assert same.exit_code != 0 and "same directory as --output" in same.output and "Traceback" not in same.output
+    assert busy.exit_code != 0 and "--overwrite" in busy.output
+    assert ran == [] and not (tmp_path / "d").exists() and (full / "keep.txt").read_text() == "old"

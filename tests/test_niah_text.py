@@ -176,6 +176,35 @@ def test_text_demo_pieces_on_a_tiny_model(fake_corpus):
         measure_niah(model, tok, [400], variants=("oracle",))
 
 
+def test_demo_text_exports_and_reloads_the_text_retrofit(fake_corpus, tmp_path, monkeypatch):
+    """`demo_text(output=...)` writes the merged checkpoint, reloads it and measures it again: the
+    reloaded column equals the retrofit's and the checkpoint gives the trained model's logits."""
+    from resona_adapt import ResonaConfig, load_model
+    from resona_adapt import text_demo
+    from resona_adapt.text_demo import TextRecipe, demo_text
+
+    tok = byte_tokenizer()
+    tok.pad_token = tok.eos_token = tok.convert_ids_to_tokens(0)
+    real_ppl = text_demo.heldout_ppl
+    monkeypatch.setattr(text_demo, "load_text_base", lambda name=text_demo.TEXT_BASE: (tiny_text_model(), tok))
+    monkeypatch.setattr(text_demo, "heldout_ppl", lambda m, t, windows=2: real_ppl(m, t, windows=2, length=128))
+    recipe = TextRecipe(config=ResonaConfig(chunk_size=16, top_k=2, num_heads=1, head_dim=8),
+                        steps=2, batch_size=2, seq_len=700, min_len=500, kinds=("number",), tail_steps=0)
+    import resona_adapt.loading
+
+    loaded, real_load = [], resona_adapt.loading.load_model
+    monkeypatch.setattr(resona_adapt.loading, "load_model", lambda path, **k: loaded.append(path) or real_load(path, **k))
+    out = tmp_path / "text-ckpt"
+    result, model, _ = demo_text(recipe=recipe, lengths=[400], samples=2, output=out, return_model=True)
+    assert result["output"] == str(out) and result["reload_matches"] and loaded == [str(out)]  # measured reloaded
+    assert [r["reloaded"] for r in result["rows"]] == [r["retrofit"] for r in result["rows"]]
+    assert json.loads((out / "config.json").read_text())["resona"]["config"]["chunk_size"] == 16
+    x = torch.randint(1, 256, (1, 200))
+    with torch.no_grad():
+        assert torch.equal(load_model(str(out))(x).logits, model(x).logits)  # the trained branches, not fresh ones
+    assert "reloaded" not in demo_text(recipe=recipe, lengths=[400], samples=1)["rows"][0]  # no output: no export
+
+
 def test_niah_training_with_several_questions(fake_corpus):
     tok = byte_tokenizer()
     ds = niah_text_dataset(tok, 1400, 3, seed=2, kinds=("number", "word"), questions=3)

