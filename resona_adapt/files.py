@@ -94,15 +94,16 @@ def output_path(final: str | Path) -> Path:
     return absolute
 
 
-def check_output_dir(final: str | Path, overwrite: bool) -> Path:
+def check_output_dir(final: str | Path, overwrite: bool, flag: str = "--output") -> Path:
     """Refuse an output path that is a file, the current directory (or a parent), a non-empty
-    directory unless ``overwrite``, or one in a directory this process cannot write to. Returns the
-    path that will be written (a symlink's target)."""
+    directory unless ``overwrite``, or one in a directory this process cannot write to (the
+    messages name the CLI option ``flag``). Returns the path that will be written (a symlink's
+    target)."""
     path = output_path(final)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{final} exists and is a file, not a directory; choose another output path")
     if path.exists() and any(path.iterdir()) and not overwrite:
-        raise CheckpointError(f"{final} already exists and is not empty; pass --overwrite to replace it, or choose another --output")
+        raise CheckpointError(f"{final} already exists and is not empty; pass --overwrite to replace it, or choose another {flag}")
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise CheckpointError(f"cannot write {final}: {parent} is a file, not a directory; choose another output path")

@@ -77,5 +77,5 @@ def test_demo_text_output_is_checked_before_anything_runs(tmp_path, monkeypatch)
     (full / "keep.txt").write_text("old")
     busy = CliRunner().invoke(cli, ["demo", "--text", "--output", str(tmp_path / "e"), "--text-output", str(full)])
     assert same.exit_code != 0 and "same directory as --output" in same.output and "Traceback" not in same.output
-    assert busy.exit_code != 0 and "--overwrite" in busy.output
+    assert busy.exit_code != 0 and "--overwrite to replace it, or choose another --text-output" in busy.output
     assert ran == [] and not (tmp_path / "d").exists() and (full / "keep.txt").read_text() == "old"

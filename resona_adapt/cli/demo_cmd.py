@@ -34,7 +34,7 @@ def command(app: App, quick: bool, output: str, overwrite: bool, examples: int |
     from ..files import check_output_dir
 
     out = check_output_dir(output, overwrite=overwrite)
-    if with_text and check_output_dir(text_output, overwrite=overwrite) == out:
+    if with_text and check_output_dir(text_output, overwrite=overwrite, flag="--text-output") == out:
         raise ResonaError(f"--text-output {text_output} is the same directory as --output; choose another one")
     torch.set_num_threads(max(1, threads))
     result = run_demo(output, quick=quick, examples=examples, progress=not as_json and app.verbosity >= 0,
