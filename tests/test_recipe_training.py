@@ -74,7 +74,9 @@ def test_fit_mqar_reproduces_the_old_loop_on_a_length_curriculum():
     seen: list[tuple[int, float, Phase, int]] = []
     branch = next(iter(resona_layers(model).values())).resona
     new = fit_mqar(model, RECIPE, on_step=lambda s, loss, ph: seen.append((s, loss, ph, branch.config.train_top_k)))
-    assert len(new) == RECIPE.steps and max(abs(a - b) for a, b in zip(old, new)) < 1e-5, (old, new)
+    assert len(new) == RECIPE.steps
+    # float32 losses of 0.1-3.2: identical at step 0, 1.1e-5 apart by step 10 under transformers 5.25 (5.23: < 1e-5)
+    torch.testing.assert_close(torch.tensor(new), torch.tensor(old), rtol=1e-5, atol=1e-5)
     assert [s for s, *_ in seen] == list(range(RECIPE.steps)) and [x for _, x, *_ in seen] == new
     assert [ph for _, _, ph, _ in seen] == [RECIPE.phase_at(s) for s in range(RECIPE.steps)]
     assert [k for *_, k in seen] == old_ks == [4] * 5 + [2] * 5  # each phase's train_top_k during its steps
