@@ -351,11 +351,12 @@ def load_text_base(name: str = TEXT_BASE) -> tuple[nn.Module, Any]:
 
 def demo_text(quick: bool = False, seed: int = 0, lengths: Sequence[int] | None = None, samples: int | None = None,
               recipe: TextRecipe | None = None, log: Log | None = None, return_model: bool = False,
-              output: str | Path | None = None) -> Any:
+              output: str | Path | None = None, overwrite: bool = False) -> Any:
     """Retrofit ``text-mamba2`` (frozen), train the branches with `TEXT_RECIPE` (`TEXT_QUICK_RECIPE`
     when ``quick``), and measure NIAH by length (base, retrofit) and held-out perplexity. With
     ``output``: write the merged checkpoint there (`save_retrofitted`, atomically, with the
-    tokenizer), reload it, and measure the reloaded model's NIAH on the same samples.
+    tokenizer), reload it, and measure the reloaded model's NIAH on the same samples; a non-empty
+    ``output`` is refused before training unless ``overwrite``.
 
     Returns ``{"rows": [{"length", "base", "retrofit", "samples"}], "ppl": {"base", "retrofit",
     "ratio", "tokens"}, "train": {...}, "recipe": {...}}``; plain JSON-able values; with ``output``
@@ -363,6 +364,10 @@ def demo_text(quick: bool = False, seed: int = 0, lengths: Sequence[int] | None 
     ``return_model``: ``(result, model, tokenizer)``, to export or reuse the trained retrofit."""
     from .retrofit import retrofit
 
+    if output is not None:
+        from .files import check_output_dir
+
+        check_output_dir(output, overwrite=overwrite)
     recipe = recipe or (TEXT_QUICK_RECIPE if quick else TEXT_RECIPE)
     lengths = list(lengths or ((1024, 2048) if quick else (1024, 2048, 4096, 8192, 16384)))
     samples = samples or (4 if quick else 10)
@@ -387,7 +392,7 @@ def demo_text(quick: bool = False, seed: int = 0, lengths: Sequence[int] | None 
 
         if log is not None:
             log(f"exporting the merged text checkpoint to {output} and reloading it")
-        save_retrofitted(model, output)
+        save_retrofitted(model, output, overwrite=overwrite)
         for row, again in zip(result["rows"], niah(load_model(str(output)), ("retrofit",))):
             row["reloaded"] = again["retrofit"]
         result["output"] = str(output)

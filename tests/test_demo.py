@@ -54,7 +54,7 @@ def test_demo_text_adds_the_text_story(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(resona_adapt.demo, "run_demo", lambda *a, **k: dict(mqar))
     monkeypatch.setattr(resona_adapt.text_demo, "demo_text",
-                        lambda quick=False, output=None, **k: calls.append((quick, output)) or text)
+                        lambda quick=False, output=None, overwrite=False, **k: calls.append((quick, output)) or text)
     res = CliRunner().invoke(cli, ["demo", "--quick", "--text", "--output", str(tmp_path / "d"), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["text"] == text and calls == [(True, "resona-demo-text")]

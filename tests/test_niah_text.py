@@ -181,6 +181,7 @@ def test_demo_text_exports_and_reloads_the_text_retrofit(fake_corpus, tmp_path, 
     reloaded column equals the retrofit's and the checkpoint gives the trained model's logits."""
     from resona_adapt import ResonaConfig, load_model
     from resona_adapt import text_demo
+    from resona_adapt.errors import CheckpointError
     from resona_adapt.text_demo import TextRecipe, demo_text
 
     tok = byte_tokenizer()
@@ -203,6 +204,11 @@ def test_demo_text_exports_and_reloads_the_text_retrofit(fake_corpus, tmp_path, 
     with torch.no_grad():
         assert torch.equal(load_model(str(out))(x).logits, model(x).logits)  # the trained branches, not fresh ones
     assert "reloaded" not in demo_text(recipe=recipe, lengths=[400], samples=1)["rows"][0]  # no output: no export
+    trained = []
+    monkeypatch.setattr(text_demo, "train_text", lambda *a, **k: trained.append(1))
+    with pytest.raises(CheckpointError, match="not empty"):  # an existing export is kept, refused before training
+        demo_text(recipe=recipe, lengths=[400], samples=1, output=out)
+    assert trained == [] and (out / "config.json").is_file()
 
 
 def test_niah_training_with_several_questions(fake_corpus):

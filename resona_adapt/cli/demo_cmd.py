@@ -44,7 +44,7 @@ def command(app: App, quick: bool, output: str, overwrite: bool, examples: int |
 
         app.terminal.info("text: retrofitting text-mamba2 (frozen), training the branches on needles in the corpus's "
                           "training split, measuring NIAH on held-out works")
-        result["text"] = demo_text(quick=quick, output=text_output)
+        result["text"] = demo_text(quick=quick, output=text_output, overwrite=overwrite)
     if as_json:
         app.terminal.json(result)
         return
