@@ -118,6 +118,13 @@ class ResonaConfig:
                   "recent output already copied from it), with g a zero-initialised projection of the layer "
                   "input, so a list answer can move on to a value it has not given (RULER's multivalue)."},
     )
+    coverage_by_position: bool = field(
+        default=False,
+        metadata={"help": "With read_coverage: count the copies per read position instead of per chunk. Each "
+                  "position's logit gets -g(h) x the number of the last W positions whose 3 tokens also end "
+                  "there, so a copy that reaches a token sequence seen twice in one chunk moves on to the "
+                  "occurrence it has not copied yet (a uuid with a repeated pair, two list values in one chunk)."},
+    )
     mix: str = field(default="residual", metadata={"help": f"Mixing mode, one of {MIX_MODES}."})
     alpha: float = field(default=0.5, metadata={"help": "Weight a of Ym in the paper mixes (0 < a < 1)."})
     lr_multiplier: float = field(
@@ -162,6 +169,11 @@ class ResonaConfig:
         w = self.read_coverage
         if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= 256:
             raise ResonaConfigError(f"ResonaConfig.read_coverage must be an integer from 0 to 256, got {w!r}")
+        if not isinstance(self.coverage_by_position, bool):
+            raise ResonaConfigError(f"ResonaConfig.coverage_by_position must be true or false, got {self.coverage_by_position!r}")
+        if self.coverage_by_position and not w:
+            raise ResonaConfigError("ResonaConfig.coverage_by_position needs read_coverage (> 0), the window it counts "
+                                    "copies over; set read_coverage, or coverage_by_position=False")
         if self.read_shift not in (0, 1) or isinstance(self.read_shift, bool):
             raise ResonaConfigError(f"ResonaConfig.read_shift must be 0 or 1, got {self.read_shift!r}")
         if not isinstance(self.key_shift, bool):

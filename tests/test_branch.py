@@ -26,10 +26,12 @@ def make_branch(seed: int = 0, **cfg) -> ResonaBranch:
     return branch
 
 
-def coverage_reference(ids: list[int], t: int, c: int, window: int, U: int, shift: int, n: int = 3) -> int:
-    """Pairs (s, j): s among the last `window` positions up to t, j < s one of the positions slot c reads,
-    the n tokens ending at j equal to the n ending at s (both with n tokens before them)."""
-    reads = range(c * U + shift, (c + 1) * U + shift)
+def coverage_reference(ids: list[int], t: int, c: int, window: int, U: int, shift: int, n: int = 3,
+                       at: int | None = None) -> int:
+    """Pairs (s, j): s among the last `window` positions up to t, j < s one of the positions slot c reads
+    (only j = ``at`` when given: coverage by position), the n tokens ending at j equal to the n ending at
+    s (both with n tokens before them)."""
+    reads = range(c * U + shift, (c + 1) * U + shift) if at is None else [at]
     return sum(1 for s in range(max(0, t - window + 1), t + 1) for j in reads
                if n - 1 <= j < s and ids[j - n + 1:j + 1] == ids[s - n + 1:s + 1])
 
@@ -39,7 +41,8 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
     """Yr, one query at a time, straight from METHOD.md: eligible chunks end strictly before t; each
     chosen chunk is read with its next `neighbor_chunks` chunks that also end before t (each chunk once);
     with key_shift a key also sees the previous position's embedding; with read_coverage each slot's
-    logits lose gate(h) x its `coverage_reference` (token ids ``ids``)."""
+    logits lose gate(h) x its `coverage_reference` (token ids ``ids``), with coverage_by_position each
+    position's logit its own count."""
     cfg = branch.config
     U, H, dh = cfg.chunk_size, cfg.num_heads, cfg.head_dim
     B, T, _ = h.shape
@@ -108,6 +111,9 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
                                                                                cfg.read_coverage, U, s_)
                     for j in range(U):
                         pos = c * U + s_ + j
+                        if gate is not None and cfg.coverage_by_position:
+                            cover = gate[0] * coverage_reference(ids[b].tolist(), t, c, cfg.read_coverage, U, s_,
+                                                                 at=pos)
                         logits.append(q[head] @ k[pos, head] / math.sqrt(dh) + cfg.score_scale * score
                                       + branch.pos_bias[head, j] - cover)
                         values.append(v[pos, head])
@@ -253,15 +259,16 @@ def _repetitive_ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 3, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("by_position", [False, True])
 @pytest.mark.parametrize("window, neighbors, read_shift", [(1, 0, 1), (4, 1, 1), (9, 2, 0), (6, 0, 0)])
-def test_read_coverage_matches_dense_reference(window, neighbors, read_shift, monkeypatch):
-    """Every slot's read logits lose gate(h) x the pairs counted by the definition (a Python loop here),
-    also when the query tiles of `slot_coverage` are small."""
+def test_read_coverage_matches_dense_reference(window, neighbors, read_shift, by_position, monkeypatch):
+    """Every slot's read logits (with ``coverage_by_position`` every position's) lose gate(h) x the pairs
+    counted by the definition (a Python loop here), also when the query tiles of `slot_coverage` are small."""
     import resona_adapt.adapters.coverage as coverage
 
     monkeypatch.setattr(coverage, "TILE_BUDGET", 3 * 4 * window * 5)  # tiles of a few queries
     branch = make_branch(top_k=2, read_coverage=window, neighbor_chunks=neighbors, read_shift=read_shift,
-                         key_shift=bool(read_shift)).double()
+                         key_shift=bool(read_shift), coverage_by_position=by_position).double()
     h, x = torch.randn(2, 23, D, dtype=torch.float64), torch.randn(2, 23, D, dtype=torch.float64)
     ids = _repetitive_ids(2, 23)
     with torch.no_grad():
@@ -271,10 +278,11 @@ def test_read_coverage_matches_dense_reference(window, neighbors, read_shift, mo
     assert (fast - other).abs().max() > 1e-3  # the counts matter
 
 
+@pytest.mark.parametrize("by_position", [False, True])
 @pytest.mark.parametrize("t", [2, 4, 9, 17])
-def test_read_coverage_is_causal(t):
+def test_read_coverage_is_causal(t, by_position):
     """Coverage at t counts tokens up to t only: later ids (and embeddings) change nothing at or before t."""
-    branch = make_branch(top_k=3, read_coverage=6, neighbor_chunks=1)
+    branch = make_branch(top_k=3, read_coverage=6, neighbor_chunks=1, coverage_by_position=by_position)
     T = 20
     h, x, ids = torch.randn(1, T, D), torch.randn(1, T, D), _repetitive_ids(1, T)
     x2, ids2 = x.clone(), ids.clone()
@@ -284,13 +292,14 @@ def test_read_coverage_is_causal(t):
         assert torch.equal(branch.retrieve(h, x, ids=ids)[:, :t + 1], branch.retrieve(h, x2, ids=ids2)[:, :t + 1])
 
 
-def test_read_coverage_starts_at_zero_and_learns():
+@pytest.mark.parametrize("by_position", [False, True])
+def test_read_coverage_starts_at_zero_and_learns(by_position):
     """At injection the gate is zero (the branch reads as without coverage); the gate gets gradient; a
     forward without token ids is refused with the way out; bad windows are refused."""
     cfg = dict(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16, neighbor_chunks=1)
     torch.manual_seed(0)
     plain = ResonaBranch(D, ResonaConfig(**cfg))
-    covered = ResonaBranch(D, ResonaConfig(**cfg, read_coverage=8))
+    covered = ResonaBranch(D, ResonaConfig(**cfg, read_coverage=8, coverage_by_position=by_position))
     missing, unexpected = covered.load_state_dict(plain.state_dict(), strict=False)
     assert sorted(missing) == ["coverage_gate.bias", "coverage_gate.weight"] and not unexpected
     with torch.no_grad():
@@ -308,6 +317,10 @@ def test_read_coverage_starts_at_zero_and_learns():
     for bad in (-1, 257, True, 2.0):
         with pytest.raises(Exception, match="read_coverage"):
             ResonaConfig(read_coverage=bad)
+    with pytest.raises(Exception, match="coverage_by_position needs read_coverage"):
+        ResonaConfig(coverage_by_position=True)
+    with pytest.raises(Exception, match="coverage_by_position must be true or false"):
+        ResonaConfig(read_coverage=4, coverage_by_position=1)
 
 
 def test_query_tiles_do_not_change_the_result():

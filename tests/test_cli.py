@@ -39,14 +39,14 @@ def test_inject_writes_a_loadable_checkpoint(runner, base_dir, tmp_path):
     out = tmp_path / "out"
     res = runner.invoke(cli, ["inject", "--model", str(base_dir), "--layers", "0,-1", "--output", str(out),
                               "--chunk-size", "8", "--top-k", "3", "--query-window", "5", "--read-window",
-                              "--read-coverage", "12"])
+                              "--read-coverage", "12", "--coverage-by-position"])
     assert res.exit_code == 0, res.output
     assert "wrote a retrofitted checkpoint" in res.output
     model = load_retrofitted(out)
     assert sorted(resona_layers(model)) == [0, 5]
     saved = model.config.resona["config"]
     assert saved["chunk_size"] == 8 and saved["top_k"] == 3 and saved["query_window"] == 5 and saved["read_window"]
-    assert saved["read_coverage"] == 12 and all(layer.resona.coverage_gate is not None
+    assert saved["read_coverage"] == 12 and saved["coverage_by_position"] and all(layer.resona.coverage_gate is not None
                                                 for layer in resona_layers(model).values())
     res = runner.invoke(cli, ["inspect", "--model", str(out), "--json"])
     assert json.loads(res.stdout)["resona_layers"] == [0, 5]

@@ -341,11 +341,14 @@ def _copying_ids(rows: int = 2, seed: int = 7) -> torch.Tensor:
     return torch.cat([first, first[:, 3:20], torch.randint(1, VOCAB, (rows, 3), generator=g)], dim=1)  # (rows, 40)
 
 
-def test_read_coverage_steps_equal_a_full_forward():
+@pytest.mark.parametrize("by_position", [False, True])
+def test_read_coverage_steps_equal_a_full_forward(by_position):
     """Read coverage is counted from the cached ids at each decode step exactly as the full forward
-    counts it, left padding included; and it is live (a zero gate changes the logits)."""
+    counts it (per chunk, or per position), left padding included; and it is live (a zero gate changes
+    the logits)."""
     model = build_tiny("mamba2")
-    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, read_coverage=6, neighbor_chunks=1, **CFG))
+    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, read_coverage=6, neighbor_chunks=1,
+                                                       coverage_by_position=by_position, **CFG))
     randomize_resona(model)
     model.generation_config.eos_token_id = None
     ids = _copying_ids()

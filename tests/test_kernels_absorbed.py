@@ -26,13 +26,14 @@ def test_neighbors_follow_the_causal_rule_and_never_repeat_a_chunk():
     assert same is idx and same_s is score
 
 
-@pytest.mark.parametrize("shift, sink, pos", [(False, True, True), (True, True, True), (True, False, False)])
-def test_absorbed_form_equals_projecting_every_token(shift, sink, pos):
+@pytest.mark.parametrize("shift, sink, pos, token_bias", [(False, True, True, False), (True, True, True, False),
+                                                        (True, False, False, False), (True, True, False, True)])
+def test_absorbed_form_equals_projecting_every_token(shift, sink, pos, token_bias):
     g = torch.Generator().manual_seed(0)
     Q, K, U, D, H, d = 5, 3, 4, 12, 2, 6
     x, x_prev = torch.randn(Q, K, U, D, generator=g), torch.randn(Q, K, U, D, generator=g)
     w_k, w_v, w_p = (torch.randn(H * d, D, generator=g) for _ in range(3))
-    q, bias = torch.randn(Q, H, d, generator=g), torch.randn(Q, K, generator=g)
+    q, bias = torch.randn(Q, H, d, generator=g), torch.randn(Q, K, *((U,) if token_bias else ()), generator=g)
     valid = torch.rand(Q, K, generator=g) > 0.3
     valid[0] = False  # a query with nothing to read
     sink_logit = torch.randn(H, generator=g) if sink else None
@@ -43,7 +44,7 @@ def test_absorbed_form_equals_projecting_every_token(shift, sink, pos):
     v = x @ w_v.T
     idx = torch.where(valid, torch.arange(K).expand(Q, K), torch.full((Q, K), -1)).view(Q, 1, K)
     want = chunk_attention_ref(q.view(Q, 1, H, d), k.reshape(Q, K * U, H, d), v.reshape(Q, K * U, H, d), idx,
-                               bias.view(Q, 1, K), U, sink_logit=sink_logit, pos_bias=pos_bias)
+                               bias.view(Q, 1, *bias.shape[1:]), U, sink_logit=sink_logit, pos_bias=pos_bias)
     torch.testing.assert_close(got, want.reshape(Q, H * d), atol=1e-5, rtol=1e-5)
     if not sink:
         assert (got[0] == 0).all()

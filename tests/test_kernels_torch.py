@@ -34,12 +34,13 @@ def forward_path(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("token_bias", [False, True])
 @pytest.mark.parametrize("neighbors", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES)
-def test_torch_path_matches_reference_forward_and_every_gradient(case, dtype, forward_path, neighbors):
+def test_torch_path_matches_reference_forward_and_every_gradient(case, dtype, forward_path, neighbors, token_bias):
     B, T, H, d, U, K, sink, pos, tile = case
-    leaves, idx, d_out = make_inputs(B, T, H, d, U, K, sink, pos, dtype, neighbors=neighbors)
+    leaves, idx, d_out = make_inputs(B, T, H, d, U, K, sink, pos, dtype, neighbors=neighbors, token_bias=token_bias)
     assert (idx[:, :U] == -1).all() and (idx == -1).any()  # the first chunk retrieves nothing
     ref_out, ref_grads = run(chunk_attention_ref, leaves, idx, d_out, U)
     out, grads = run(chunk_attention_torch, leaves, idx, d_out, U, query_tile=tile)
@@ -48,6 +49,7 @@ def test_torch_path_matches_reference_forward_and_every_gradient(case, dtype, fo
     assert set(grads) == set(ref_grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], **tol, msg=lambda m: f"d{name}: {m}")
+    assert grads["bias"].shape == leaves["bias"].shape
     if not sink:  # nothing eligible and no sink: exactly zero, and finite gradients
         assert (out[:, :U] == 0).all()
     assert all(torch.isfinite(g).all() for g in grads.values())
@@ -148,14 +150,37 @@ def test_dispatch_defaults_and_errors(monkeypatch):
     assert "torch" in dispatch.available_backends() and "triton" in dispatch.available_backends()
 
 
+@pytest.mark.parametrize("token_bias", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_dense_paper_formulation_matches_reference(case):
+def test_dense_paper_formulation_matches_reference(case, token_bias):
     """The benchmark's dense (T x T mask) baseline computes the same thing."""
     from resona_adapt.kernels.dense import chunk_attention_dense
 
     B, T, H, d, U, K, sink, pos, _ = case
-    leaves, idx, _ = make_inputs(B, T, H, d, U, K, sink, pos, torch.float64)
+    leaves, idx, _ = make_inputs(B, T, H, d, U, K, sink, pos, torch.float64, token_bias=token_bias)
     args = (leaves["q"], leaves["k"], leaves["v"], idx, leaves["bias"], U)
     kw = dict(sink_logit=leaves["sink_logit"], pos_bias=leaves["pos_bias"])
     with torch.no_grad():
         torch.testing.assert_close(chunk_attention_dense(*args, **kw), chunk_attention_ref(*args, **kw))
+
+
+def test_a_bias_per_slot_token_reaches_only_its_token():
+    """(B, Tq, K, U) bias: equal over a slot's tokens it is the per-slot bias; on one token it moves
+    that token's weight alone, on every path (the reference computed by hand here, then the CPU paths)."""
+    leaves, idx, _ = make_inputs(1, 13, 2, 4, 4, 2, False, False, torch.float64)
+    q, k, v, bias = leaves["q"].detach(), leaves["k"].detach(), leaves["v"].detach(), leaves["bias"].detach()
+    U = 4
+    spread = bias.unsqueeze(-1).expand(*bias.shape, U).contiguous()  # (B, T, K, U)
+    torch.testing.assert_close(chunk_attention_ref(q, k, v, idx, spread, U), chunk_attention_ref(q, k, v, idx, bias, U))
+    t, slot = 12, 0  # a query with a full first slot
+    c = int(idx[0, t, slot])
+    assert c >= 0
+    bumped = spread.clone()
+    bumped[0, t, slot, 1] += 30.0  # token 1 of that slot dominates
+    out = chunk_attention_ref(q, k, v, idx, bumped, U)
+    torch.testing.assert_close(out[0, t], v[0, c * U + 1], atol=1e-9, rtol=0)  # the read is that token's value
+    torch.testing.assert_close(out[0, :t], chunk_attention_ref(q, k, v, idx, spread, U)[0, :t])  # others unchanged
+    for tile in (None, 3):
+        torch.testing.assert_close(chunk_attention_torch(q, k, v, idx, bumped, U, query_tile=tile), out)
+    with pytest.raises(ValueError, match=r"\(B, Tq, K, U\)"):
+        chunk_attention_torch(q, k, v, idx, bumped[..., :3], U)

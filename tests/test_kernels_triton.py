@@ -53,7 +53,7 @@ CASES = [
     (2, 9, 1, 6, 2, 2, True, False),
 ]
 TOL = {torch.float32: dict(atol=2e-6, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=4e-3)}
-N_KERNEL_CASES = 2 * 2 * len(CASES) + 1  # the parametrised grid plus the branch test
+N_KERNEL_CASES = 2 * 2 * 2 * len(CASES) + 1  # the parametrised grid plus the branch test
 
 
 @pytest.mark.skipif(RUN_HERE, reason="the cases run directly in this process")
@@ -77,12 +77,14 @@ def triton_attention(*args, **kwargs):
 
 
 @kernel_cases
+@pytest.mark.parametrize("token_bias", [False, True])
 @pytest.mark.parametrize("neighbors", [0, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES)
-def test_triton_matches_reference_forward_and_every_gradient(case, dtype, neighbors):
+def test_triton_matches_reference_forward_and_every_gradient(case, dtype, neighbors, token_bias):
     B, T, H, d, U, K, sink, pos = case
-    leaves, idx, d_out = make_inputs(B, T, H, d, U, K, sink, pos, dtype, device=DEVICE, neighbors=neighbors)
+    leaves, idx, d_out = make_inputs(B, T, H, d, U, K, sink, pos, dtype, device=DEVICE, neighbors=neighbors,
+                                     token_bias=token_bias)
     assert (idx[:, :U] == -1).all()  # the first chunk retrieves nothing
     ref_out, ref_grads = run(chunk_attention_ref, leaves, idx, d_out, U)
     out, grads = run(triton_attention, leaves, idx, d_out, U)

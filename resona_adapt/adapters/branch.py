@@ -229,10 +229,13 @@ class ResonaBranch(nn.Module):
     def coverage_bias(self, h_hat: Tensor, hashes: Tensor, q_pos: Tensor, slots: Tensor) -> Tensor:
         """With ``read_coverage``: h_hat (B, Tq, D) normalised layer input of the queries at real positions
         q_pos (B, Tq) or (Tq,), hashes (B, L) `coverage.ngram_hashes` of the sequence, slots (B, Tq, K) the
-        chunks read -> (B, Tq, K), ``-gate(h) * coverage`` to add to the slots' read logits."""
+        chunks read -> (B, Tq, K), ``-gate(h) * coverage`` to add to the slots' read logits (with
+        ``coverage_by_position`` (B, Tq, K, U), one per position read)."""
         cfg = self.config
-        cov = slot_coverage(hashes, q_pos, slots, cfg.chunk_size, cfg.read_shift, cfg.read_coverage)  # (B, Tq, K)
-        return -self.coverage_gate(h_hat).float() * cov
+        cov = slot_coverage(hashes, q_pos, slots, cfg.chunk_size, cfg.read_shift, cfg.read_coverage,
+                            by_position=cfg.coverage_by_position)  # (B, Tq, K) or (B, Tq, K, U)
+        gate = self.coverage_gate(h_hat).float()  # (B, Tq, 1)
+        return -(gate.unsqueeze(-1) if cov.dim() == 4 else gate) * cov
 
     def heads(self, t: Tensor) -> Tensor:
         """(B, T, H*d) -> (B, T, H, d)."""

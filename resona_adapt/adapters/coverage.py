@@ -8,7 +8,10 @@ at ``t`` counts the pairs ``(s, j)`` with ``s`` among the last ``window`` positi
 s <= t``), ``j < s`` one of the positions slot ``c`` reads, and the `NGRAM` tokens ending at ``j``
 equal to those ending at ``s``: the recent tokens that occur in that chunk. The branch subtracts
 ``gate(h) * coverage`` from the slot's read logits, with ``gate`` zero at injection, so a query can
-learn to steer away from chunks it just copied (or towards them) when its state says so.
+learn to steer away from chunks it just copied (or towards them) when its state says so. With
+``ResonaConfig.coverage_by_position`` the count is kept per position ``j`` and subtracted from that
+position's logit alone: a sequence that occurs twice in one chunk (a uuid's repeated pair, two list
+values in one chunk) is then told apart by which occurrence was copied already.
 
 Everything is computed from token ids, so the full forward and the cached decoding step count the
 same pairs exactly; only positions at or before the query are used (``s <= t``, ``j < s``).
@@ -40,10 +43,11 @@ def ngram_hashes(ids: Tensor) -> Tensor:
 
 
 def slot_coverage(hashes: Tensor, q_pos: Tensor, slots: Tensor, chunk_size: int, read_shift: int,
-                  window: int) -> Tensor:
+                  window: int, by_position: bool = False) -> Tensor:
     """hashes: (B, L) `ngram_hashes`; q_pos: (B, Tq) or (Tq,) real query positions; slots: (B, Tq, K)
     the chunks read (-1 = empty) -> (B, Tq, K) float, the count of pairs ``(s, j)`` described in the
-    module docstring (slot ``c`` reads positions ``[c*U + read_shift, (c+1)*U + read_shift)``)."""
+    module docstring (slot ``c`` reads positions ``[c*U + read_shift, (c+1)*U + read_shift)``); with
+    ``by_position`` (B, Tq, K, U), the count for each position ``j`` the slot reads."""
     B, Tq, K = slots.shape
     L = hashes.shape[1]
     q_pos = q_pos.expand(B, Tq) if q_pos.dim() == 1 else q_pos  # (B, Tq)
@@ -62,5 +66,5 @@ def slot_coverage(hashes: Tensor, q_pos: Tensor, slots: Tensor, chunk_size: int,
         pair = hj.unsqueeze(-1) == hs.unsqueeze(2).unsqueeze(2)  # (B, n, K, U, W)
         pair &= j.unsqueeze(-1) < s.unsqueeze(2).unsqueeze(2)  # a source comes before its copy
         pair &= (s >= 0).unsqueeze(2).unsqueeze(2) & (c >= 0).unsqueeze(-1).unsqueeze(-1)
-        parts.append(pair.sum(dim=(-1, -2)).float())  # (B, n, K)
+        parts.append(pair.sum(dim=-1).float() if by_position else pair.sum(dim=(-1, -2)).float())  # (B, n, K[, U])
     return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SurgeryError
-from ..kernels import absorbed_attention, add_neighbors, select_chunks_ref
+from ..kernels import absorbed_attention, add_neighbors, add_slot_bias, select_chunks_ref
 from .branch import ResonaBranch, left_align
 from .coverage import ngram_hashes
 from .cache import ResonaCacheState, attach, resona_cache
@@ -182,7 +182,7 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
         bias = score * cfg.score_scale  # (B, Tn, K')
         if branch.coverage_gate is not None:  # the same pairs as the full path, counted from the cached ids
             aligned = left_align(state.ids[:, :state.length].long(), state.pad)  # (B, L) from each row's 1st token
-            bias = bias + branch.coverage_bias(h_hat, ngram_hashes(aligned), q_pos, idx)
+            bias = add_slot_bias(bias, branch.coverage_bias(h_hat, ngram_hashes(aligned), q_pos, idx))
         q = branch.read_queries(h_hat, _recent(branch, state, q_pos, embed, read=True))  # (B, Tn, H, d)
         per_token = (U + 1) * (cfg.query_window if cfg.read_window else 1)  # gathered positions per slot
         tile = max(1, QUERY_TILE_BUDGET // max(1, B * idx.shape[-1] * per_token * D))
@@ -212,7 +212,8 @@ def _recent(branch: ResonaBranch, state: ResonaCacheState, q_pos: Tensor,
 
 def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor, idx: Tensor, bias: Tensor,
                         embed: Callable[[Tensor], Tensor]) -> Tensor:
-    """q: (B, Tq, H, d); idx, bias: (B, Tq, K) -> (B, Tq, H*d), attention over the selected chunks' tokens
+    """q: (B, Tq, H, d); idx: (B, Tq, K), bias (B, Tq, K) or (B, Tq, K, U) -> (B, Tq, H*d), attention over
+    the selected chunks' tokens
     (`kernels.absorbed_attention`), from their re-embedded ids."""
     cfg = branch.config
     U, H, dh = cfg.chunk_size, cfg.num_heads, cfg.head_dim
@@ -237,7 +238,7 @@ def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor
         x_prev.append(_windows_before(branch, state, first, embed).view(Q, K, U, D))
         w_prev.append(branch.k_window_proj.weight)
     out = absorbed_attention(
-        q.reshape(Q, H, dh), x_win[:, :, n:], valid.view(Q, K), bias.view(Q, K),
+        q.reshape(Q, H, dh), x_win[:, :, n:], valid.view(Q, K), bias.view(Q, K, -1),
         branch.k_proj.weight, branch.v_proj.weight, x_prev=x_prev or None,
         w_prev=w_prev or None, sink_logit=branch.sink_logit, pos_bias=branch.pos_bias,
     )  # (Q, H*d)

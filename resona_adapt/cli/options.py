@@ -59,7 +59,7 @@ def model_options(f: Callable) -> Callable:
 
 CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "chunk_pool",
                  "neighbor_chunks", "read_shift", "key_shift", "key_context", "query_window", "read_window",
-                 "read_coverage", "mix", "alpha", "replace_attention")
+                 "read_coverage", "coverage_by_position", "mix", "alpha", "replace_attention")
 
 
 def resona_config_options(f: Callable) -> Callable:
@@ -84,6 +84,10 @@ def resona_config_options(f: Callable) -> Callable:
             f = click.option(flag, type=int, default=None,
                              help="Read coverage window W: each chunk read loses a learned share of the copies the "
                                   "last W tokens made from it, so a list answer moves on (default 0 = off).")(f)
+        elif name == "coverage_by_position":
+            f = click.option("--coverage-by-position/--coverage-by-chunk", default=None,
+                             help="With --read-coverage: count the copies per read position, not per chunk "
+                                  "(default per chunk).")(f)
         elif name == "replace_attention":
             f = click.option(flag, is_flag=True, default=None,
                              help="Hybrid-head models (Hymba): replace the chosen layers' attention heads with the "

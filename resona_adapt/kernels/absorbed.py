@@ -40,7 +40,8 @@ def absorbed_attention(
     """Attention of Q queries over the tokens of their K slots, from embeddings.
 
     q: (Q, H, d) read queries; x: (Q, K, U, D) normalised embeddings of each slot's tokens;
-    valid: (Q, K) bool, False = empty slot; bias: (Q, K) logit added to every token of a slot;
+    valid: (Q, K) bool, False = empty slot; bias: (Q, K) logit added to every token of a slot, or
+    (Q, K, U) one per token;
     w_k, w_v: (H*d, D) key and value projections; x_prev: (Q, K, U, D) the embedding of the token
     before each one (zeros before a row's first token) and w_prev: (H*d, D), for shifted keys, or
     lists of them, one per previous token a key sees (`ResonaConfig.key_context`);
@@ -58,7 +59,7 @@ def absorbed_attention(
         for xp, wp in pairs:  # one per previous token a key sees
             qp = torch.bmm(qt, wp.view(H, d, D)).transpose(0, 1)  # (Q, H, D)
             logits = logits + torch.bmm(qp, xp.reshape(Q, K * U, D).transpose(1, 2))
-    logits = logits.float().mul_(d**-0.5).view(Q, H, K, U) + bias.float().view(Q, 1, K, 1)  # (Q, H, K, U)
+    logits = logits.float().mul_(d**-0.5).view(Q, H, K, U) + bias.float().view(Q, 1, K, -1)  # (Q, H, K, U)
     if pos_bias is not None:
         logits = logits + pos_bias.float().view(1, H, 1, U)
     logits = logits.masked_fill(~valid.view(Q, 1, K, 1), float("-inf")).view(Q, H, K * U)

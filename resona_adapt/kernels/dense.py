@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .reference import slot_token_bias
+
 
 def dense_mask(idx: Tensor, bias: Tensor, n_keys: int, chunk_size: int, heads: int,
                sink_logit: Tensor | None = None, pos_bias: Tensor | None = None,
@@ -24,12 +26,14 @@ def dense_mask(idx: Tensor, bias: Tensor, n_keys: int, chunk_size: int, heads: i
     U, H = chunk_size, heads
     N = n_keys // U
     valid = idx >= 0  # (B, Tq, K)
-    per_chunk = torch.full((B, Tq, N), float("-inf"), dtype=dtype, device=idx.device)  # (B, Tq, N)
-    slot = torch.where(valid, bias.to(dtype), float("-inf"))  # (B, Tq, K)
-    per_chunk.scatter_reduce_(2, idx.clamp(min=0), slot, reduce="amax", include_self=True)
+    Ub = U if slot_token_bias(bias, idx, U) else 1  # one bias per slot, or per slot token
+    per_chunk = torch.full((B, Tq, N, Ub), float("-inf"), dtype=dtype, device=idx.device)  # (B, Tq, N, Ub)
+    slot = torch.where(valid.unsqueeze(-1), bias.to(dtype).view(B, Tq, K, Ub), float("-inf"))  # (B, Tq, K, Ub)
+    target = idx.clamp(min=0).unsqueeze(-1).expand(B, Tq, K, Ub)  # (B, Tq, K, Ub)
+    per_chunk.scatter_reduce_(2, target, slot, reduce="amax", include_self=True)
     mask = torch.full((B, H, Tq, n_keys + 1), float("-inf"), dtype=dtype, device=idx.device)
     keys = mask[..., : N * U].view(B, H, Tq, N, U)  # (B, H, Tq, N, U) view into the mask
-    keys.copy_(per_chunk.view(B, 1, Tq, N, 1).expand(B, H, Tq, N, U))
+    keys.copy_(per_chunk.view(B, 1, Tq, N, Ub).expand(B, H, Tq, N, U))
     if pos_bias is not None:
         keys.add_(pos_bias.to(dtype).view(1, H, 1, 1, U))
     if sink_logit is not None:
@@ -49,7 +53,8 @@ def chunk_attention_dense(
 ) -> Tensor:
     """`chunk_attention_ref` computed the paper's way, through a dense (T x T) mask.
 
-    q: (B, Tq, H, d); k, v: (B, T, H, d); idx, bias: (B, Tq, K). Returns (B, Tq, H, d).
+    q: (B, Tq, H, d); k, v: (B, T, H, d); idx: (B, Tq, K); bias: (B, Tq, K) or (B, Tq, K, U). Returns
+    (B, Tq, H, d).
     """
     B, Tq, H, d = q.shape
     T = k.shape[1]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .dispatch import Backend, get_backend
-from .reference import add_neighbors
+from .reference import add_neighbors, add_slot_bias
 from .torch_attention import auto_query_tile
 
 SCORE_TILE_BYTES = 4 * 2**20
@@ -84,8 +84,8 @@ def retrieve(
     complete chunks (`reference.add_neighbors`). ``read_shift`` (0 or 1): a chunk ``c`` is read as
     the ``U`` positions that follow each of its tokens, ``[c*U + s, (c+1)*U + s)``, and is eligible
     when that window ends before the query, ``(c+1)*U + s <= t``. ``slot_bias(slots)``, slots: (B, T, K')
-    the chunks read (neighbours included), returns (B, T, K') more logit for each slot's tokens (read
-    coverage, `adapters.coverage`). Returns (B, T, H, d), and the
+    the chunks read (neighbours included), returns (B, T, K') more logit for each slot's tokens, or
+    (B, T, K', U) one per token (read coverage, `adapters.coverage`). Returns (B, T, H, d), and the
     selected chunk indices (B, T, K) if asked (the search's choice, without the neighbours).
     """
     be = get_backend(q.device, backend)
@@ -96,7 +96,7 @@ def retrieve(
         k, v = shift_left(k, read_shift), shift_left(v, read_shift)  # (B, T, H, d) x2
     bias = score * score_scale  # (B, T, K')
     if slot_bias is not None:
-        bias = bias + slot_bias(read_idx)
+        bias = add_slot_bias(bias, slot_bias(read_idx))  # (B, T, K') or (B, T, K', U)
     out = be.chunk_attention(
         q, k, v, read_idx, bias, chunk_size, sink_logit=sink_logit, pos_bias=pos_bias,
         query_tile=query_tile,

@@ -85,6 +85,25 @@ def add_neighbors(idx: Tensor, score: Tensor, q_pos: Tensor, chunk_size: int, ne
     return torch.cat(slots, dim=-1), torch.cat(scores, dim=-1)  # (B, Tq, K*(1+n)) x2
 
 
+def slot_token_bias(bias: Tensor, idx: Tensor, chunk_size: int) -> bool:
+    """True when ``bias`` has one logit per token of each slot, (B, Tq, K, U); False for one per slot,
+    (B, Tq, K) (``idx`` (B, Tq, K)). Anything else is a ValueError."""
+    if bias.shape == idx.shape:
+        return False
+    if bias.shape == (*idx.shape, chunk_size):
+        return True
+    raise ValueError(f"the read bias must be (B, Tq, K) {tuple(idx.shape)} or (B, Tq, K, U) "
+                     f"{(*idx.shape, chunk_size)}, got {tuple(bias.shape)}")
+
+
+def add_slot_bias(bias: Tensor, extra: Tensor) -> Tensor:
+    """bias (B, Tq, K) per slot plus ``extra``, (B, Tq, K) per slot or (B, Tq, K, U) per slot token ->
+    the sum, per slot token when either is."""
+    if extra.dim() == bias.dim() + 1:
+        return bias.unsqueeze(-1) + extra  # (B, Tq, K, U)
+    return bias + extra
+
+
 def _safe_softmax(logits: Tensor) -> Tensor:
     """Softmax over the last dim that returns zeros (not NaN) for rows that are all -inf."""
     m = logits.amax(dim=-1, keepdim=True)
@@ -106,7 +125,8 @@ def chunk_attention_ref(
     """Attention of each query over the tokens of its selected chunks (plus an optional sink).
 
     q: (B, Tq, H, d); k, v: (B, T, H, d); idx: (B, Tq, K) chunk indices, -1 = empty slot;
-    bias: (B, Tq, K) logit added to every token of the slot's chunk; sink_logit: (H,) logit of a
+    bias: (B, Tq, K) logit added to every token of the slot's chunk, or (B, Tq, K, U) one per token
+    (`slot_token_bias`); sink_logit: (H,) logit of a
     slot whose value is zero; pos_bias: (H, U) logit added by position within the chunk.
     Returns (B, Tq, H, d). A query with no valid slot (and no sink) gets zeros.
     """
@@ -124,7 +144,7 @@ def chunk_attention_ref(
 
     f = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32
     logits = torch.einsum("bqhd,bqjhd->bhqj", q, kg).to(f) * (d**-0.5)  # (B, H, Tq, KU)
-    logits = logits.view(B, H, Tq, K, U) + bias.to(f).view(B, 1, Tq, K, 1)  # (B, H, Tq, K, U)
+    logits = logits.view(B, H, Tq, K, U) + bias.to(f).view(B, 1, Tq, K, -1)  # (B, H, Tq, K, U)
     if pos_bias is not None:
         logits = logits + pos_bias.to(f).view(1, H, 1, 1, U)
     logits = logits.masked_fill(~valid.view(B, 1, Tq, K, 1), float("-inf"))

@@ -24,7 +24,8 @@ floats per pair instead of ``U * d``; it was 2-3x faster than the gather at 8k a
 (chunk 64). Its Python loop runs over chunks (``T / U`` iterations), so small chunks keep the
 tiled gather below.
 
-Shapes: q (B, Tq, H, d); k, v (B, T, H, d); idx, bias (B, Tq, K); sink_logit (H,); pos_bias (H, U).
+Shapes: q (B, Tq, H, d); k, v (B, T, H, d); idx (B, Tq, K); bias (B, Tq, K) or (B, Tq, K, U) (one logit
+per slot token, `reference.slot_token_bias`); sink_logit (H,); pos_bias (H, U).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .reference import chunk_attention_ref
+from .reference import chunk_attention_ref, slot_token_bias
 from .torch_by_chunk import ByChunk, softmax_stats
 
 CPU_TILE_BYTES = 3 * 2**20
@@ -82,9 +83,12 @@ class _Tiles:
         self.N = k.shape[1] // U
         self.kc = _head_major(k, U, self.N)  # (B*N*H, U*d)
         self.vc = _head_major(v, U, self.N)  # (B*N*H, U*d)
-        # one additive term per slot: the score bias, or -inf for an empty slot
+        # one additive term per slot (or slot token): the score bias, or -inf for an empty slot
         self.f = torch.promote_types(q.dtype, torch.float32)  # softmax dtype: at least float32
-        self.slot_bias = bias.to(self.f).masked_fill(idx < 0, float("-inf"))  # (B, Tq, K)
+        per_token = slot_token_bias(bias, idx, U)
+        self.Ub = U if per_token else 1
+        self.slot_bias = bias.to(self.f).view(B, Tq, K, self.Ub).masked_fill(
+            (idx < 0).unsqueeze(-1), float("-inf"))  # (B, Tq, K, 1 or U)
         first_row = (torch.arange(B, device=q.device) * self.N).view(B, 1, 1, 1)  # (B, 1, 1, 1)
         heads = torch.arange(H, device=q.device).view(1, 1, H, 1)  # (1, 1, H, 1)
         # the row of (batch, chunk, head) in kc/vc for every query, head and slot
@@ -115,7 +119,7 @@ class _Tiles:
         B, H, K, U = self.B, self.H, self.K, self.U
         n = t1 - t0
         s = torch.bmm(q_t, kg.transpose(1, 2)).view(B, n, H, K, U).to(self.f)  # (B, n, H, K, U)
-        s.mul_(self.d**-0.5).add_(self.slot_bias[:, t0:t1].view(B, n, 1, K, 1))
+        s.mul_(self.d**-0.5).add_(self.slot_bias[:, t0:t1].view(B, n, 1, K, self.Ub))
         if pos_bias is not None:
             s.add_(pos_bias.to(self.f).view(1, 1, H, 1, U))
         return s.view(B, n, H, K * U)
@@ -181,7 +185,7 @@ class ChunkAttentionTorch(torch.autograd.Function):
 def _backward_by_query(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, bias: Tensor, pos_bias: Tensor | None,
                        chunk_size: int, query_tile: int | None, d_out: Tensor, lse: Tensor,
                        delta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Tile by tile, recomputed from the log-sum-exp: dq, dk, dv, d(slot bias) (B, Tq, K), d(pos_bias) (H, U)."""
+    """Tile by tile, recomputed from the log-sum-exp: dq, dk, dv, d(slot bias) (bias's shape), d(pos_bias) (H, U)."""
     U = chunk_size
     tiles = _Tiles(q, k, v, idx, bias, U, query_tile)
     B, Tq, H, d = q.shape
@@ -189,7 +193,7 @@ def _backward_by_query(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, bias: Tenso
     dq = torch.empty_like(q)
     dkc = tiles.kc.new_zeros(tiles.kc.shape, dtype=f)  # (B*N*H, U*d)
     dvc = tiles.vc.new_zeros(tiles.vc.shape, dtype=f)
-    dslot = q.new_zeros(B, Tq, K, dtype=f)
+    dslot = q.new_zeros(B, Tq, K, tiles.Ub, dtype=f)
     dpos = q.new_zeros(H, U, dtype=f)
     outer = q.new_empty(tiles.kbuf.shape, dtype=f)  # per-tile (rows, U*d) key/value gradients
     for t0, t1 in tiles.ranges():
@@ -203,7 +207,7 @@ def _backward_by_query(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, bias: Tenso
         dp = torch.bmm(do_t, vg.transpose(1, 2)).view(B, n, H, K * U).to(f)  # (B, n, H, KU)
         ds = dp.sub_(delta[:, t0:t1].unsqueeze(-1)).mul_(p)  # (B, n, H, KU) d loss / d logit
         ds5 = ds.view(B, n, H, K, U)
-        dslot[:, t0:t1] = ds5.sum(dim=(2, 4))
+        dslot[:, t0:t1] = ds5.sum(dim=2) if tiles.Ub > 1 else ds5.sum(dim=(2, 4)).unsqueeze(-1)
         dpos += ds5.sum(dim=(0, 1, 3))
         ds_q = ds.to(q.dtype).view(B * n * H, 1, K * U)
         dq[:, t0:t1] = (torch.bmm(ds_q, kg) * scale).view(B, n, H, d)
@@ -215,7 +219,7 @@ def _backward_by_query(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, bias: Tenso
         dvc.index_add_(0, rows, outer[:m])
     dk = _from_head_major(dkc, k.shape, U, k.dtype)
     dv = _from_head_major(dvc, v.shape, U, v.dtype)
-    return dq, dk, dv, dslot, dpos
+    return dq, dk, dv, dslot.view(bias.shape), dpos
 
 
 def chunk_attention_torch(
@@ -232,7 +236,8 @@ def chunk_attention_torch(
     """`chunk_attention_ref` semantics, tiled and memory-lean (see the module docstring).
 
     q: (B, Tq, H, d); k, v: (B, T, H, d); idx: (B, Tq, K) chunk indices (-1 = empty slot);
-    bias: (B, Tq, K); sink_logit: (H,); pos_bias: (H, U); query_tile: queries per tile (None =
+    bias: (B, Tq, K), or (B, Tq, K, U) one logit per slot token; sink_logit: (H,); pos_bias: (H, U);
+    query_tile: queries per tile (None =
     sized to the device). Returns (B, Tq, H, d).
     """
     if idx.shape[-1] == 0 or q.shape[1] == 0 or k.shape[1] < chunk_size:

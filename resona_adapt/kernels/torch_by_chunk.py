@@ -12,13 +12,16 @@ sink into a log-sum-exp per query; then the weighted values), and the backward o
 each chunk's key/value gradients once. The Python loop runs over the selected chunks (at most
 ``B * T / U`` iterations), not over queries.
 
-Shapes: q (B, Tq, H, d); k, v (B, T, H, d); idx, bias (B, Tq, K); pos_bias (H, U); P = valid pairs.
+Shapes: q (B, Tq, H, d); k, v (B, T, H, d); idx (B, Tq, K); bias (B, Tq, K) or (B, Tq, K, U) (one logit
+per slot token); pos_bias (H, U); P = valid pairs.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .reference import slot_token_bias
 
 
 def softmax_stats(m: Tensor, denom: Tensor, sink: Tensor | None) -> Tensor:
@@ -55,7 +58,8 @@ class ByChunk:
                 start += n
         self.rows = torch.div(self.order, K, rounding_mode="floor")  # (P,) query row in B*Tq
         self.q2 = q.reshape(B * Tq, H * d)
-        self.b_p = bias.reshape(-1).index_select(0, self.order).to(self.f)  # (P,) slot bias
+        self.Ub = U if slot_token_bias(bias, idx, U) else 1
+        self.b_p = bias.reshape(B * Tq * K, self.Ub).index_select(0, self.order).to(self.f)  # (P, 1 or U) slot bias
         self.pos = pos_bias.to(self.f).view(H, 1, U) if pos_bias is not None else None
 
     def pairs(self, x: Tensor) -> Tensor:
@@ -72,7 +76,7 @@ class ByChunk:
         """Logits (H, n, U), in the softmax dtype, of pairs a:e (all of chunk c), queries q_c (H, n, d)."""
         d = self.shape[3]
         s = torch.bmm(q_c, self.kc[c]).to(self.f)  # (H, n, U)
-        s.mul_(d**-0.5).add_(self.b_p[a:e].view(1, -1, 1))
+        s.mul_(d**-0.5).add_(self.b_p[a:e].unsqueeze(0))  # (1, n, 1 or U)
         return s.add_(self.pos) if self.pos is not None else s
 
     def forward(self, sink_logit: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -104,7 +108,7 @@ class ByChunk:
         return out.view(B, Tq, H, d).to(self.q.dtype), lse.view(B, Tq, H)
 
     def backward(self, d_out: Tensor, lse: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """dq, dk, dv, d(slot bias) (B, Tq, K), d(pos_bias) (H, U) from the upstream gradient
+        """dq, dk, dv, d(slot bias) (the bias's shape), d(pos_bias) (H, U) from the upstream gradient
         (B, Tq, H, d), the log-sum-exp and ``delta = sum(dO * O)`` (B, Tq, H)."""
         B, Tq, H, d = self.shape
         K, U, N, f, P = self.K, self.U, self.N, self.f, self.order.numel()
@@ -114,7 +118,7 @@ class ByChunk:
         dq = self.q.new_zeros(B * Tq, H * d, dtype=f)
         dkc = self.q.new_zeros(B * N, H, U, d, dtype=f)
         dvc = self.q.new_zeros(B * N, H, U, d, dtype=f)
-        dslot_p = self.q.new_empty(P, dtype=f)
+        dslot_p = self.q.new_empty(P, self.Ub, dtype=f)
         dpos = self.q.new_zeros(H, U, dtype=f)
         for c, a, e in self.spans:
             q_c, do_c = self.heads(self.q2, a, e), self.heads(do2, a, e)  # (H, n, d) x2
@@ -125,11 +129,11 @@ class ByChunk:
             dkc[c] = torch.bmm(ds.transpose(1, 2), q_c.to(f)).mul_(scale)  # (H, U, d)
             dq_c = torch.bmm(ds, self.kc[c].transpose(1, 2).to(f)).mul_(scale)  # (H, n, d)
             dq.index_add_(0, self.rows[a:e], dq_c.transpose(0, 1).reshape(e - a, H * d))
-            dslot_p[a:e] = ds.sum(dim=(0, 2))
+            dslot_p[a:e] = ds.sum(dim=0) if self.Ub > 1 else ds.sum(dim=(0, 2)).unsqueeze(-1)
             dpos += ds.sum(dim=1)
-        dslot = self.q.new_zeros(B * Tq * K, dtype=f).index_copy_(0, self.order, dslot_p)
+        dslot = self.q.new_zeros(B * Tq * K, self.Ub, dtype=f).index_copy_(0, self.order, dslot_p)
         return (dq.view(B, Tq, H, d).to(self.q.dtype), self._unchunk(dkc, self.k), self._unchunk(dvc, self.v),
-                dslot.view(B, Tq, K), dpos)
+                dslot.view(B, Tq, K, self.Ub) if self.Ub > 1 else dslot.view(B, Tq, K), dpos)
 
     def _unchunk(self, xc: Tensor, like: Tensor) -> Tensor:
         """(B*N, H, U, d) -> (B, T, H, d) like ``like``; positions after the last complete chunk get 0."""

@@ -3,7 +3,7 @@
 Semantics are exactly those of `reference.chunk_attention_ref` (the oracle the tests compare
 against): each query attends, per head, to the U tokens of each of its selected chunks (slot
 ``s`` of query ``t`` holds chunk ``idx[t, s]``, ``-1`` = empty), with logits
-``q.k / sqrt(d) + bias[t, s] + pos_bias[h, u]``, plus an optional sink logit whose value is zero;
+``q.k / sqrt(d) + bias[t, s] + pos_bias[h, u]`` (or ``bias[t, s, u]``, one per slot token), plus an optional sink logit whose value is zero;
 a query with nothing to attend to (and no sink) gets zeros.
 
 Kernels (one program per query and head unless said otherwise):
@@ -35,12 +35,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import chunk_attention_ref
+from .reference import chunk_attention_ref, slot_token_bias
 
 
 def _fwd(Q, K, V, IDX, BIAS, POS, SINK, O, LSE, TQ, TK, scale,
          H: tl.constexpr, D: tl.constexpr, U: tl.constexpr, KS: tl.constexpr,
-         BD: tl.constexpr, BU: tl.constexpr, HAS_SINK: tl.constexpr, HAS_POS: tl.constexpr):
+         BD: tl.constexpr, BU: tl.constexpr, HAS_SINK: tl.constexpr, HAS_POS: tl.constexpr, PER_TOKEN: tl.constexpr):
     i_t = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -65,7 +65,10 @@ def _fwd(Q, K, V, IDX, BIAS, POS, SINK, O, LSE, TQ, TK, scale,
     for s in range(KS):
         c = tl.load(IDX + row * KS + s).to(tl.int64)
         if (c >= 0) & (c * U + U <= TK):
-            bias = tl.load(BIAS + row * KS + s).to(tl.float32)
+            if PER_TOKEN:  # one logit per slot token
+                bias = tl.load(BIAS + (row * KS + s) * U + o_u, mask=m_u, other=0.0).to(tl.float32)  # [BU]
+            else:
+                bias = tl.load(BIAS + row * KS + s).to(tl.float32)
             p_kv = ((i_b * TK + c * U + o_u)[:, None] * H + i_h) * D + o_d[None, :]
             m_kv = m_u[:, None] & m_d[None, :]
             b_k = tl.load(K + p_kv, mask=m_kv, other=0.0).to(tl.float32)  # [BU, BD]
@@ -86,7 +89,7 @@ def _fwd(Q, K, V, IDX, BIAS, POS, SINK, O, LSE, TQ, TK, scale,
 
 def _bwd_dq(Q, K, V, IDX, BIAS, POS, DO, LSE, DELTA, DQ, DSLOT, TQ, TK, scale,
             H: tl.constexpr, D: tl.constexpr, U: tl.constexpr, KS: tl.constexpr,
-            BD: tl.constexpr, BU: tl.constexpr, HAS_POS: tl.constexpr):
+            BD: tl.constexpr, BU: tl.constexpr, HAS_POS: tl.constexpr, PER_TOKEN: tl.constexpr):
     i_t = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
@@ -109,7 +112,10 @@ def _bwd_dq(Q, K, V, IDX, BIAS, POS, DO, LSE, DELTA, DQ, DSLOT, TQ, TK, scale,
     for s in range(KS):
         c = tl.load(IDX + row * KS + s).to(tl.int64)
         if (c >= 0) & (c * U + U <= TK):
-            bias = tl.load(BIAS + row * KS + s).to(tl.float32)
+            if PER_TOKEN:  # one logit per slot token
+                bias = tl.load(BIAS + (row * KS + s) * U + o_u, mask=m_u, other=0.0).to(tl.float32)  # [BU]
+            else:
+                bias = tl.load(BIAS + row * KS + s).to(tl.float32)
             p_kv = ((i_b * TK + c * U + o_u)[:, None] * H + i_h) * D + o_d[None, :]
             m_kv = m_u[:, None] & m_d[None, :]
             b_k = tl.load(K + p_kv, mask=m_kv, other=0.0).to(tl.float32)  # [BU, BD]
@@ -119,13 +125,16 @@ def _bwd_dq(Q, K, V, IDX, BIAS, POS, DO, LSE, DELTA, DQ, DSLOT, TQ, TK, scale,
             b_dp = tl.sum(b_v * b_do[None, :], axis=1)  # [BU]
             b_ds = b_p * (b_dp - b_delta)  # [BU] d loss / d logit
             b_dq += tl.sum(b_ds[:, None] * b_k, axis=0)
-            tl.store(DSLOT + (row * KS + s) * H + i_h, tl.sum(b_ds, axis=0))
+            if PER_TOKEN:
+                tl.store(DSLOT + ((row * KS + s) * H + i_h) * U + o_u, b_ds, mask=m_u)
+            else:
+                tl.store(DSLOT + (row * KS + s) * H + i_h, tl.sum(b_ds, axis=0))
     tl.store(DQ + p_row, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_d)
 
 
 def _bwd_dkv(Q, K, V, BIAS, POS, DO, LSE, DELTA, DK, DV, DPOS, CSR_PAIR, CSR_OFF, TQ, TK, NC, scale,
              H: tl.constexpr, D: tl.constexpr, U: tl.constexpr, KS: tl.constexpr,
-             BD: tl.constexpr, BU: tl.constexpr, HAS_POS: tl.constexpr):
+             BD: tl.constexpr, BU: tl.constexpr, HAS_POS: tl.constexpr, PER_TOKEN: tl.constexpr):
     i_bc = tl.program_id(0).to(tl.int64)  # (batch, chunk)
     i_h = tl.program_id(1).to(tl.int64)
     i_b = i_bc // NC
@@ -150,7 +159,10 @@ def _bwd_dkv(Q, K, V, BIAS, POS, DO, LSE, DELTA, DK, DV, DPOS, CSR_PAIR, CSR_OFF
     for i in range(start, end):  # the (query, slot) pairs that selected this chunk
         pair = tl.load(CSR_PAIR + i).to(tl.int64)  # flat index into (B, Tq, KS)
         row = pair // KS
-        bias = tl.load(BIAS + pair).to(tl.float32)
+        if PER_TOKEN:
+            bias = tl.load(BIAS + pair * U + o_u, mask=m_u, other=0.0).to(tl.float32)  # [BU]
+        else:
+            bias = tl.load(BIAS + pair).to(tl.float32)
         p_row = (row * H + i_h) * D + o_d
         b_q = tl.load(Q + p_row, mask=m_d, other=0.0).to(tl.float32)
         b_do = tl.load(DO + p_row, mask=m_d, other=0.0).to(tl.float32)
@@ -178,10 +190,10 @@ def _kernels() -> dict[str, Any]:
     return _JITTED[interpret]
 
 
-def _meta(q: Tensor, idx: Tensor, chunk_size: int) -> dict[str, int]:
+def _meta(q: Tensor, idx: Tensor, bias: Tensor, chunk_size: int) -> dict[str, int]:
     H, D = q.shape[2], q.shape[3]
     return dict(H=H, D=D, U=chunk_size, KS=idx.shape[-1], BD=triton.next_power_of_2(D),
-                BU=triton.next_power_of_2(chunk_size))
+                BU=triton.next_power_of_2(chunk_size), PER_TOKEN=slot_token_bias(bias, idx, chunk_size))
 
 
 def _selection_csr(idx: Tensor, n_chunks: int) -> tuple[Tensor, Tensor]:
@@ -215,7 +227,7 @@ class ChunkAttentionTriton(torch.autograd.Function):
         _kernels()["_fwd"][(Tq, B * H)](
             q, k, v, idx, bias, pos if pos is not None else bias, sink if sink is not None else bias,
             out, lse, Tq, k.shape[1], D**-0.5, HAS_SINK=sink is not None, HAS_POS=pos is not None,
-            **_meta(q, idx, chunk_size),
+            **_meta(q, idx, bias, chunk_size),
         )
         ctx.save_for_backward(q, k, v, idx, bias, sink, pos, out, lse)
         ctx.chunk_size = chunk_size
@@ -228,11 +240,12 @@ class ChunkAttentionTriton(torch.autograd.Function):
         B, Tq, H, D = q.shape
         TK = k.shape[1]
         NC = TK // U
-        meta = _meta(q, idx, U)
+        meta = _meta(q, idx, bias, U)
         d_out = d_out.contiguous()
         delta = (d_out.float() * out.float()).sum(-1).contiguous()  # (B, Tq, H)
         dq = torch.empty_like(q)
-        dslot = torch.zeros(B, Tq, meta["KS"], H, dtype=torch.float32, device=q.device)
+        dslot = torch.zeros(B, Tq, meta["KS"], H, *((U,) if meta["PER_TOKEN"] else ()), dtype=torch.float32,
+                            device=q.device)  # per head (and slot token)
         pos_arg = pos if pos is not None else bias
         kern = _kernels()
         kern["_bwd_dq"][(Tq, B * H)](
@@ -253,7 +266,7 @@ class ChunkAttentionTriton(torch.autograd.Function):
         if sink is not None:
             d_sink = (-(torch.exp(sink.view(1, 1, H) - lse) * delta)).sum(dim=(0, 1)).to(sink_dtype)
         d_pos = dpos.sum(0).to(pos_dtype) if pos is not None else None
-        return dq, dk, dv, None, dslot.sum(-1).to(bias_dtype), d_sink, d_pos, None
+        return dq, dk, dv, None, dslot.sum(3).to(bias_dtype), d_sink, d_pos, None
 
 
 def chunk_attention_triton(
@@ -270,7 +283,7 @@ def chunk_attention_triton(
     """`chunk_attention_ref` semantics in Triton kernels; same shapes.
 
     q: (B, Tq, H, d); k, v: (B, T, H, d); idx: (B, Tq, K) (-1 = empty slot; chunks must be
-    complete, i.e. ``(idx + 1) * U <= T``, others are skipped); bias: (B, Tq, K);
+    complete, i.e. ``(idx + 1) * U <= T``, others are skipped); bias: (B, Tq, K) or (B, Tq, K, U);
     sink_logit: (H,); pos_bias: (H, U). ``query_tile`` is accepted for a uniform backend
     signature and not needed: the kernels read the selected chunks in place, so memory is linear
     in Tq without tiling. Returns (B, Tq, H, d) in q's dtype.

@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from resona_adapt.kernels.reference import add_neighbors, select_chunks_ref
 
 
-def make_inputs(B, T, H, d, U, K, sink, pos, dtype, seed=0, device=None, neighbors=0):
+def make_inputs(B, T, H, d, U, K, sink, pos, dtype, seed=0, device=None, neighbors=0, token_bias=False):
     """Leaves (q, k, v, bias, sink_logit, pos_bias; requires_grad), chunk indices from a real causal
     search (with ``neighbors``: and their neighbour slots, empty slots between full ones), and an
-    upstream gradient. q, k, v in ``dtype``; bias, sink and pos_bias in float32."""
+    upstream gradient. q, k, v in ``dtype``; bias, sink and pos_bias in float32. ``token_bias``: the
+    bias is (B, T, K', U), one logit per slot token (the score plus a random term per token)."""
     g = torch.Generator().manual_seed(seed)
     N = T // U
     qs = F.normalize(torch.randn(B, T, 8, generator=g), dim=-1)
@@ -22,7 +23,8 @@ def make_inputs(B, T, H, d, U, K, sink, pos, dtype, seed=0, device=None, neighbo
         "q": torch.randn(B, T, H, d, generator=g).to(dtype),
         "k": torch.randn(B, T, H, d, generator=g).to(dtype),
         "v": torch.randn(B, T, H, d, generator=g).to(dtype),
-        "bias": (score * 4).detach(),
+        "bias": ((score * 4).unsqueeze(-1) + torch.randn(*score.shape, U, generator=g) * 2).detach()
+        if token_bias else (score * 4).detach(),
         "sink_logit": torch.randn(H, generator=g) if sink else None,
         "pos_bias": torch.randn(H, U, generator=g) if pos else None,
     }
@@ -56,12 +58,14 @@ def compile_for_sm80() -> int:
         meta = dict(H=3, D=D, U=U, KS=2, BD=triton.next_power_of_2(D), BU=triton.next_power_of_2(U))
         kernels = {
             ta._fwd: ({"Q": x, "K": x, "V": x, "IDX": i, "BIAS": f, "POS": f, "SINK": f, "O": x, "LSE": f,
-                       "TQ": "i32", "TK": "i32", "scale": "fp32"}, dict(HAS_SINK=flags, HAS_POS=flags)),
+                       "TQ": "i32", "TK": "i32", "scale": "fp32"},
+                     dict(HAS_SINK=flags, HAS_POS=flags, PER_TOKEN=flags)),
             ta._bwd_dq: ({"Q": x, "K": x, "V": x, "IDX": i, "BIAS": f, "POS": f, "DO": x, "LSE": f, "DELTA": f,
-                          "DQ": x, "DSLOT": f, "TQ": "i32", "TK": "i32", "scale": "fp32"}, dict(HAS_POS=flags)),
+                          "DQ": x, "DSLOT": f, "TQ": "i32", "TK": "i32", "scale": "fp32"},
+                         dict(HAS_POS=flags, PER_TOKEN=flags)),
             ta._bwd_dkv: ({"Q": x, "K": x, "V": x, "BIAS": f, "POS": f, "DO": x, "LSE": f, "DELTA": f, "DK": x,
                            "DV": x, "DPOS": f, "CSR_PAIR": i, "CSR_OFF": i, "TQ": "i32", "TK": "i32", "NC": "i32",
-                           "scale": "fp32"}, dict(HAS_POS=flags)),
+                           "scale": "fp32"}, dict(HAS_POS=flags, PER_TOKEN=flags)),
         }
         for fn, (signature, extra) in kernels.items():
             jitted = triton.jit(fn)
