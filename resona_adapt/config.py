@@ -23,7 +23,7 @@ MIX_MODES = ("residual", "gated", "paper", "paper-dynamic")
 """
 
 FUNCTION_PRESERVING_MIXES = ("residual", "gated")
-LEGACY_DEFAULTS = {"neighbor_chunks": 0, "read_shift": 0, "key_shift": False}
+LEGACY_DEFAULTS = {"neighbor_chunks": 0, "read_shift": 0, "key_shift": False, "coverage_by_position": False}
 """Values of fields added after 0.1.0 for a saved configuration that lacks them (it was trained without)."""
 CHUNK_POOLS = ("mean", "weighted", "attention")
 FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
@@ -120,10 +120,11 @@ class ResonaConfig:
     )
     coverage_by_position: bool = field(
         default=False,
-        metadata={"help": "With read_coverage: count the copies per read position instead of per chunk. Each "
-                  "position's logit gets -g(h) x the number of the last W positions whose 3 tokens also end "
-                  "there, so a copy that reaches a token sequence seen twice in one chunk moves on to the "
-                  "occurrence it has not copied yet (a uuid with a repeated pair, two list values in one chunk)."},
+        metadata={"help": "With read_coverage: also count the copies per read position. Beside the chunk's count, "
+                  "each position's logit gets -p(h) x the number of the last W positions whose 3 tokens also "
+                  "end there (p a second zero-initialised gate), so a copy that reaches a token sequence seen "
+                  "twice in one chunk moves on to the occurrence it has not copied yet (a uuid with a repeated "
+                  "pair)."},
     )
     mix: str = field(default="residual", metadata={"help": f"Mixing mode, one of {MIX_MODES}."})
     alpha: float = field(default=0.5, metadata={"help": "Weight a of Ym in the paper mixes (0 < a < 1)."})

@@ -42,7 +42,7 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
     chosen chunk is read with its next `neighbor_chunks` chunks that also end before t (each chunk once);
     with key_shift a key also sees the previous position's embedding; with read_coverage each slot's
     logits lose gate(h) x its `coverage_reference` (token ids ``ids``), with coverage_by_position each
-    position's logit its own count."""
+    position's logit also loses position_gate(h) x its own count."""
     cfg = branch.config
     U, H, dh = cfg.chunk_size, cfg.num_heads, cfg.head_dim
     B, T, _ = h.shape
@@ -109,11 +109,12 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
                 for c, score in chosen:
                     cover = 0.0 if gate is None else gate[0] * coverage_reference(ids[b].tolist(), t, c,
                                                                                cfg.read_coverage, U, s_)
+                    slot_cover = cover
                     for j in range(U):
                         pos = c * U + s_ + j
-                        if gate is not None and cfg.coverage_by_position:
-                            cover = gate[0] * coverage_reference(ids[b].tolist(), t, c, cfg.read_coverage, U, s_,
-                                                                 at=pos)
+                        if gate is not None and cfg.coverage_by_position:  # and the position's own count
+                            cover = slot_cover + branch.position_gate(h_hat[b, t])[0] * coverage_reference(
+                                ids[b].tolist(), t, c, cfg.read_coverage, U, s_, at=pos)
                         logits.append(q[head] @ k[pos, head] / math.sqrt(dh) + cfg.score_scale * score
                                       + branch.pos_bias[head, j] - cover)
                         values.append(v[pos, head])
@@ -301,7 +302,9 @@ def test_read_coverage_starts_at_zero_and_learns(by_position):
     plain = ResonaBranch(D, ResonaConfig(**cfg))
     covered = ResonaBranch(D, ResonaConfig(**cfg, read_coverage=8, coverage_by_position=by_position))
     missing, unexpected = covered.load_state_dict(plain.state_dict(), strict=False)
-    assert sorted(missing) == ["coverage_gate.bias", "coverage_gate.weight"] and not unexpected
+    gates = ["coverage_gate.bias", "coverage_gate.weight"] + (["position_gate.bias", "position_gate.weight"]
+                                                              if by_position else [])
+    assert sorted(missing) == gates and not unexpected
     with torch.no_grad():
         for m in (plain, covered):
             torch.manual_seed(1)
@@ -312,6 +315,8 @@ def test_read_coverage_starts_at_zero_and_learns(by_position):
         torch.testing.assert_close(covered.retrieve(h, x, ids=ids), plain.retrieve(h, x))
     covered.retrieve(h, x, ids=ids).pow(2).sum().backward()
     assert covered.coverage_gate.weight.grad.abs().sum() > 0
+    if by_position:
+        assert covered.position_gate.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="input_ids"):
         covered.retrieve(h, x)
     for bad in (-1, 257, True, 2.0):

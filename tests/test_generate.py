@@ -356,16 +356,26 @@ def test_read_coverage_steps_equal_a_full_forward(by_position):
     full = full_logits(model, ids)
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
     branches = [m for m in model.modules() if type(m).__name__ == "ResonaBranch"]
-    saved = [b.coverage_gate.weight.detach().clone() for b in branches]
+    gates = [m for b in branches for m in (b.coverage_gate, b.position_gate) if m is not None]
+    assert len(gates) == len(branches) * (2 if by_position else 1)
+    saved = [g.weight.detach().clone() for g in gates]
+    for g in gates:  # each gate on its own is live
+        with torch.no_grad():
+            w, bias = g.weight.detach().clone(), g.bias.detach().clone()
+            g.weight.zero_()
+            g.bias.zero_()
+        assert (full_logits(model, ids) - full).abs().max() > 1e-3  # the coverage term did something
+        with torch.no_grad():
+            g.weight.copy_(w)
+            g.bias.copy_(bias)
     with torch.no_grad():
         for b in branches:
             b.coverage_gate.weight.zero_()
             b.coverage_gate.bias.zero_()
-    assert (full_logits(model, ids) - full).abs().max() > 1e-3  # the coverage term did something
     with torch.no_grad():
-        for b, w in zip(branches, saved):
-            b.coverage_gate.weight.copy_(w)
-            b.coverage_gate.bias.fill_(1.0)
+        for g, w in zip(gates, saved):
+            g.weight.copy_(w)
+            g.bias.fill_(1.0)
     rows = [ids[:1], ids[1:, 5:]]
     batch = torch.cat([rows[0], torch.cat([torch.zeros(1, 5, dtype=torch.long), rows[1]], 1)])
     mask = (torch.arange(40) >= torch.tensor([[0], [5]])).long()

@@ -91,6 +91,8 @@ class ResonaBranch(nn.Module):
         self.q_window_proj = nn.Linear(d_model, H * dh, bias=False, **kw) if config.read_window else None
         # read_coverage: g(h) scales the coverage subtracted from each read slot's logits (zero at injection)
         self.coverage_gate = nn.Linear(d_model, 1, **kw) if config.read_coverage else None
+        # coverage_by_position: a second gate for the count of each read position (zero at injection)
+        self.position_gate = nn.Linear(d_model, 1, **kw) if config.coverage_by_position else None
         self.mix = Mix(d_model, config, **kw)
         self.reset_parameters()
 
@@ -123,9 +125,10 @@ class ResonaBranch(nn.Module):
             nn.init.zeros_(self.window_encoder.weight)
             nn.init.zeros_(self.window_query)
             nn.init.zeros_(self.window_bias)
-        if self.coverage_gate is not None:
-            nn.init.zeros_(self.coverage_gate.weight)
-            nn.init.zeros_(self.coverage_gate.bias)
+        for gate in (self.coverage_gate, self.position_gate):
+            if gate is not None:
+                nn.init.zeros_(gate.weight)
+                nn.init.zeros_(gate.bias)
         if self.k_window_proj is not None:
             nn.init.normal_(self.k_window_proj.weight, std=self.d_model**-0.5)
             nn.init.zeros_(self.q_window_proj.weight)  # the read query starts as the layer input's alone
@@ -229,13 +232,18 @@ class ResonaBranch(nn.Module):
     def coverage_bias(self, h_hat: Tensor, hashes: Tensor, q_pos: Tensor, slots: Tensor) -> Tensor:
         """With ``read_coverage``: h_hat (B, Tq, D) normalised layer input of the queries at real positions
         q_pos (B, Tq) or (Tq,), hashes (B, L) `coverage.ngram_hashes` of the sequence, slots (B, Tq, K) the
-        chunks read -> (B, Tq, K), ``-gate(h) * coverage`` to add to the slots' read logits (with
-        ``coverage_by_position`` (B, Tq, K, U), one per position read)."""
+        chunks read -> (B, Tq, K), ``-gate(h) * coverage`` to add to the slots' read logits; with
+        ``coverage_by_position`` (B, Tq, K, U): each position read also loses ``-position_gate(h)`` x its
+        own count."""
         cfg = self.config
-        cov = slot_coverage(hashes, q_pos, slots, cfg.chunk_size, cfg.read_shift, cfg.read_coverage,
-                            by_position=cfg.coverage_by_position)  # (B, Tq, K) or (B, Tq, K, U)
         gate = self.coverage_gate(h_hat).float()  # (B, Tq, 1)
-        return -(gate.unsqueeze(-1) if cov.dim() == 4 else gate) * cov
+        if self.position_gate is None:
+            cov = slot_coverage(hashes, q_pos, slots, cfg.chunk_size, cfg.read_shift, cfg.read_coverage)  # (B, Tq, K)
+            return -gate * cov
+        cov = slot_coverage(hashes, q_pos, slots, cfg.chunk_size, cfg.read_shift, cfg.read_coverage,
+                            by_position=True)  # (B, Tq, K, U)
+        per_slot = -gate * cov.sum(dim=-1)  # (B, Tq, K)
+        return per_slot.unsqueeze(-1) - self.position_gate(h_hat).float().unsqueeze(-1) * cov  # (B, Tq, K, U)
 
     def heads(self, t: Tensor) -> Tensor:
         """(B, T, H*d) -> (B, T, H, d)."""

@@ -9,9 +9,9 @@ s <= t``), ``j < s`` one of the positions slot ``c`` reads, and the `NGRAM` toke
 equal to those ending at ``s``: the recent tokens that occur in that chunk. The branch subtracts
 ``gate(h) * coverage`` from the slot's read logits, with ``gate`` zero at injection, so a query can
 learn to steer away from chunks it just copied (or towards them) when its state says so. With
-``ResonaConfig.coverage_by_position`` the count is kept per position ``j`` and subtracted from that
-position's logit alone: a sequence that occurs twice in one chunk (a uuid's repeated pair, two list
-values in one chunk) is then told apart by which occurrence was copied already.
+``ResonaConfig.coverage_by_position`` the count is also kept per position ``j`` and, scaled by a
+second gate, subtracted from that position's logit alone: a sequence that occurs twice in one chunk
+(a uuid's repeated pair) is then told apart by which occurrence was copied already.
 
 Everything is computed from token ids, so the full forward and the cached decoding step count the
 same pairs exactly; only positions at or before the query are used (``s <= t``, ``j < s``).

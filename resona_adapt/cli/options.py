@@ -86,8 +86,8 @@ def resona_config_options(f: Callable) -> Callable:
                                   "last W tokens made from it, so a list answer moves on (default 0 = off).")(f)
         elif name == "coverage_by_position":
             f = click.option("--coverage-by-position/--coverage-by-chunk", default=None,
-                             help="With --read-coverage: count the copies per read position, not per chunk "
-                                  "(default per chunk).")(f)
+                             help="With --read-coverage: also count the copies per read position, with a gate "
+                                  "of its own (default per chunk only).")(f)
         elif name == "replace_attention":
             f = click.option(flag, is_flag=True, default=None,
                              help="Hybrid-head models (Hymba): replace the chosen layers' attention heads with the "
