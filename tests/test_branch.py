@@ -280,6 +280,16 @@ def test_read_coverage_matches_dense_reference(window, neighbors, read_shift, by
 
 
 @pytest.mark.parametrize("by_position", [False, True])
+def test_read_coverage_before_the_first_chunk_reads_nothing(by_position):
+    """Fewer tokens than one chunk: no slot, no count, zeros (not an error) with either coverage."""
+    branch = make_branch(top_k=2, read_coverage=6, neighbor_chunks=1, coverage_by_position=by_position)
+    h, x = torch.randn(1, 3, D), torch.randn(1, 3, D)
+    with torch.no_grad():
+        y = branch.retrieve(h, x, ids=_repetitive_ids(1, 3))
+    assert y.shape == (1, 3, D) and torch.equal(y, branch.o_proj(torch.zeros(1, 3, branch.o_proj.in_features)))
+
+
+@pytest.mark.parametrize("by_position", [False, True])
 @pytest.mark.parametrize("t", [2, 4, 9, 17])
 def test_read_coverage_is_causal(t, by_position):
     """Coverage at t counts tokens up to t only: later ids (and embeddings) change nothing at or before t."""

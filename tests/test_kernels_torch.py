@@ -184,3 +184,13 @@ def test_a_bias_per_slot_token_reaches_only_its_token():
         torch.testing.assert_close(chunk_attention_torch(q, k, v, idx, bumped, U, query_tile=tile), out)
     with pytest.raises(ValueError, match=r"\(B, Tq, K, U\)"):
         chunk_attention_torch(q, k, v, idx, bumped[..., :3], U)
+
+
+def test_a_bias_per_slot_token_with_nothing_to_read():
+    """No complete chunk yet (K = 0 slots): a (B, Tq, 0, U) bias reads nothing on every path (a
+    prompt shorter than one chunk, as `generate` gives it)."""
+    q, k, v = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)
+    idx, bias = torch.zeros(1, 3, 0, dtype=torch.long), torch.zeros(1, 3, 0, 4)
+    for fn in (chunk_attention_ref, chunk_attention_torch):
+        assert (fn(q, k, v, idx, bias, 4) == 0).all()
+    assert (chunk_attention_ref(q, k, v, idx, bias, 4, sink_logit=torch.zeros(2)) == 0).all()

@@ -238,7 +238,7 @@ def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor
         x_prev.append(_windows_before(branch, state, first, embed).view(Q, K, U, D))
         w_prev.append(branch.k_window_proj.weight)
     out = absorbed_attention(
-        q.reshape(Q, H, dh), x_win[:, :, n:], valid.view(Q, K), bias.view(Q, K, -1),
+        q.reshape(Q, H, dh), x_win[:, :, n:], valid.view(Q, K), bias.view(Q, K, *bias.shape[3:]),
         branch.k_proj.weight, branch.v_proj.weight, x_prev=x_prev or None,
         w_prev=w_prev or None, sink_logit=branch.sink_logit, pos_bias=branch.pos_bias,
     )  # (Q, H*d)

@@ -106,6 +106,8 @@ def add_slot_bias(bias: Tensor, extra: Tensor) -> Tensor:
 
 def _safe_softmax(logits: Tensor) -> Tensor:
     """Softmax over the last dim that returns zeros (not NaN) for rows that are all -inf."""
+    if logits.shape[-1] == 0:  # nothing to attend to at all
+        return logits.clone()
     m = logits.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(logits - m)
@@ -144,7 +146,8 @@ def chunk_attention_ref(
 
     f = torch.promote_types(q.dtype, torch.float32)  # softmax in at least float32
     logits = torch.einsum("bqhd,bqjhd->bhqj", q, kg).to(f) * (d**-0.5)  # (B, H, Tq, KU)
-    logits = logits.view(B, H, Tq, K, U) + bias.to(f).view(B, 1, Tq, K, -1)  # (B, H, Tq, K, U)
+    Ub = U if slot_token_bias(bias, idx, U) else 1  # one bias per slot, or per slot token
+    logits = logits.view(B, H, Tq, K, U) + bias.to(f).view(B, 1, Tq, K, Ub)  # (B, H, Tq, K, U)
     if pos_bias is not None:
         logits = logits + pos_bias.to(f).view(1, H, 1, 1, U)
     logits = logits.masked_fill(~valid.view(B, 1, Tq, K, 1), float("-inf"))
