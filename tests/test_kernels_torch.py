@@ -194,3 +194,15 @@ def test_a_bias_per_slot_token_with_nothing_to_read():
     for fn in (chunk_attention_ref, chunk_attention_torch):
         assert (fn(q, k, v, idx, bias, 4) == 0).all()
     assert (chunk_attention_ref(q, k, v, idx, bias, 4, sink_logit=torch.zeros(2)) == 0).all()
+
+
+def test_a_bias_per_slot_token_with_chunks_of_one_token(forward_path):
+    """Chunk size 1: a per-token bias is (B, Tq, K, 1), which is not a per-slot bias (B, Tq, K); its
+    gradient keeps the given shape on both CPU paths and equals the reference's."""
+    leaves, idx, d_out = make_inputs(1, 7, 2, 4, 1, 2, True, False, torch.float64, token_bias=True)
+    assert leaves["bias"].shape == (1, 7, 2, 1)
+    ref_out, ref_grads = run(chunk_attention_ref, leaves, idx, d_out, 1)
+    out, grads = run(chunk_attention_torch, leaves, idx, d_out, 1)
+    torch.testing.assert_close(out, ref_out)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], msg=lambda m: f"d{name}: {m}")

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .reference import _safe_softmax
+from .reference import _safe_softmax, slot_token_bias
 
 
 def absorbed_attention(
@@ -59,7 +59,8 @@ def absorbed_attention(
         for xp, wp in pairs:  # one per previous token a key sees
             qp = torch.bmm(qt, wp.view(H, d, D)).transpose(0, 1)  # (Q, H, D)
             logits = logits + torch.bmm(qp, xp.reshape(Q, K * U, D).transpose(1, 2))
-    logits = logits.float().mul_(d**-0.5).view(Q, H, K, U) + bias.float().view(Q, 1, K, U if bias.dim() == 3 else 1)  # (Q, H, K, U)
+    Ub = U if slot_token_bias(bias, valid, U) else 1  # one bias per slot, or per slot token
+    logits = logits.float().mul_(d**-0.5).view(Q, H, K, U) + bias.float().view(Q, 1, K, Ub)  # (Q, H, K, U)
     if pos_bias is not None:
         logits = logits + pos_bias.float().view(1, H, 1, U)
     logits = logits.masked_fill(~valid.view(Q, 1, K, 1), float("-inf")).view(Q, H, K * U)

@@ -85,8 +85,8 @@ class _Tiles:
         self.vc = _head_major(v, U, self.N)  # (B*N*H, U*d)
         # one additive term per slot (or slot token): the score bias, or -inf for an empty slot
         self.f = torch.promote_types(q.dtype, torch.float32)  # softmax dtype: at least float32
-        per_token = slot_token_bias(bias, idx, U)
-        self.Ub = U if per_token else 1
+        self.per_token = slot_token_bias(bias, idx, U)
+        self.Ub = U if self.per_token else 1
         self.slot_bias = bias.to(self.f).view(B, Tq, K, self.Ub).masked_fill(
             (idx < 0).unsqueeze(-1), float("-inf"))  # (B, Tq, K, 1 or U)
         first_row = (torch.arange(B, device=q.device) * self.N).view(B, 1, 1, 1)  # (B, 1, 1, 1)
@@ -207,7 +207,7 @@ def _backward_by_query(q: Tensor, k: Tensor, v: Tensor, idx: Tensor, bias: Tenso
         dp = torch.bmm(do_t, vg.transpose(1, 2)).view(B, n, H, K * U).to(f)  # (B, n, H, KU)
         ds = dp.sub_(delta[:, t0:t1].unsqueeze(-1)).mul_(p)  # (B, n, H, KU) d loss / d logit
         ds5 = ds.view(B, n, H, K, U)
-        dslot[:, t0:t1] = ds5.sum(dim=2) if tiles.Ub > 1 else ds5.sum(dim=(2, 4)).unsqueeze(-1)
+        dslot[:, t0:t1] = ds5.sum(dim=2) if tiles.per_token else ds5.sum(dim=(2, 4)).unsqueeze(-1)
         dpos += ds5.sum(dim=(0, 1, 3))
         ds_q = ds.to(q.dtype).view(B * n * H, 1, K * U)
         dq[:, t0:t1] = (torch.bmm(ds_q, kg) * scale).view(B, n, H, d)

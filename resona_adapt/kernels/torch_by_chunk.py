@@ -58,7 +58,9 @@ class ByChunk:
                 start += n
         self.rows = torch.div(self.order, K, rounding_mode="floor")  # (P,) query row in B*Tq
         self.q2 = q.reshape(B * Tq, H * d)
-        self.Ub = U if slot_token_bias(bias, idx, U) else 1
+        self.per_token = slot_token_bias(bias, idx, U)
+        self.Ub = U if self.per_token else 1
+        self.bias_shape = bias.shape
         self.b_p = bias.reshape(B * Tq * K, self.Ub).index_select(0, self.order).to(self.f)  # (P, 1 or U) slot bias
         self.pos = pos_bias.to(self.f).view(H, 1, U) if pos_bias is not None else None
 
@@ -129,11 +131,11 @@ class ByChunk:
             dkc[c] = torch.bmm(ds.transpose(1, 2), q_c.to(f)).mul_(scale)  # (H, U, d)
             dq_c = torch.bmm(ds, self.kc[c].transpose(1, 2).to(f)).mul_(scale)  # (H, n, d)
             dq.index_add_(0, self.rows[a:e], dq_c.transpose(0, 1).reshape(e - a, H * d))
-            dslot_p[a:e] = ds.sum(dim=0) if self.Ub > 1 else ds.sum(dim=(0, 2)).unsqueeze(-1)
+            dslot_p[a:e] = ds.sum(dim=0) if self.per_token else ds.sum(dim=(0, 2)).unsqueeze(-1)
             dpos += ds.sum(dim=1)
         dslot = self.q.new_zeros(B * Tq * K, self.Ub, dtype=f).index_copy_(0, self.order, dslot_p)
         return (dq.view(B, Tq, H, d).to(self.q.dtype), self._unchunk(dkc, self.k), self._unchunk(dvc, self.v),
-                dslot.view(B, Tq, K, self.Ub) if self.Ub > 1 else dslot.view(B, Tq, K), dpos)
+                dslot.view(self.bias_shape), dpos)
 
     def _unchunk(self, xc: Tensor, like: Tensor) -> Tensor:
         """(B*N, H, U, d) -> (B, T, H, d) like ``like``; positions after the last complete chunk get 0."""
