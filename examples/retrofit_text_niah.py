@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--coverage-init", default=None, type=coverage_init,
                     help="the coverage gates' bias from the first NIAH step, frozen before it; 'none' = they train "
                          "from zero throughout (default: the recipe's)")
+    ap.add_argument("--list-any-order", type=int, default=None, choices=(0, 1),
+                    help="1 = a multi-value answer's lines may come in any order (default: the recipe's)")
     ap.add_argument("--kinds", default=None, help="training needle kinds (default: the recipe's)")
     ap.add_argument("--eval-kinds", default=None, help="measured needle kinds (default: the distinct training kinds)")
     ap.add_argument("--lengths", default=None, help="default 1k,2k,4k,8k,16k (--quick: 1k,2k)")
@@ -105,6 +107,8 @@ def main() -> None:
               if getattr(args, k) is not None}
     if args.coverage_init is not None:
         fields["coverage_init"] = None if args.coverage_init == "none" else args.coverage_init
+    if args.list_any_order is not None:
+        fields["list_any_order"] = bool(args.list_any_order)
     if args.kinds:
         fields["kinds"] = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     recipe = dataclasses.replace(recipe, config=dataclasses.replace(recipe.config, **cfg), **fields)

@@ -98,6 +98,10 @@ class TextRecipe:
     (`training.coverage_start`): a list answer's read then starts out moving on from what it has just
     copied, where from zero some seeds never learned to (docs/text-niah.md, "0.7"). None = the gates
     train from their injection value (zero) throughout."""
+    list_any_order: bool = False
+    """A multi-value answer's lines may come in any order (`training.list_loss`): at the first token of
+    each line the loss is that of any value still to give, where the document order is a target the
+    read cannot tell apart (docs/text-niah.md, "Any-order list loss"). False = document order."""
 
     @property
     def copy_steps(self) -> int:
@@ -168,6 +172,7 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
     from .retrofit import resona_parameters
     from .training import TrainConfig, train
     from .training.coverage_start import CoverageStart, coverage_gates
+    from .training.list_loss import list_row_mean_loss, strip_flags
     from .training.search_loss import SearchLoss
     from .training.trainer import row_mean_loss
 
@@ -184,7 +189,8 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
 
     def loss_and_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         text = labels >= TEXT_LABEL  # (B, T) tokens that carry only the text loss (text_loss_weight)
-        answers = labels.masked_fill(text, IGNORE)  # (B, T)
+        flagged_answers = labels.masked_fill(text, IGNORE)  # (B, T) list line starts flagged (list_any_order)
+        answers = strip_flags(flagged_answers)  # (B, T) token ids
         with torch.no_grad():  # the answer-exact metric, from the logits the loss reads anyway
             target = answers[:, 1:]  # (B, T-1)
             mask = target != IGNORE  # (B, T-1)
@@ -192,7 +198,7 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
             if bool(needle_rows.any()):
                 hit = (logits[:, :-1].argmax(-1) == target) | ~mask  # (B, T-1)
                 exact.append(hit[needle_rows].all(1).float().mean().item())
-        loss = row_mean_loss(logits, answers)
+        loss = list_row_mean_loss(logits, flagged_answers)  # row_mean_loss where nothing is flagged
         if bool(text.any()):
             loss = loss + recipe.text_loss_weight * row_mean_loss(logits, torch.where(text, labels - TEXT_LABEL, IGNORE))
         if recipe.search_loss_weight > 0:
@@ -244,10 +250,11 @@ def text_batches(tokenizer: Any, recipe: TextRecipe, seed: int = 0) -> "StepBatc
     n_short = round(recipe.short_fraction * recipe.steps) * B
     copy = copy_text_dataset(tokenizer, recipe.copy_len, n_copy, seed=seed + 29) if n_copy else []
     ds = niah_text_dataset(tokenizer, recipe.seq_len, n - n_short - n_copy, seed=seed, kinds=recipe.kinds,
-                           lm_fraction=recipe.lm_fraction, min_len=recipe.min_len, questions=recipe.questions)
+                           lm_fraction=recipe.lm_fraction, min_len=recipe.min_len, questions=recipe.questions,
+                           any_order=recipe.list_any_order)
     short = niah_text_dataset(tokenizer, recipe.short_len, n_short, seed=seed + 17, kinds=recipe.kinds,
                               lm_fraction=recipe.lm_fraction, min_len=recipe.short_len // 2,
-                              questions=recipe.questions) if n_short else []
+                              questions=recipe.questions, any_order=recipe.list_any_order) if n_short else []
     examples = ([copy[i] for i in range(n_copy)] + [short[i] for i in range(n_short)]
                 + [ds[i] for i in range(n - n_short - n_copy)])
 

@@ -21,6 +21,7 @@ import torch
 from ..evaluation.niah import (ADJECTIVES, NEEDLE_KINDS, WORDS, haystack_separator, load_haystack, make_text_sample,
                                make_value, needle_text, question_text)
 from .data import IGNORE, DataError, TokenDataset
+from .list_loss import flag_line_starts, line_starts
 
 TRAIN_HAYSTACK = "corpus:train"
 
@@ -37,7 +38,8 @@ def answer_text(values: Sequence[str]) -> str:
 
 def niah_text_dataset(tokenizer: Any, seq_len: int, num_examples: int, seed: int = 0,
                       kinds: Sequence[str] = NEEDLE_KINDS, haystack: str = TRAIN_HAYSTACK,
-                      lm_fraction: float = 0.0, min_len: int | None = None, questions: int = 1) -> TokenDataset:
+                      lm_fraction: float = 0.0, min_len: int | None = None, questions: int = 1,
+                      any_order: bool = False) -> TokenDataset:
     """``num_examples`` NIAH examples (needle kinds cycled, depths uniform) of ``seq_len`` tokens.
 
     ``lm_fraction`` of the examples are plain windows of the haystack text with a label on every
@@ -47,6 +49,8 @@ def niah_text_dataset(tokenizer: Any, seq_len: int, num_examples: int, seed: int
     ``questions`` > 1: each NIAH example (but the multivalue ones) hides that many needles (distinct keys; kinds drawn from
     ``kinds`` without multivalue) and ends with one question + answer per needle, in random order:
     more supervised tokens per forward, and every needle is a distractor for the other questions.
+    ``any_order``: the first token of each line of a multi-value answer is flagged (`list_loss`), so
+    `list_loss.list_row_mean_loss` lets the lines come in any order.
     """
     bad = [k for k in kinds if k not in NEEDLE_KINDS]
     if bad or not kinds:
@@ -100,6 +104,8 @@ def niah_text_dataset(tokenizer: Any, seq_len: int, num_examples: int, seed: int
         start = rng.randrange(len(stream) - fill) if fill else 0
         ids = stream[start:start + fill] + prompt + answer
         labels = [IGNORE] * (fill + len(prompt)) + answer
+        if any_order and len(draft.values) > 1:
+            labels = flag_line_starts(labels, fill + len(prompt), line_starts(tokenizer, draft.values, answer))
         examples.append((torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)))
     order = list(range(len(examples)))
     rng.shuffle(order)
