@@ -198,7 +198,7 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
             if bool(needle_rows.any()):
                 hit = (logits[:, :-1].argmax(-1) == target) | ~mask  # (B, T-1)
                 exact.append(hit[needle_rows].all(1).float().mean().item())
-        loss = list_row_mean_loss(logits, flagged_answers)  # row_mean_loss where nothing is flagged
+        loss = list_row_mean_loss(logits, flagged_answers) if recipe.list_any_order else row_mean_loss(logits, answers)
         if bool(text.any()):
             loss = loss + recipe.text_loss_weight * row_mean_loss(logits, torch.where(text, labels - TEXT_LABEL, IGNORE))
         if recipe.search_loss_weight > 0:
