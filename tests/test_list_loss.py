@@ -126,3 +126,22 @@ def test_fit_text_trains_with_the_any_order_loss(fake_corpus, monkeypatch):
     assert len(searched) == 2 and torch.equal(searched[0], strip_flags(labels))  # plain ids for the search loss
     ordered = dataclasses.replace(recipe, list_any_order=False)
     assert not flagged(text_batches(byte_tokenizer(), ordered, seed=1).batch(0)[1]).any()
+
+
+def test_line_starts_refuse_a_value_whose_first_token_merges_with_the_line_break():
+    """A tokenizer that merges "\\n4" into one token: the line start is not a token of its own, so
+    nothing is flagged (flagging the token after it would train the wrong position)."""
+    def tok(text, add_special_tokens=False):
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith("\n4", i):
+                ids.append(1000)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return {"input_ids": ids}
+
+    answer = tok(answer_text(["123", "456"]))["input_ids"]
+    assert line_starts(tok, ["123", "456"], answer) == []
+    assert line_starts(tok, ["123", "756"], tok(answer_text(["123", "756"]))["input_ids"]) == [1, 6]

@@ -34,11 +34,11 @@ def line_starts(tokenizer: Any, values: Sequence[str], answer: Sequence[int]) ->
     starts: list[int] = []
     prefix = " "
     for value in values:
-        at = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
-        upto = tokenizer(prefix + value, add_special_tokens=False)["input_ids"]
-        if list(answer[:len(upto)]) != list(upto) or at >= len(answer) or list(upto[:at]) != list(answer[:at]):
-            return []
-        starts.append(at)
+        before = list(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        upto = list(tokenizer(prefix + value, add_special_tokens=False)["input_ids"])
+        if upto[:len(before)] != before or len(upto) <= len(before) or list(answer[:len(upto)]) != upto:
+            return []  # the value's first token merged with what precedes it, or not this answer
+        starts.append(len(before))
         prefix += value + ".\n"
     return starts
 
@@ -65,11 +65,12 @@ def list_row_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     """`trainer.row_mean_loss`, but a flagged line start's loss is ``-log`` of the probability of any
     line start still to give in its row (itself and the flagged ones after it). Without flags it is
     `trainer.row_mean_loss`. logits: (B, T, V); labels: (B, T), the causal-LM convention."""
+    from .trainer import row_mean
+
     target_flagged = labels[:, 1:]  # (B, T-1)
     starts = flagged(target_flagged)  # (B, T-1)
     target = strip_flags(target_flagged)  # (B, T-1)
     logits = logits[:, :-1].float()  # (B, T-1, V)
-    mask = target != IGNORE  # (B, T-1)
     tok_loss = F.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")  # (B, T-1)
     if bool(starts.any()):
         rows, cols = starts.nonzero(as_tuple=True)  # (P,), (P,) in row-major order: a row's starts in order
@@ -80,4 +81,4 @@ def list_row_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
         picked = logits[rows, cols]  # (P, V)
         set_loss = torch.logsumexp(picked, -1) - torch.logsumexp(picked.masked_fill(~allowed, float("-inf")), -1)  # (P,)
         tok_loss = tok_loss.index_put((rows, cols), set_loss)
-    return ((tok_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return row_mean(tok_loss, target != IGNORE)

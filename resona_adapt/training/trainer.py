@@ -51,8 +51,13 @@ def row_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     mean over its labelled tokens (0 for a row without any), the result the mean over the rows."""
     target = labels[:, 1:]  # (B, T-1)
     logits = logits[:, :-1].float()  # (B, T-1, V)
-    mask = target != IGNORE  # (B, T-1)
     tok_loss = F.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")  # (B, T-1)
+    return row_mean(tok_loss, target != IGNORE)
+
+
+def row_mean(tok_loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over rows of each row's mean over its ``mask``ed tokens (0 for a row without any).
+    tok_loss, mask: (B, T)."""
     return ((tok_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
