@@ -333,12 +333,21 @@ def test_query_window_steps_equal_a_full_forward(family, key_context, read_windo
         assert (scores[b] - alone_scores[0]).abs().max() <= 1e-4, b
 
 
-def _copying_ids(rows: int = 2, seed: int = 7) -> torch.Tensor:
+def _copying_ids(rows: int = 2, seed: int = 7, shifts: tuple[int, ...] = (0, 5)) -> torch.Tensor:
     """(rows, 40) ids whose second half repeats the first from its 4th token on (so read coverage counts
-    copies); the copy is shifted by 17, so no chunk of U = 4 repeats another whole (a tie in the search)."""
+    copies). The first 20 tokens of a row are distinct and the copy is shifted by 17, so no two chunks of
+    U = 4 hold the same tokens in any order, counted from each of ``shifts`` (a row cut by that many
+    tokens, as the padded test does): such chunks have equal mean summaries up to rounding, and a hard
+    top-k at a tie within rounding can pick differently in a decode step and in a full forward."""
     g = torch.Generator().manual_seed(seed)
-    first = torch.randint(1, VOCAB, (rows, 20), generator=g)
-    return torch.cat([first, first[:, 3:20], torch.randint(1, VOCAB, (rows, 3), generator=g)], dim=1)  # (rows, 40)
+    first = torch.stack([torch.randperm(VOCAB - 1, generator=g)[:20] + 1 for _ in range(rows)])  # (rows, 20)
+    ids = torch.cat([first, first[:, 3:20], torch.randint(1, VOCAB, (rows, 3), generator=g)], dim=1)  # (rows, 40)
+    for row in ids:
+        for shift in shifts:
+            chunks = row[shift:].tolist()
+            bags = [tuple(sorted(chunks[i:i + U])) for i in range(0, len(chunks) - U + 1, U)]
+            assert len(set(bags)) == len(bags), (shift, bags)  # the premise, checked
+    return ids
 
 
 @pytest.mark.parametrize("by_position", [False, True])

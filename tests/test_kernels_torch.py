@@ -80,6 +80,40 @@ def test_selection_score_gradient_equals_the_dense_scores_gradient():
     torch.testing.assert_close(gc, ec)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_equal_scores_go_to_the_earlier_chunk_at_every_tile_size(dtype):
+    """Chunks with the same summary (a repeated passage) tie exactly; the earlier one is kept and comes
+    first, whether the query is scored alone (a decode step) or in a tile of many (a prefill)."""
+    E, U, N = 8, 4, 9
+    eye = torch.eye(E)
+    c = eye[[0, 1, 2, 3, 4, 5, 0, 3, 3]].unsqueeze(0)  # (1, N, E): 0 = 6, and 3 = 7 = 8
+    queries = {  # query -> the two chunks kept
+        (3,): [3, 7],  # three-way tie at the top, two kept
+        (0, 0, 3): [0, 6],  # a tie inside the kept slots
+        (1, 1, 3): [1, 3],  # a unique best, then a three-way tie for the second slot
+    }
+    q = F.normalize(torch.stack([eye[list(k)].sum(0) for k in queries]), dim=-1)  # (3, E)
+    q = q.repeat(16, 1).unsqueeze(0).to(dtype)  # (1, 48, E)
+    c = c.to(dtype)
+    pos = torch.full((48,), N * U)
+    whole, _ = select_chunks_ref(q, c, 2, U, pos)  # (1, 48, 2)
+    for t in range(48):
+        alone, _ = select_chunks_ref(q[:, t:t + 1], c, 2, U, pos[t:t + 1])
+        assert whole[0, t].tolist() == list(queries.values())[t % 3], t
+        assert torch.equal(alone[0, 0], whole[0, t]), t
+
+
+def test_equal_scores_never_reach_past_the_eligible_chunks():
+    """Ineligible chunks (-inf) tie among themselves; they never fill a slot, whatever the tie-break."""
+    c = F.normalize(torch.ones(1, 6, 4), dim=-1)  # every chunk the same: all scores equal
+    q = F.normalize(torch.ones(1, 10, 4), dim=-1)
+    idx, score = select_chunks_ref(q, c, 3, 2, torch.arange(10))
+    for t in range(10):
+        eligible = list(range(t // 2))[:3]
+        assert idx[0, t].tolist() == eligible + [-1] * (3 - len(eligible)), t
+    assert torch.all(score[idx < 0] == 0)
+
+
 def test_tiled_search_equals_one_tile(monkeypatch):
     torch.manual_seed(0)
     qs = F.normalize(torch.randn(2, 70, 8), dim=-1)

@@ -36,7 +36,8 @@ def select_chunks_ref(
     q_pos: (Tq,) or (B, Tq) long, the absolute position of each query.
     Returns ``idx`` (B, Tq, K) long with -1 in empty slots and ``score`` (B, Tq, K), the cosine of
     each kept chunk (0 in empty slots), differentiable with respect to ``q`` and ``c``.
-    K = min(top_k, N); a query with fewer eligible chunks than K keeps all of them.
+    K = min(top_k, N); a query with fewer eligible chunks than K keeps all of them. Among equal
+    scores the earlier chunk wins (`topk_earliest`), on every platform and tile size.
     """
     B, Tq, _ = q.shape
     N = c.shape[1]
@@ -51,12 +52,45 @@ def select_chunks_ref(
         eligible = chunk_ids < n_eligible.unsqueeze(-1)  # (Tq, N) or (B, Tq, N)
         s = s.masked_fill_(~eligible, float("-inf"))  # (B, Tq, N)
         top_s, idx = s.topk(K, dim=-1)  # (B, Tq, K)
+        if has_ties(s, top_s):  # topk's order among equal scores is the platform's: fix it
+            top_s, idx = topk_earliest(s, K)
         valid = torch.isfinite(top_s)  # (B, Tq, K)
         idx = idx.masked_fill_(~valid, -1)
     # the kept scores again, differentiable and cheap: K dot products per query, not N
     picked = torch.gather(c, 1, idx.clamp(min=0).view(B, Tq * K, 1).expand(-1, -1, c.shape[-1]))  # (B, Tq*K, E)
     score = torch.matmul(picked.view(B, Tq, K, -1), q.unsqueeze(-1)).squeeze(-1)  # (B, Tq, K)
     return idx, score.masked_fill(~valid, 0.0)
+
+
+def has_ties(s: Tensor, top_s: Tensor) -> bool:
+    """True when equal finite scores make the top-k ambiguous: s (B, Tq, N) scores, top_s (B, Tq, K)
+    the K largest (descending). Ambiguous when more than K scores reach the K-th, or when two kept
+    ones are equal (their slot order). Ties among -inf (ineligible chunks) do not count."""
+    kth = top_s[..., -1:]  # (B, Tq, 1)
+    boundary = torch.isfinite(kth) & ((s >= kth).sum(dim=-1, keepdim=True) > top_s.shape[-1])  # (B, Tq, 1)
+    inside = torch.isfinite(top_s[..., 1:]) & (top_s[..., 1:] == top_s[..., :-1])  # (B, Tq, K-1)
+    return bool(boundary.any()) or bool(inside.any())
+
+
+def topk_earliest(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``s.topk(k)`` with ties broken the same way everywhere: among equal scores the earlier chunk
+    (lower index) wins and comes first. s: (B, Tq, N) float32 -> values, indices (B, Tq, k).
+
+    ``torch.topk`` leaves the order of equal values to the implementation, and it differs between
+    a one-query decode step and a prefill tile: two chunks with the same summary (a repeated
+    passage) could then be read differently by generate() and by a full forward. Each score is
+    mapped to an int32 with the same order (the IEEE bits, negatives flipped; -0.0 becomes +0.0),
+    and the chunk index fills the low 32 bits of one int64 key, so every key is distinct."""
+    if s.dtype == torch.float64:  # no room for an index beside 64 bits: a stable sort (slower; tests)
+        values, idx = s.sort(dim=-1, descending=True, stable=True)  # (B, Tq, N) x2
+        return values[..., :k], idx[..., :k]
+    N = s.shape[-1]
+    bits = (s.float() + 0.0).view(torch.int32)  # (B, Tq, N); + 0.0 turns -0.0 into +0.0
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # (B, Tq, N) int32, ordered as the floats
+    earlier = N - 1 - torch.arange(N, device=s.device)  # (N,) larger for earlier chunks
+    key = (ordered.long() << 32) + earlier  # (B, Tq, N) int64, all distinct
+    idx = key.topk(k, dim=-1).indices  # (B, Tq, k)
+    return s.gather(-1, idx), idx
 
 
 def add_neighbors(idx: Tensor, score: Tensor, q_pos: Tensor, chunk_size: int, neighbors: int) -> tuple[Tensor, Tensor]:
