@@ -47,14 +47,15 @@ class TextRecipe:
 
     config: ResonaConfig = field(default_factory=lambda: ResonaConfig(
         chunk_size=32, top_k=8, train_top_k=8, num_heads=2, chunk_pool="attention", neighbor_chunks=1,
-        key_context=3, query_window=32, read_window=True, read_coverage=24))
+        key_context=3, query_window=32, read_window=True, read_coverage=24, coverage_by_position=True))
     """Measured choices (docs/text-niah.md, "0.4", "0.5" and "0.6"): chunks of 32 read 8 at a time; search
     queries that see the last 32 tokens (``query_window``: the key a few tokens back in the question);
     read keys that see the 3 previous tokens (``key_context``: copying a number whose digits repeat)
     and the pooled 32 before them, read queries their own 32 (``read_window``: the read tells needles
     with look-alike values apart by their keys; it needs ``search_loss_weight``, below); read coverage
     over the last 24 tokens (``read_coverage``: a list answer moves on to a value it has not given;
-    its gate starts at ``coverage_init``, below, "0.7")."""
+    its gate starts at ``coverage_init``, below, "0.7"), counted per chunk and per read position
+    (``coverage_by_position``: a copy does not loop back to an earlier match inside a chunk, "0.8")."""
     layers: str = "-1"
     steps: int = 900
     batch_size: int = 8
@@ -98,10 +99,11 @@ class TextRecipe:
     (`training.coverage_start`): a list answer's read then starts out moving on from what it has just
     copied, where from zero some seeds never learned to (docs/text-niah.md, "0.7"). None = the gates
     train from their injection value (zero) throughout."""
-    list_any_order: bool = False
+    list_any_order: bool = True
     """A multi-value answer's lines may come in any order (`training.list_loss`): at the first token of
     each line the loss is that of any value still to give, where the document order is a target the
-    read cannot tell apart (docs/text-niah.md, "Any-order list loss"). False = document order."""
+    read cannot tell apart (docs/text-niah.md, "0.8" and "Seed 3's list answers"; without it one seed
+    in four never learned to list). False = document order."""
 
     @property
     def copy_steps(self) -> int:

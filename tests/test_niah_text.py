@@ -382,3 +382,23 @@ def test_coverage_gates_wait_for_the_niah_steps(fake_corpus, init):
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError, match="coverage_init must be a finite number"):
             CoverageStart([gate], 1, bad)
+
+
+def test_text_recipe_is_the_measured_0_8():
+    """`TEXT_RECIPE` is what docs/text-niah.md measures as 0.8 (0.7 plus both coverage counts and the
+    any-order list loss), and the experiment script's defaults are the recipe's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from resona_adapt.text_demo import TEXT_QUICK_RECIPE, TEXT_RECIPE
+
+    cfg = TEXT_RECIPE.config
+    assert (cfg.read_coverage, cfg.coverage_by_position, TEXT_RECIPE.list_any_order) == (24, True, True)
+    assert TEXT_RECIPE.coverage_init == 0.4 and TEXT_RECIPE.search_loss_weight == 0.5
+    assert TEXT_QUICK_RECIPE.config == cfg  # the CI-sized demo trains the same branch
+    script = Path(__file__).resolve().parents[1] / "examples" / "retrofit_text_niah.py"
+    source = script.read_text()
+    assert "recipe = TEXT_QUICK_RECIPE if args.quick else TEXT_RECIPE" in source
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--list-any-order" in help_text and "--coverage-by-position" in help_text
