@@ -83,7 +83,9 @@ def test_selection_score_gradient_equals_the_dense_scores_gradient():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_equal_scores_go_to_the_earlier_chunk_at_every_tile_size(dtype):
     """Chunks with the same summary (a repeated passage) tie exactly; the earlier one is kept and comes
-    first, whether the query is scored alone (a decode step) or in a tile of many (a prefill)."""
+    first, whether the query is scored alone against the chunks done so far (a decode step) or in a
+    tile of many that also scores later, ineligible chunks (a prefill). torch.topk's choice among
+    equal values depends on the number of values (here {8, 3} of 9, {8, 7} of 40)."""
     E, U, N = 8, 4, 9
     eye = torch.eye(E)
     c = eye[[0, 1, 2, 3, 4, 5, 0, 3, 3]].unsqueeze(0)  # (1, N, E): 0 = 6, and 3 = 7 = 8
@@ -97,10 +99,12 @@ def test_equal_scores_go_to_the_earlier_chunk_at_every_tile_size(dtype):
     c = c.to(dtype)
     pos = torch.full((48,), N * U)
     whole, _ = select_chunks_ref(q, c, 2, U, pos)  # (1, 48, 2)
+    later = F.normalize(torch.randn(1, 31, E, generator=torch.Generator().manual_seed(0)), dim=-1).to(dtype)
+    tile, _ = select_chunks_ref(q, torch.cat([c, later], 1), 2, U, pos)  # a prefill tile: later chunks scored, -inf
     for t in range(48):
-        alone, _ = select_chunks_ref(q[:, t:t + 1], c, 2, U, pos[t:t + 1])
+        alone, _ = select_chunks_ref(q[:, t:t + 1], c, 2, U, pos[t:t + 1])  # a decode step: the N done so far
         assert whole[0, t].tolist() == list(queries.values())[t % 3], t
-        assert torch.equal(alone[0, 0], whole[0, t]), t
+        assert torch.equal(alone[0, 0], whole[0, t]) and torch.equal(tile[0, t], whole[0, t]), t
 
 
 def test_equal_scores_never_reach_past_the_eligible_chunks():
