@@ -80,6 +80,9 @@ def main() -> None:
                          "from zero throughout (default: the recipe's)")
     ap.add_argument("--list-any-order", type=int, default=None, choices=(0, 1),
                     help="1 = a multi-value answer's lines may come in any order (default: the recipe's)")
+    ap.add_argument("--search-any-order", type=int, default=None, choices=(0, 1),
+                    help="1 = with --list-any-order, the search loss at a list line start also accepts any value "
+                         "still to give (default: the recipe's)")
     ap.add_argument("--kinds", default=None, help="training needle kinds (default: the recipe's)")
     ap.add_argument("--eval-kinds", default=None, help="measured needle kinds (default: the distinct training kinds)")
     ap.add_argument("--lengths", default=None, help="default 1k,2k,4k,8k,16k (--quick: 1k,2k)")
@@ -109,6 +112,8 @@ def main() -> None:
         fields["coverage_init"] = None if args.coverage_init == "none" else args.coverage_init
     if args.list_any_order is not None:
         fields["list_any_order"] = bool(args.list_any_order)
+    if args.search_any_order is not None:
+        fields["search_any_order"] = bool(args.search_any_order)
     if args.kinds:
         fields["kinds"] = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     recipe = dataclasses.replace(recipe, config=dataclasses.replace(recipe.config, **cfg), **fields)

@@ -104,6 +104,10 @@ class TextRecipe:
     each line the loss is that of any value still to give, where the document order is a target the
     read cannot tell apart (docs/text-niah.md, "0.8" and "Seed 3's list answers"; without it one seed
     in four never learned to list). False = document order."""
+    search_any_order: bool = False
+    """With ``list_any_order`` and ``search_loss_weight``: the search loss at a list answer's line start
+    also lets any value still to give be the target chunk (`search_loss.search_targets`), where by
+    default it is the next value in document order. Not measured yet (docs/text-niah.md, "Not done")."""
 
     @property
     def copy_steps(self) -> int:
@@ -174,7 +178,7 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
     from .retrofit import resona_parameters
     from .training import TrainConfig, train
     from .training.coverage_start import CoverageStart, coverage_gates
-    from .training.list_loss import list_row_mean_loss, strip_flags
+    from .training.list_loss import flagged, list_row_mean_loss, strip_flags
     from .training.search_loss import SearchLoss
     from .training.trainer import row_mean_loss
 
@@ -204,7 +208,8 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
         if bool(text.any()):
             loss = loss + recipe.text_loss_weight * row_mean_loss(logits, torch.where(text, labels - TEXT_LABEL, IGNORE))
         if recipe.search_loss_weight > 0:
-            s_loss = search(answers)
+            starts = flagged(flagged_answers) if recipe.search_any_order and recipe.list_any_order else None
+            s_loss = search(answers, starts=starts)
             searched.append(s_loss.item())
             loss = loss + recipe.search_loss_weight * s_loss
         return loss

@@ -101,6 +101,59 @@ def test_target_chunks_are_exactly_those_whose_read_holds_the_source(read_shift,
     assert checked > 100
 
 
+def test_list_line_starts_may_hit_any_value_still_to_give():
+    """With ``starts`` (a list answer's line starts), the query before a line start hits the chunks of its
+    own value and of every later one; every other query, and every query without ``starts``, keeps the
+    document-order target."""
+    U = 4
+    filler = [30 + i % 7 for i in range(60)]
+    ids = list(filler)
+    values = [[11, 12, 13], [14, 15, 16], [17, 18, 19]]
+    at = [9, 25, 41]  # each value inside its own chunk: 2, 6, 10 (read_shift 0)
+    for a, v in zip(at, values):
+        ids[a:a + 3] = v
+    answer = values[0] + [2] + values[1] + [2] + values[2]  # "v1 \n v2 \n v3"
+    ids = torch.tensor(ids + [3] + answer).unsqueeze(0)  # (1, 72)
+    answers = torch.full_like(ids, IGNORE)
+    first = 61
+    answers[0, first:] = ids[0, first:]
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[0, [first, first + 4, first + 8]] = True
+    plain = search_targets(ids, answers, U, 0, 0)
+    rows, queries, hits = search_targets(ids, answers, U, 0, 0, starts=starts)
+    assert torch.equal(rows, plain[0]) and torch.equal(queries, plain[1])
+    chunks = {q: set(h.nonzero().flatten().tolist()) for q, h in zip(queries.tolist(), hits)}
+    before = {q: set(h.nonzero().flatten().tolist()) for q, h in zip(plain[1].tolist(), plain[2])}
+    assert before[first - 1] == {2} and before[first + 3] == {6} and before[first + 7] == {10}  # document order
+    assert chunks[first - 1] == {2, 6, 10} and chunks[first + 3] == {6, 10} and chunks[first + 7] == {10}
+    for q in chunks:
+        if q not in (first - 1, first + 3, first + 7):
+            assert chunks[q] == before[q], q
+
+
+def test_fit_text_passes_line_starts_to_the_search_loss_only_when_asked(fake_corpus, monkeypatch):
+    """``search_any_order`` (with ``list_any_order``) hands the list line starts to the search loss; by
+    default it gets none (document order)."""
+    from resona_adapt.training import search_loss as module
+
+    seen: list[int | None] = []
+    real_call = module.SearchLoss.__call__
+
+    def spy(self, answers, starts=None):
+        seen.append(None if starts is None else int(starts.sum()))
+        return real_call(self, answers, starts)
+
+    monkeypatch.setattr(module.SearchLoss, "__call__", spy)
+    recipe = TextRecipe(config=ResonaConfig(chunk_size=16, top_k=2, num_heads=1, head_dim=8), steps=1, batch_size=2,
+                        seq_len=800, min_len=700, kinds=("multivalue",), questions=1, copy_fraction=0.0,
+                        short_fraction=0.0, tail_steps=0, search_loss_weight=0.5, list_any_order=True)
+    for any_order in (False, True):
+        torch.manual_seed(0)
+        model = retrofit(tiny_text_model(), layers=[-1], config=recipe.config)
+        fit_text(model, byte_tokenizer(), dataclasses.replace(recipe, search_any_order=any_order), seed=1)
+    assert seen[0] is None and seen[1] is not None and seen[1] >= 2 * 2  # two rows, a list of 2-4 values each
+
+
 def _copy_batch(n: int, half: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     first = torch.randint(1, 256, (n, half), generator=g)
@@ -175,8 +228,8 @@ def test_fit_text_adds_the_search_loss_at_its_weight(fake_corpus, monkeypatch):
     searched: list[float] = []
     real_call = module.SearchLoss.__call__
 
-    def spy(self, answers):
-        out = real_call(self, answers)
+    def spy(self, answers, starts=None):
+        out = real_call(self, answers, starts)
         searched.append(float(out.detach()))
         return out
 

@@ -120,12 +120,17 @@ def copy_sources(ids: Tensor, start: int, end: int, run: Tensor | None = None, m
 
 
 def search_targets(ids: Tensor, answers: Tensor, chunk_size: int, neighbors: int = 0,
-                   read_shift: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+                   read_shift: int = 1, starts: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """ids, answers: (B, T) input tokens and answer labels at the input positions (causal-LM labels:
     ``answers[p]`` is predicted at ``p - 1``; `IGNORE` elsewhere) -> ``(rows, queries, hits)``:
     (Q,) row and (Q,) position of every supervised search query, and (Q, N) bool, the chunks whose
     selection reads the token that query must copy (N = T // chunk_size). Queries whose source is
-    not in a complete chunk they may see, or that have no source, are left out."""
+    not in a complete chunk they may see, or that have no source, are left out.
+
+    ``starts``: (B, T) bool, the line starts of a list answer (`list_loss.flagged` of the labels; one
+    list per row at most). The query before a line start then hits the chunks of every value still
+    to give (its own line start's and the later ones'), not only the next in document order: the
+    search's side of `list_loss.list_row_mean_loss`."""
     B, T = ids.shape
     N = T // chunk_size
     chunk = torch.arange(N)  # (N,)
@@ -139,6 +144,10 @@ def search_targets(ids: Tensor, answers: Tensor, chunk_size: int, neighbors: int
         real = (src >= 0) & (c >= 0) & (c < visible.unsqueeze(1))  # (P, M)
         within = (chunk >= (c - neighbors).unsqueeze(-1)) & (chunk <= c.unsqueeze(-1))  # (P, M, N)
         row = (within & real.unsqueeze(-1)).any(1)  # (P, N)
+        if starts is not None:
+            at = starts[b, pos].nonzero().flatten()  # (S,) the list's line starts, in order
+            for n in range(at.numel()):
+                row[at[n]] = row[at[n:]].any(0)  # this value or any later one
         keep = (t >= 0) & row.any(1)  # (P,)
         rows.append(torch.full((int(keep.sum()),), b, dtype=torch.long))
         queries.append(t[keep])
@@ -200,7 +209,9 @@ class SearchLoss:
         self._hooks.clear()
         self.inputs.clear()
 
-    def __call__(self, answers: Tensor) -> Tensor:
+    def __call__(self, answers: Tensor, starts: Tensor | None = None) -> Tensor:
+        """answers: (B, T) answer labels (`IGNORE` elsewhere); ``starts``: (B, T) bool list line starts
+        whose queries may hit any value still to give (`search_targets`), or None."""
         if self.ids is None or len(self.inputs) != len(self.branches):
             raise RuntimeError("SearchLoss: no forward recorded; call the model inside the `with` block first")
         losses = []
@@ -210,7 +221,8 @@ class SearchLoss:
             cfg = branch.config
             key = (cfg.chunk_size, cfg.neighbor_chunks, cfg.read_shift)
             if key not in targets:
-                targets[key] = search_targets(self.ids.cpu(), answers.cpu(), *key)
+                targets[key] = search_targets(self.ids.cpu(), answers.cpu(), *key,
+                                              starts=None if starts is None else starts.cpu())
             rows, queries, hits = targets[key]
             if rows.numel():
                 losses.append(branch_search_loss(branch, h, x, rows, queries, hits))
