@@ -120,7 +120,7 @@ def test_fit_text_trains_with_the_any_order_loss(fake_corpus, monkeypatch):
     searched: list[torch.Tensor] = []
     real, real_search = list_loss.list_row_mean_loss, search_loss.SearchLoss.__call__
     monkeypatch.setattr(list_loss, "list_row_mean_loss", lambda lg, lb: (seen.append(lb.clone()), real(lg, lb))[1])
-    monkeypatch.setattr(search_loss.SearchLoss, "__call__", lambda self, a: (searched.append(a.clone()), real_search(self, a))[1])
+    monkeypatch.setattr(search_loss.SearchLoss, "__call__", lambda self, a, starts=None: (searched.append(a.clone()), real_search(self, a, starts))[1])
     out = fit_text(model, byte_tokenizer(), recipe, seed=1)
     assert len(seen) == 2 and torch.equal(seen[0], labels) and math.isfinite(out["final_loss"])
     assert len(searched) == 2 and torch.equal(searched[0], strip_flags(labels))  # plain ids for the search loss
