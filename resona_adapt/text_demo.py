@@ -107,7 +107,8 @@ class TextRecipe:
     search_any_order: bool = False
     """With ``list_any_order`` and ``search_loss_weight``: the search loss at a list answer's line start
     also lets any value still to give be the target chunk (`search_loss.search_targets`), where by
-    default it is the next value in document order. Not measured yet (docs/text-niah.md, "Not done")."""
+    default it is the next value in document order. Measured once (seed 3): worse, `multivalue` 4.39 -> 3.76
+    (docs/text-niah.md, "Not done"); off."""
 
     @property
     def copy_steps(self) -> int:
