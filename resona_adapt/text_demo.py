@@ -209,7 +209,7 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
         if bool(text.any()):
             loss = loss + recipe.text_loss_weight * row_mean_loss(logits, torch.where(text, labels - TEXT_LABEL, IGNORE))
         if recipe.search_loss_weight > 0:
-            starts = flagged(flagged_answers) if recipe.search_any_order and recipe.list_any_order else None
+            starts = flagged(flagged_answers) if recipe.search_any_order else None  # no flags without list_any_order
             s_loss = search(answers, starts=starts)
             searched.append(s_loss.item())
             loss = loss + recipe.search_loss_weight * s_loss

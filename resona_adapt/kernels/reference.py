@@ -76,9 +76,10 @@ def topk_earliest(s: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``s.topk(k)`` with ties broken the same way everywhere: among equal scores the earlier chunk
     (lower index) wins and comes first. s: (B, Tq, N) float32 -> values, indices (B, Tq, k).
 
-    ``torch.topk`` leaves the order of equal values to the implementation, and it differs between
-    a one-query decode step and a prefill tile: two chunks with the same summary (a repeated
-    passage) could then be read differently by generate() and by a full forward. Each score is
+    ``torch.topk`` leaves the choice among equal values to the implementation, and on CPU it depends
+    on how many values it scores (a decode step scores the chunks done so far, a prefill tile every
+    chunk its last query may see): two chunks with the same summary (a repeated passage) could then
+    be read differently by generate() and by a full forward. Each score is
     mapped to an int32 with the same order (the IEEE bits, negatives flipped; -0.0 becomes +0.0),
     and the chunk index fills the low 32 bits of one int64 key, so every key is distinct."""
     if s.dtype == torch.float64:  # no room for an index beside 64 bits: a stable sort (slower; tests)

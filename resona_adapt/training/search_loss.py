@@ -145,9 +145,8 @@ def search_targets(ids: Tensor, answers: Tensor, chunk_size: int, neighbors: int
         within = (chunk >= (c - neighbors).unsqueeze(-1)) & (chunk <= c.unsqueeze(-1))  # (P, M, N)
         row = (within & real.unsqueeze(-1)).any(1)  # (P, N)
         if starts is not None:
-            at = starts[b, pos].nonzero().flatten()  # (S,) the list's line starts, in order
-            for n in range(at.numel()):
-                row[at[n]] = row[at[n:]].any(0)  # this value or any later one
+            at = starts[b, pos]  # (P,) the list's line starts
+            row[at] = row[at].flip(0).cumsum(0).flip(0) > 0  # (S, N) this value or any later one
         keep = (t >= 0) & row.any(1)  # (P,)
         rows.append(torch.full((int(keep.sum()),), b, dtype=torch.long))
         queries.append(t[keep])
