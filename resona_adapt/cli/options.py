@@ -53,7 +53,7 @@ def model_options(f: Callable) -> Callable:
     f = click.option("--model", "model_name", required=True,
                      help="Local checkpoint directory, a hub id already in the HF cache, or a built-in "
                           "model (tiny-mamba, tiny-mamba2, tiny-falcon-mamba, tiny-hymba) or a shipped "
-                          "pretrained one (mqar-mamba2).")(f)
+                          "pretrained one (mqar-mamba2; text-mamba2, with a tokenizer).")(f)
     return f
 
 

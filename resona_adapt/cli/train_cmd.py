@@ -26,6 +26,10 @@ from .options import (
 @click.option("--task", default=None,
               help="Built-in task instead of --data: mqar (synthetic, needs no tokenizer), or niah (RULER needles in "
                    "haystacks of the built-in corpus's training split, loss on the answer; needs the model's tokenizer).")
+@click.option("--recipe", default=None, type=click.Choice(["mqar", "mqar-quick", "text", "text-quick"]),
+              help="Instead of the options below: retrofit the base --model with a measured recipe and train it on "
+                   "the recipe's own data and schedule (mqar: docs/retrofit-learning.md; text: NIAH on the built-in "
+                   "corpus, docs/text-niah.md, needs the model's tokenizer). Only --steps and --seed change it.")
 @click.option("--lm-fraction", type=click.FloatRange(0.0, 1.0), default=0.2, show_default=True,
               help="niah: the fraction of examples that are plain corpus text (language modelling on every token).")
 @click.option("--seq-len", type=click.IntRange(min=2), default=256, show_default=True, help="Tokens per example (task) / maximum (data).")
@@ -49,7 +53,8 @@ from .options import (
               help="Add the search's own loss at this weight: at every answer token, the chunk holding the token to "
                    "copy should win the search (0 = off; needs answers after their source, e.g. --task mqar/niah or "
                    "prompt/completion data).")
-@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True, help="Optimizer steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Optimizer steps (with --recipe: instead of the recipe's own).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per step and process.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Evaluate every N steps (always at the end).")
@@ -74,7 +79,7 @@ from .options import (
 @resona_config_options
 @click.pass_obj
 def command(app: App, model_name: str, trust_remote_code: bool, block_path: str | None, mixer_attr: str | None,
-            data: str | None, eval_data: str | None, task: str | None, lm_fraction: float, seq_len: int, kv_pairs: int, filler: str,
+            data: str | None, eval_data: str | None, task: str | None, recipe: str | None, lm_fraction: float, seq_len: int, kv_pairs: int, filler: str,
             bos_id: int | None,
             num_examples: int | None, eval_examples: int, tokenizer: str | None, lr: float,
             lr_multiplier: float | None, unfreeze_layers: str | None, weight_decay: float, warmup_ratio: float,
@@ -106,6 +111,17 @@ def command(app: App, model_name: str, trust_remote_code: bool, block_path: str 
     from ..training.data import TASKS, check_token_ids
     from ..training.loop import check_setup, resolve_resume
 
+    if recipe is not None:
+        from .train_recipe import refuse_recipe_conflicts, train_with_recipe
+
+        ctx = click.get_current_context()
+        refuse_recipe_conflicts(ctx, recipe, CONFIG_FIELDS)
+        explicit_steps = ctx.get_parameter_source("steps") not in (click.core.ParameterSource.DEFAULT, None)
+        train_with_recipe(app, recipe_name=recipe, model_name=model_name, trust_remote_code=trust_remote_code,
+                          block_path=block_path, mixer_attr=mixer_attr, tokenizer=tokenizer,
+                          steps=steps if explicit_steps else None, seed=seed, output=output, overwrite=overwrite,
+                          log_every=log_every, as_json=as_json)
+        return
     # 1. the options, without touching the disk
     if (data is None) == (task is None):
         raise ResonaConfigError("give exactly one of --data FILE or --task NAME (built-in: "

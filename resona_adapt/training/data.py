@@ -98,7 +98,7 @@ def load_tokenizer(source: str | Path | None, model_name: str = "the model"):
     from ..tokenizer import load_tokenizer as load
 
     hint = ("pass --tokenizer with a local tokenizer directory or a hub id already in the HF cache, or train "
-            "on a built-in task that needs no tokenizer (--task mqar)")
+            "on a built-in task that needs no tokenizer (--task mqar or --recipe mqar)")
     try:
         return load(source, model_name=model_name, hint=hint)
     except ModelNotFoundError as exc:
