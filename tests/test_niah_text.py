@@ -402,3 +402,31 @@ def test_text_recipe_is_the_measured_0_8():
     assert "recipe = TEXT_QUICK_RECIPE if args.quick else TEXT_RECIPE" in source
     help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, check=True).stdout
     assert "--list-any-order" in help_text and "--coverage-by-position" in help_text
+
+
+def test_niah_misses_rebuilds_the_measured_samples(fake_corpus, monkeypatch, capsys):
+    """examples/niah_misses.py answers exactly the samples `measure_niah` scored (same stream, kinds cycled), and
+    names a multikey answer that copies another key's value a distractor."""
+    from collections import Counter
+
+    import resona_adapt.text_demo as text_demo
+
+    misses = _load_example("niah_misses")
+    tok = byte_tokenizer()
+    measured, scored = [], []
+    monkeypatch.setattr(text_demo, "answer", lambda m, t, prompt, n, bypass: measured.append(prompt) or "x")
+    text_demo.measure_niah(None, tok, [600], samples=7, variants=("retrofit",), seed=3)
+
+    def fake_answer(m, t, prompt, n, bypass):
+        scored.append(prompt)
+        return " " + misses.VALUE_AFTER.findall(prompt)[0] + "."  # the first needle value in the text
+
+    monkeypatch.setattr(misses, "answer", fake_answer)
+    monkeypatch.setattr(misses, "chunk_selection", lambda m, ids: (torch.zeros(1, ids.shape[1], 2, dtype=torch.long), 16))
+    counts: Counter = Counter()
+    misses.study(None, tok, 600, ["uuid", "multikey"], text_demo.NEEDLE_KINDS, 7, 3, counts)
+    assert scored == [measured[2], measured[3]]  # samples 2 and 3 of the cycle: uuid, multikey
+    assert counts["uuid answered"] == counts["multikey answered"] == 1
+    assert misses.classify("1234567", " 1239999.", []) == "diverged at 3"
+    assert misses.classify("1234567", " 7654321.", ["7654321"]) == "distractor"
+    assert misses.classify("1234567", " 1234567.", []) == "right"
