@@ -113,3 +113,9 @@ def test_a_retrofitted_model_or_a_model_without_tokenizer_is_refused(runner, tmp
     res = runner.invoke(cli, ["train", "--model", "mqar-mamba2", "--recipe", "text", "--output", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no tokenizer" in res.output and "--recipe mqar" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_recipe_refuses_to_run_in_several_processes(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = runner.invoke(cli, ["train", "--model", "mqar-mamba2", "--recipe", "mqar", "--output", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "one process" in res.output and not (tmp_path / "o").exists()

@@ -45,6 +45,11 @@ def train_with_recipe(app: App, *, recipe_name: str, model_name: str, trust_remo
     from ..tasks.mqar import model_vocab_size
     from ..training import load_tokenizer
 
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ResonaConfigError(f"--recipe {recipe_name} trains in one process; run it without torchrun/accelerate, "
+                                "or train without --recipe")
     recipe = named_recipe(recipe_name, steps)
     check_output_dir(output, overwrite)
     torch.manual_seed(seed)
