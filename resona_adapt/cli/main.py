@@ -49,8 +49,8 @@ class ResonaGroup(click.Group):
         except OSError as exc:
             self._fail(ctx, f"{_os_error_message(exc)}; check the path and its permissions (and free space)", 1)
         except KeyboardInterrupt:
-            self._fail(ctx, "interrupted (outputs are written atomically; train --resume continues from the last "
-                            "complete checkpoint)", 130)
+            self._fail(ctx, "interrupted (outputs are written atomically, so nothing is half-written; train --resume "
+                            "continues from the last complete checkpoint of a run that saved them with --save-every)", 130)
         except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback with -v
             app = ctx.obj if isinstance(ctx.obj, App) else app
             if app is not None and app.verbosity > 0:
