@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .errors import ResonaConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 RECIPE_NAMES = ("mqar", "mqar-quick", "text", "text-quick")
 
@@ -48,7 +49,7 @@ def needs_tokenizer(name: str) -> bool:
     return name.startswith("text")
 
 
-def train_named_recipe(model: nn.Module, name: str, recipe: Any, *, tokenizer: Any = None, seed: int = 0,
+def train_named_recipe(model: "nn.Module", name: str, recipe: Any, *, tokenizer: Any = None, seed: int = 0,
                        log: Callable[[str], None] | None = None, log_every: int = 10) -> dict:
     """Train the Resona branches of ``model`` (already retrofitted with ``recipe.config`` at
     ``recipe.layers``) with the recipe called ``name``. Returns a JSON-able summary: ``{"recipe", "steps",

@@ -11,6 +11,7 @@ import os
 
 import click
 
+from ..named_recipes import RECIPE_NAMES
 from .app import App
 from .options import (
     CONFIG_FIELDS, NON_NEGATIVE, POSITIVE, FiniteFloat, build_config, model_options, resona_config_options,
@@ -26,7 +27,7 @@ from .options import (
 @click.option("--task", default=None,
               help="Built-in task instead of --data: mqar (synthetic, needs no tokenizer), or niah (RULER needles in "
                    "haystacks of the built-in corpus's training split, loss on the answer; needs the model's tokenizer).")
-@click.option("--recipe", default=None, type=click.Choice(["mqar", "mqar-quick", "text", "text-quick"]),
+@click.option("--recipe", default=None, type=click.Choice(RECIPE_NAMES),
               help="Instead of the options below: retrofit the base --model with a measured recipe and train it on "
                    "the recipe's own data and schedule (mqar: docs/retrofit-learning.md; text: NIAH on the built-in "
                    "corpus, docs/text-niah.md, needs the model's tokenizer). Only --steps and --seed change it.")
