@@ -19,7 +19,6 @@ The summary counts misses by cause and search hit rates over all answered sample
 from __future__ import annotations
 
 import argparse
-import random
 import re
 from collections import Counter
 from typing import Any
@@ -28,10 +27,8 @@ import torch
 
 from resona_adapt import load_model
 from resona_adapt.evaluation.baselines import chunk_selection
-from resona_adapt.evaluation.niah import NEEDLE_KINDS, load_haystack, make_text_sample, niah_score_multi, \
-    parse_context_lengths
-from resona_adapt.text_demo import answer
-from resona_adapt.training.niah_task import answer_text
+from resona_adapt.evaluation.niah import NEEDLE_KINDS, niah_score_multi, parse_context_lengths
+from resona_adapt.text_demo import answer, niah_samples
 
 VALUE_AFTER = re.compile(r"is: ([^\s]+?)\.(?:\n|$)")
 
@@ -58,14 +55,9 @@ def classify(expected: str, given: str, distractors: list[str]) -> str:
 
 def study(model: Any, tokenizer: Any, length: int, kinds: list[str], measured: tuple[str, ...], samples: int,
           seed: int, counts: Counter) -> None:
-    units = load_haystack("corpus")
-    rng = random.Random(seed * 1_000_003 + length)  # measure_niah's stream
-    for i in range(samples):
-        kind = measured[i % len(measured)]
-        s = make_text_sample(tokenizer, length, kind, units, rng, rng.random(), "\n")
+    for kind, s, n_new in niah_samples(tokenizer, length, measured, samples, seed):  # measure_niah's own samples
         if kind not in kinds:
             continue
-        n_new = len(tokenizer(answer_text(s.values), add_special_tokens=False)["input_ids"]) + 2
         given = answer(model, tokenizer, s.prompt, n_new, bypass=False)
         score = niah_score_multi(s.values, given)
         enc = tokenizer(s.prompt, add_special_tokens=False, return_offsets_mapping=True)

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -290,6 +290,19 @@ def answer(model: nn.Module, tokenizer: Any, prompt: str, n_new: int, bypass: bo
     return tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
 
+def niah_samples(tokenizer: Any, length: int, kinds: Sequence[str], samples: int, seed: int,
+                 units: Sequence[str] | None = None) -> Iterator[tuple[str, Any, int]]:
+    """The seeded held-out NIAH samples `measure_niah` scores at ``length`` tokens, in order: ``(kind,
+    sample, n_new)`` with the needle kinds cycled over the samples and ``n_new`` the greedy tokens to
+    decode for the answer (its training form plus 2)."""
+    units = load_haystack("corpus") if units is None else units  # held-out lines
+    rng = random.Random(seed * 1_000_003 + length)
+    for i in range(samples):
+        kind = kinds[i % len(kinds)]
+        s = make_text_sample(tokenizer, length, kind, units, rng, rng.random(), "\n")
+        yield kind, s, len(tokenizer(answer_text(s.values), add_special_tokens=False)["input_ids"]) + 2
+
+
 def measure_niah(model: nn.Module, tokenizer: Any, lengths: Sequence[int], kinds: Sequence[str] = NEEDLE_KINDS,
                  samples: int = 10, variants: Sequence[str] = VARIANTS, seed: int = 0,
                  log: Log | None = None) -> list[dict]:
@@ -301,14 +314,10 @@ def measure_niah(model: nn.Module, tokenizer: Any, lengths: Sequence[int], kinds
     units = load_haystack("corpus")  # held-out lines
     rows = []
     for length in lengths:
-        rng = random.Random(seed * 1_000_003 + length)
         scores: dict[str, list[float]] = {v: [] for v in variants}
         by_kind: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
         t0 = time.time()
-        for i in range(samples):
-            kind = kinds[i % len(kinds)]
-            s = make_text_sample(tokenizer, length, kind, units, rng, rng.random(), "\n")
-            n_new = len(tokenizer(answer_text(s.values), add_special_tokens=False)["input_ids"]) + 2
+        for kind, s, n_new in niah_samples(tokenizer, length, kinds, samples, seed, units):
             cut = s.prompt.rindex("\nWhat ")
             context, question = s.prompt[:cut], s.prompt[cut:]
             for v in variants:

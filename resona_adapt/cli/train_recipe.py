@@ -3,6 +3,8 @@ recipe's own data and schedule (`resona_adapt.named_recipes`), then write the me
 
 from __future__ import annotations
 
+import os
+
 import click
 from click.core import ParameterSource
 
@@ -44,8 +46,6 @@ def train_with_recipe(app: App, *, recipe_name: str, model_name: str, trust_remo
     from ..retrofit import retrofit, retrofit_state
     from ..tasks.mqar import model_vocab_size
     from ..training import load_tokenizer
-
-    import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ResonaConfigError(f"--recipe {recipe_name} trains in one process; run it without torchrun/accelerate, "
