@@ -80,6 +80,9 @@ def main() -> None:
                          "from zero throughout (default: the recipe's)")
     ap.add_argument("--list-any-order", type=int, default=None, choices=(0, 1),
                     help="1 = a multi-value answer's lines may come in any order (default: the recipe's)")
+    ap.add_argument("--list-commit", type=int, default=None, choices=(0, 1),
+                    help="1 = with --list-any-order, a line start's loss is that of the most probable value still to "
+                         "give (default: the recipe's)")
     ap.add_argument("--search-any-order", type=int, default=None, choices=(0, 1),
                     help="1 = with --list-any-order, the search loss at a list line start also accepts any value "
                          "still to give (default: the recipe's)")
@@ -112,6 +115,8 @@ def main() -> None:
         fields["coverage_init"] = None if args.coverage_init == "none" else args.coverage_init
     if args.list_any_order is not None:
         fields["list_any_order"] = bool(args.list_any_order)
+    if args.list_commit is not None:
+        fields["list_commit"] = bool(args.list_commit)
     if args.search_any_order is not None:
         fields["search_any_order"] = bool(args.search_any_order)
     if args.kinds:

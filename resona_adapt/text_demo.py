@@ -104,6 +104,11 @@ class TextRecipe:
     each line the loss is that of any value still to give, where the document order is a target the
     read cannot tell apart (docs/text-niah.md, "0.8" and "Seed 3's list answers"; without it one seed
     in four never learned to list). False = document order."""
+    list_commit: bool = False
+    """With ``list_any_order``: a line start's loss is that of the value still to give the model already
+    rates highest, not of their summed probability (`list_loss.list_row_mean_loss` ``commit``): the read
+    is pushed to commit to one needle of the list. Tried against seed 3's failure to list
+    (docs/text-niah.md, "A committed line start"); off."""
     search_any_order: bool = False
     """With ``list_any_order`` and ``search_loss_weight``: the search loss at a list answer's line start
     also lets any value still to give be the target chunk (`search_loss.search_targets`), where by
@@ -205,7 +210,12 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
             if bool(needle_rows.any()):
                 hit = (logits[:, :-1].argmax(-1) == target) | ~mask  # (B, T-1)
                 exact.append(hit[needle_rows].all(1).float().mean().item())
-        loss = list_row_mean_loss(logits, flagged_answers) if recipe.list_any_order else row_mean_loss(logits, answers)
+        if not recipe.list_any_order:
+            loss = row_mean_loss(logits, answers)
+        elif recipe.list_commit:
+            loss = list_row_mean_loss(logits, flagged_answers, commit=True)
+        else:
+            loss = list_row_mean_loss(logits, flagged_answers)
         if bool(text.any()):
             loss = loss + recipe.text_loss_weight * row_mean_loss(logits, torch.where(text, labels - TEXT_LABEL, IGNORE))
         if recipe.search_loss_weight > 0:

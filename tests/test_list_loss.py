@@ -145,3 +145,44 @@ def test_line_starts_refuse_a_value_whose_first_token_merges_with_the_line_break
     answer = tok(answer_text(["123", "456"]))["input_ids"]
     assert line_starts(tok, ["123", "456"], answer) == []
     assert line_starts(tok, ["123", "756"], tok(answer_text(["123", "756"]))["input_ids"]) == [1, 6]
+
+
+def test_a_committed_line_start_is_the_loss_of_the_most_probable_value_still_to_give():
+    """``commit``: at a flagged line start the loss is ``-log p`` of the allowed first token the model rates
+    highest, and the gradient reaches that token's logit only among the allowed ones."""
+    labels = torch.tensor([flag_line_starts([IGNORE, 3, 1, 4, 1, 5, 1], 0, [1, 3, 5])])  # (1, 7)
+    torch.manual_seed(2)
+    logits = torch.randn(1, 7, 8)  # (B, T, V)
+    logits[0, 0, 4] = 3.0  # the first line start rates the second value (token 4) above the first (3) and third (5)
+    logits[0, 0, 3] = logits[0, 0, 5] = 1.0
+    logits.requires_grad_(True)
+    logp = logits[0].log_softmax(-1)  # (T, V)
+    want = torch.stack([-logp[0, 4], -logp[1, 1], -torch.max(logp[2, [4, 5]]), -logp[3, 1], -logp[4, 5],
+                        -logp[5, 1]]).mean()
+    got = list_row_mean_loss(logits, labels, commit=True)
+    assert torch.allclose(got, want, atol=1e-5)
+    got.backward()
+    g = logits.grad[0, 0]  # (V,) the first line start
+    assert float(g[4]) < 0 and float(g[3]) > 0 and float(g[5]) > 0  # only the picked value is pulled up
+    summed = list_row_mean_loss(logits.detach(), labels)
+    assert float(got.detach()) > float(summed)  # the sum over the values still to give is the smaller loss
+    sharp = torch.zeros(1, 7, 8)
+    sharp[0, 0, 4] = sharp[0, 1, 1] = sharp[0, 2, 5] = sharp[0, 3, 1] = sharp[0, 4, 5] = sharp[0, 5, 1] = 50.0
+    assert float(list_row_mean_loss(sharp, labels, commit=True)) < 1e-6  # a sharp pick of any value costs nothing
+
+
+def test_fit_text_hands_the_commit_flag_to_the_list_loss(fake_corpus, monkeypatch):
+    from resona_adapt.training import list_loss
+
+    torch.manual_seed(0)
+    model = retrofit(tiny_text_model(), layers=[-1], config=ResonaConfig(chunk_size=16, top_k=2, num_heads=1, head_dim=8))
+    recipe = TextRecipe(config=ResonaConfig(chunk_size=16), steps=1, batch_size=2, seq_len=700, min_len=500,
+                        kinds=("multivalue",), questions=1, copy_fraction=0.0, short_fraction=0.0, lm_fraction=0.0,
+                        search_loss_weight=0.0, list_any_order=True, tail_steps=0)
+    seen: list[bool] = []
+    real = list_loss.list_row_mean_loss
+    monkeypatch.setattr(list_loss, "list_row_mean_loss",
+                        lambda lg, lb, commit=False: (seen.append(commit), real(lg, lb, commit=commit))[1])
+    fit_text(model, byte_tokenizer(), recipe, seed=1)
+    fit_text(model, byte_tokenizer(), dataclasses.replace(recipe, list_commit=True), seed=1)
+    assert seen == [False, True]

@@ -8,6 +8,9 @@ spread answers a line with a first digit no value starts with (docs/text-niah.md
 position", seed 3). This loss lets each line start with any value still to give: at the first token of
 line ``k`` the loss is ``-log`` of the probability summed over the first tokens of lines ``k..n-1``. The
 rest of each line keeps its plain cross-entropy (the copy is fixed once the value has started).
+With ``commit`` the line start's loss is instead ``-log`` of the probability of the one value still to give
+that the model already rates highest: the gradient goes to a single value, where the sum rewards a read
+that keeps its probability spread over all of them.
 
 Line starts travel in the labels, flagged by adding `LIST_START` (`flag_line_starts`); `strip_flags`
 gives the plain token ids back. A row holds at most one flagged answer (multi-value examples ask one
@@ -61,10 +64,11 @@ def strip_flags(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(flagged(labels), labels - LIST_START, labels)
 
 
-def list_row_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def list_row_mean_loss(logits: torch.Tensor, labels: torch.Tensor, commit: bool = False) -> torch.Tensor:
     """`trainer.row_mean_loss`, but a flagged line start's loss is ``-log`` of the probability of any
-    line start still to give in its row (itself and the flagged ones after it). Without flags it is
-    `trainer.row_mean_loss`. logits: (B, T, V); labels: (B, T), the causal-LM convention."""
+    line start still to give in its row (itself and the flagged ones after it); with ``commit``, of the
+    most probable of them alone. Without flags it is `trainer.row_mean_loss`. logits: (B, T, V);
+    labels: (B, T), the causal-LM convention."""
     from .trainer import row_mean
 
     target_flagged = labels[:, 1:]  # (B, T-1)
@@ -79,6 +83,8 @@ def list_row_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
             later = (rows == rows[p]) & (cols >= cols[p])  # (P,) this start and the later ones of its row
             allowed[p, target[rows[later], cols[later]]] = True
         picked = logits[rows, cols]  # (P, V)
-        set_loss = torch.logsumexp(picked, -1) - torch.logsumexp(picked.masked_fill(~allowed, float("-inf")), -1)  # (P,)
+        allowed_logits = picked.masked_fill(~allowed, float("-inf"))  # (P, V)
+        kept = allowed_logits.amax(-1) if commit else torch.logsumexp(allowed_logits, -1)  # (P,)
+        set_loss = torch.logsumexp(picked, -1) - kept  # (P,)
         tok_loss = tok_loss.index_put((rows, cols), set_loss)
     return row_mean(tok_loss, target != IGNORE)
