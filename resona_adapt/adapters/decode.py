@@ -230,9 +230,13 @@ def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor
     ids = state.ids.gather(1, pos.view(B, -1)).long()  # (B, Tq*K*(U+n))
     x_win = branch.norm_x(embed(ids)).view(Q, K, U + n, D)  # (Q, K, U+n, D)
     x_prev = []
+    near_start = n > 0 and bool((first < n).any())  # a slot's first n tokens may have nothing before them
     for o in range(1, n + 1):  # a token before a row's first token is nothing: zeros, as in the full path
-        before_row = first.view(Q, K, 1) + torch.arange(U, device=idx.device) - o < 0  # (Q, K, U)
-        x_prev.append(x_win[:, :, n - o:n - o + U].masked_fill(before_row.unsqueeze(-1), 0.0))  # (Q, K, U, D)
+        x_o = x_win[:, :, n - o:n - o + U]  # (Q, K, U, D) a view: copied only when some of it must be zeroed
+        if near_start:
+            before_row = first.view(Q, K, 1) + torch.arange(U, device=idx.device) - o < 0  # (Q, K, U)
+            x_o = x_o.masked_fill(before_row.unsqueeze(-1), 0.0)
+        x_prev.append(x_o)
     w_prev = [proj.weight for proj in prev_projs]
     if branch.k_window_proj is not None:  # read_window: the pooled window before each token, as one more term
         x_prev.append(_windows_before(branch, state, first, embed).view(Q, K, U, D))
