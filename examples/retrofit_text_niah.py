@@ -73,7 +73,8 @@ def main() -> None:
                          "NIAH is measured once per value")
     for name in ("steps", "batch_size", "seq_len", "min_len", "short_len", "questions", "copy_len", "tail_steps"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
-    for name in ("lr", "lm_fraction", "short_fraction", "copy_fraction", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight"):
+    for name in ("lr", "lm_fraction", "short_fraction", "copy_fraction", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight",
+                 "line_start_gate_weight", "line_start_gate_floor"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=None)
     ap.add_argument("--coverage-init", default=None, type=coverage_init,
                     help="the coverage gates' bias from the first NIAH step, frozen before it; 'none' = they train "
@@ -109,7 +110,8 @@ def main() -> None:
         cfg["coverage_by_position"] = bool(args.coverage_by_position)
     fields = {k: getattr(args, k) for k in ("layers", "steps", "batch_size", "seq_len", "min_len", "lr", "lm_fraction",
                                                 "short_fraction", "short_len", "questions", "copy_fraction", "copy_len",
-                                                "tail_steps", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight")
+                                                "tail_steps", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight",
+                                                "line_start_gate_weight", "line_start_gate_floor")
               if getattr(args, k) is not None}
     if args.coverage_init is not None:
         fields["coverage_init"] = None if args.coverage_init == "none" else args.coverage_init

@@ -109,6 +109,11 @@ class TextRecipe:
     rates highest, not of their summed probability (`list_loss.list_row_mean_loss` ``commit``): the read
     is pushed to commit to one needle of the list. Tried against seed 3's failure to list
     (docs/text-niah.md, "A committed line start"); off."""
+    line_start_gate_weight: float = 0.0
+    """With ``read_coverage`` and ``list_any_order``: weight of `training.gate_loss` beside the answer loss,
+    ``relu(line_start_gate_floor - g)`` of the chunk-coverage gate at each query that starts value 2, 3, ..
+    of a list answer (docs/text-niah.md, "The chunk gate where a list line starts"). 0 = off."""
+    line_start_gate_floor: float = 0.4
     search_any_order: bool = False
     """With ``list_any_order`` and ``search_loss_weight``: the search loss at a list answer's line start
     also lets any value still to give be the target chunk (`search_loss.search_targets`), where by
@@ -184,6 +189,7 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
     from .retrofit import resona_parameters
     from .training import TrainConfig, train
     from .training.coverage_start import CoverageStart, coverage_gates
+    from .training.gate_loss import line_start_gate_loss
     from .training.list_loss import flagged, list_row_mean_loss, strip_flags
     from .training.search_loss import SearchLoss
     from .training.trainer import row_mean_loss
@@ -218,6 +224,10 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
             loss = list_row_mean_loss(logits, flagged_answers)
         if bool(text.any()):
             loss = loss + recipe.text_loss_weight * row_mean_loss(logits, torch.where(text, labels - TEXT_LABEL, IGNORE))
+        if recipe.line_start_gate_weight > 0:
+            hidden = [search.inputs[i][0] for i in range(len(search.branches))]  # (B, T, D) per branch
+            loss = loss + recipe.line_start_gate_weight * line_start_gate_loss(
+                search.branches, hidden, flagged(flagged_answers), recipe.line_start_gate_floor)
         if recipe.search_loss_weight > 0:
             starts = flagged(flagged_answers) if recipe.search_any_order else None  # no flags without list_any_order
             s_loss = search(answers, starts=starts)
