@@ -346,6 +346,27 @@ def test_answer_probe_scores_each_part_of_the_expected_answer(fake_corpus):
     assert all(all(v) for name, v in right.items() if not name.startswith("separator"))
 
 
+def test_answer_probe_reads_the_coverage_gate_where_list_lines_start(fake_corpus):
+    """``--gates``: one reading per gated branch at each query that starts value 2-4 and at each one inside
+    those values; the readings are the gate's output (a gate held at 0.3 reads 0.3), and the hooks go away."""
+    from resona_adapt import ResonaConfig, retrofit
+
+    probe = _load_example("niah_answer_probe")
+    tok = byte_tokenizer()
+    model = retrofit(tiny_text_model(), layers=[0, -1], config=ResonaConfig(chunk_size=16, read_coverage=8)).eval()
+    gated = [m for m in model.modules() if getattr(m, "coverage_gate", None) is not None]
+    with torch.no_grad():
+        for m in gated:
+            m.coverage_gate.weight.zero_()
+            m.coverage_gate.bias.fill_(0.3)
+    gates: dict = {}
+    probe.probe(model, tok, "multivalue", 800, 2, seed=0, greedy=0, gates=gates)
+    assert len(gates["line start"]) == 2 * 3 * len(gated) == 12  # 2 samples x values 2-4 x 2 branches
+    assert len(gates["inside a value"]) == 2 * 3 * 6 * len(gated)  # 7-digit values: 6 tokens after the first
+    assert all(v == pytest.approx(0.3) for vs in gates.values() for v in vs)
+    assert not any(m.norm_h._forward_hooks for m in gated)
+
+
 @pytest.mark.parametrize("init", [0.4, None])
 def test_coverage_gates_wait_for_the_niah_steps(fake_corpus, init):
     """With ``coverage_init`` the read-coverage gates do not move through the copy steps and start the

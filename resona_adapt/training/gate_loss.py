@@ -3,7 +3,7 @@
 A list answer (`` v1.\\nv2.\\nv3.\\nv4.``) moves on to a value it has not given when the chunk-coverage
 gate ``g(ĥ)`` (`adapters.coverage`) is positive where a line starts and near zero inside a value. The
 seeds that list grow that pattern; one seed in four turned the gate off everywhere through its weights
-(bias still at its 0.34 start, ``g`` 0.01 where a line starts) and never listed (docs/text-niah.md,
+(its bias at 0.34 like the other seeds', ``g`` 0.01 where a line starts) and never listed (docs/text-niah.md,
 "The chunk gate where a list line starts"). This loss tells the gate where the line starts are: at
 each query that predicts the first token of value 2, 3, ... of a flagged list answer
 (`list_loss.flagged`), ``relu(floor - g)``; every other position is left to the answer loss.
