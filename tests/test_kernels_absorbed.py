@@ -65,3 +65,33 @@ def test_absorbed_form_with_keys_that_see_two_previous_tokens():
     torch.testing.assert_close(got, want.reshape(Q, H * d), atol=1e-5, rtol=1e-5)
     one = absorbed_attention(q, x, valid, bias, w_k, w_v, x_prev=[p1], w_prev=[w1])
     assert (got - one).abs().max() > 1e-3  # the second previous token changes the logits
+
+
+@pytest.mark.parametrize("zero_some", [False, True])
+def test_lead_tokens_in_x_equal_shifted_slices_given_apart(zero_some):
+    """``lead``: keys that see the tokens 1..lead back, read from x's own lead positions, equal the same
+    previous-token embeddings given as ``x_prev`` slices (zeros where ``lead_zero`` marks a token before the
+    row), with one more term given apart as well (the read window's)."""
+    g = torch.Generator().manual_seed(2)
+    Q, K, U, D, H, d, lead = 3, 2, 4, 12, 2, 6, 2
+    x_win = torch.randn(Q, K, lead + U, D, generator=g)
+    w_k, w_v, w1, w2, w_win = (torch.randn(H * d, D, generator=g) for _ in range(5))
+    window = torch.randn(Q, K, U, D, generator=g)
+    q, bias = torch.randn(Q, H, d, generator=g), torch.randn(Q, K, generator=g)
+    valid = torch.ones(Q, K, dtype=torch.bool)
+    lead_zero = torch.zeros(Q, K, lead, dtype=torch.bool)
+    if zero_some:
+        lead_zero[0, 1, :] = True  # a slot at a row's first token: nothing before it
+        lead_zero[2, 0, 0] = True  # one token after it: only the token two back is missing
+    kept = x_win.masked_fill(torch.cat([lead_zero, torch.zeros(Q, K, U, dtype=torch.bool)], -1).unsqueeze(-1), 0.0)
+    p1, p2 = kept[:, :, lead - 1:lead - 1 + U], kept[:, :, lead - 2:lead - 2 + U]  # (Q, K, U, D) 1 and 2 back
+    got = absorbed_attention(q, x_win, valid, bias, w_k, w_v, x_prev=[window], w_prev=[w1, w2, w_win], lead=lead,
+                             lead_zero=lead_zero if zero_some else None)
+    want = absorbed_attention(q, x_win[:, :, lead:].contiguous(), valid, bias, w_k, w_v, x_prev=[p1, p2, window],
+                              w_prev=[w1, w2, w_win])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if zero_some:  # the zeros matter: without them the answer differs
+        plain = absorbed_attention(q, x_win, valid, bias, w_k, w_v, x_prev=[window], w_prev=[w1, w2, w_win], lead=lead)
+        assert (plain - got).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="lead=2 needs"):
+        absorbed_attention(q, x_win, valid, bias, w_k, w_v, w_prev=[w1], lead=lead)

@@ -228,23 +228,19 @@ def _absorbed_attention(branch: ResonaBranch, state: ResonaCacheState, q: Tensor
     pos = state.pad.view(B, 1, 1, 1) + first - n + torch.arange(U + n, device=idx.device)  # (B, Tq, K, U+n)
     pos = pos.clamp(min=0, max=state.length - 1)  # empty slots (masked) may point past a short row
     ids = state.ids.gather(1, pos.view(B, -1)).long()  # (B, Tq*K*(U+n))
-    x_win = branch.norm_x(embed(ids)).view(Q, K, U + n, D)  # (Q, K, U+n, D)
+    x_win = branch.norm_x(embed(ids)).view(Q, K, U + n, D)  # (Q, K, U+n, D): n tokens before each slot, then its U
+    lead_zero = None  # (Q, K, n): lead tokens before a row's first token count as zeros, as in the full path
+    if n and bool((first < n).any()):
+        lead_zero = (first.view(Q, K, 1) - n + torch.arange(n, device=idx.device)) < 0
+    w_prev = [proj.weight for proj in prev_projs]  # the first n read from x_win's lead (`absorbed_attention`)
     x_prev = []
-    near_start = n > 0 and bool((first < n).any())  # a slot's first n tokens may have nothing before them
-    for o in range(1, n + 1):  # a token before a row's first token is nothing: zeros, as in the full path
-        x_o = x_win[:, :, n - o:n - o + U]  # (Q, K, U, D) a view: copied only when some of it must be zeroed
-        if near_start:
-            before_row = first.view(Q, K, 1) + torch.arange(U, device=idx.device) - o < 0  # (Q, K, U)
-            x_o = x_o.masked_fill(before_row.unsqueeze(-1), 0.0)
-        x_prev.append(x_o)
-    w_prev = [proj.weight for proj in prev_projs]
     if branch.k_window_proj is not None:  # read_window: the pooled window before each token, as one more term
         x_prev.append(_windows_before(branch, state, first, embed).view(Q, K, U, D))
         w_prev.append(branch.k_window_proj.weight)
     out = absorbed_attention(
-        q.reshape(Q, H, dh), x_win[:, :, n:], valid.view(Q, K), bias.view(Q, K, *bias.shape[3:]),
+        q.reshape(Q, H, dh), x_win, valid.view(Q, K), bias.view(Q, K, *bias.shape[3:]),
         branch.k_proj.weight, branch.v_proj.weight, x_prev=x_prev or None,
-        w_prev=w_prev or None, sink_logit=branch.sink_logit, pos_bias=branch.pos_bias,
+        w_prev=w_prev or None, sink_logit=branch.sink_logit, pos_bias=branch.pos_bias, lead=n, lead_zero=lead_zero,
     )  # (Q, H*d)
     return out.view(B, Tq, H * dh)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .reference import _safe_softmax, slot_token_bias
@@ -36,31 +37,45 @@ def absorbed_attention(
     w_prev: Tensor | Sequence[Tensor] | None = None,
     sink_logit: Tensor | None = None,
     pos_bias: Tensor | None = None,
+    lead: int = 0,
+    lead_zero: Tensor | None = None,
 ) -> Tensor:
     """Attention of Q queries over the tokens of their K slots, from embeddings.
 
-    q: (Q, H, d) read queries; x: (Q, K, U, D) normalised embeddings of each slot's tokens;
+    q: (Q, H, d) read queries; x: (Q, K, lead + U, D) normalised embeddings of each slot's tokens, after
+    ``lead`` tokens before them that keys see but nothing attends to;
     valid: (Q, K) bool, False = empty slot; bias: (Q, K) logit added to every token of a slot, or
     (Q, K, U) one per token;
-    w_k, w_v: (H*d, D) key and value projections; x_prev: (Q, K, U, D) the embedding of the token
-    before each one (zeros before a row's first token) and w_prev: (H*d, D), for shifted keys, or
-    lists of them, one per previous token a key sees (`ResonaConfig.key_context`);
+    w_k, w_v: (H*d, D) key and value projections; w_prev: (H*d, D) or a list, one projection per earlier
+    token a key sees (`ResonaConfig.key_context`): the first ``lead`` of them read the tokens 1..lead back
+    from ``x`` itself (no copy of a shifted slice), the rest pair with ``x_prev``, (Q, K, U, D) each (e.g.
+    the pooled window before each token); lead_zero: (Q, K, lead) bool, lead tokens that lie before a
+    row's first token and so count as zeros, or None;
     sink_logit: (H,) logit of a slot whose value is zero; pos_bias: (H, U).
     Returns (Q, H*d). A query with no valid slot (and no sink) gets zeros.
     """
     Q, H, d = q.shape
-    K, U, D = x.shape[1:]
+    K, S, D = x.shape[1:]
+    U = S - lead
+    w_rest = [] if w_prev is None else list(w_prev) if isinstance(w_prev, (list, tuple)) else [w_prev]
+    x_rest = [] if x_prev is None else list(x_prev) if isinstance(x_prev, (list, tuple)) else [x_prev]
+    if lead > len(w_rest):
+        raise ValueError(f"lead={lead} needs that many previous-token projections, got {len(w_rest)}")
+    w_lead, w_rest = w_rest[:lead], w_rest[lead:]
     qt = q.transpose(0, 1)  # (H, Q, d)
-    qk = torch.bmm(qt, w_k.view(H, d, D)).transpose(0, 1)  # W_k,h^T q_h  (Q, H, D)
-    xf = x.reshape(Q, K * U, D)  # (Q, KU, D)
-    logits = torch.bmm(qk, xf.transpose(1, 2))  # (Q, H, KU)
-    if w_prev is not None and x_prev is not None:
-        pairs = zip(x_prev, w_prev) if isinstance(x_prev, (list, tuple)) else [(x_prev, w_prev)]
-        for xp, wp in pairs:  # one per previous token a key sees
-            qp = torch.bmm(qt, wp.view(H, d, D)).transpose(0, 1)  # (Q, H, D)
-            logits = logits + torch.bmm(qp, xp.reshape(Q, K * U, D).transpose(1, 2))
+    qw = torch.cat([torch.bmm(qt, w.view(H, d, D)) for w in [w_k, *w_lead]], dim=0).transpose(0, 1)  # (Q, (1+lead)H, D)
+    xf = x.reshape(Q, K * S, D)  # (Q, KS, D); a view when x is contiguous
+    a = torch.bmm(qw, xf.transpose(1, 2)).view(Q, 1 + lead, H, K, S)  # W^T q_h . x̂_j for each projection
+    if lead and lead_zero is not None:
+        a[:, 1:, :, :, :lead].masked_fill_(lead_zero.view(Q, 1, 1, K, lead), 0.0)
+    logits = a[:, 0, :, :, lead:]  # (Q, H, K, U)
+    for o in range(1, lead + 1):  # the token o back of slot token u sits at lead + u - o in x
+        logits = logits + a[:, o, :, :, lead - o:lead - o + U]
+    for xp, wp in zip(x_rest, w_rest):  # previous-token terms given as their own embeddings
+        qp = torch.bmm(qt, wp.view(H, d, D)).transpose(0, 1)  # (Q, H, D)
+        logits = logits + torch.bmm(qp, xp.reshape(Q, K * U, D).transpose(1, 2)).view(Q, H, K, U)
     Ub = U if slot_token_bias(bias, valid, U) else 1  # one bias per slot, or per slot token
-    logits = logits.float().mul_(d**-0.5).view(Q, H, K, U) + bias.float().view(Q, 1, K, Ub)  # (Q, H, K, U)
+    logits = logits.float().mul(d**-0.5) + bias.float().view(Q, 1, K, Ub)  # (Q, H, K, U)
     if pos_bias is not None:
         logits = logits + pos_bias.float().view(1, H, 1, U)
     logits = logits.masked_fill(~valid.view(Q, 1, K, 1), float("-inf")).view(Q, H, K * U)
@@ -69,6 +84,8 @@ def absorbed_attention(
         p = torch.softmax(torch.cat([sink, logits], dim=-1), dim=-1)[..., 1:]  # the sink's value is zero
     else:
         p = _safe_softmax(logits)  # (Q, H, KU)
+    if lead:  # the lead tokens get no weight: pad p to x's layout instead of slicing x
+        p = F.pad(p.view(Q, H, K, U), (lead, 0)).view(Q, H, K * S)  # (Q, H, KS)
     mixed = torch.bmm(p.to(x.dtype), xf)  # sum_j p_hj x̂_j  (Q, H, D)
     out = torch.bmm(mixed.transpose(0, 1), w_v.view(H, d, D).transpose(1, 2))  # W_v,h mixed_h  (H, Q, d)
     return out.transpose(0, 1).reshape(Q, H * d)
