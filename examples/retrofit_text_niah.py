@@ -94,6 +94,9 @@ def main() -> None:
     ap.add_argument("--variants", default="base,retrofit,jrt-prompt,rag-append")
     ap.add_argument("--ppl-windows", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-seed", type=int, default=None,
+                    help="seed of the Resona parameters' initialisation alone (default: --seed; the data, the "
+                         "training order and the measured samples always follow --seed)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--json-out", default=None)
@@ -130,7 +133,7 @@ def main() -> None:
     samples = args.samples or (4 if args.quick else 10)
     eval_kinds = tuple(k.strip() for k in args.eval_kinds.split(",")) if args.eval_kinds else recipe.measured_kinds
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed if args.init_seed is None else args.init_seed)  # the branches' initialisation
     import transformers
     from transformers import AutoTokenizer
 
