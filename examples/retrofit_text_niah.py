@@ -34,8 +34,8 @@ import torch
 
 from resona_adapt import load_model, resona_parameters, retrofit
 from resona_adapt.evaluation.niah import parse_context_lengths
-from resona_adapt.text_demo import (TEXT_QUICK_RECIPE, TEXT_RECIPE, heldout_ppl, load_text_base, train_tail,
-                                    measure_niah, train_text)
+from resona_adapt.text_demo import (TEXT_QUICK_RECIPE, TEXT_RECIPE, check_recipe, heldout_ppl, load_text_base,
+                                    measure_niah, train_tail, train_text)
 
 
 def log(msg: str) -> None:
@@ -129,6 +129,10 @@ def main() -> None:
     recipe = dataclasses.replace(recipe, config=dataclasses.replace(recipe.config, **cfg), **fields)
     if recipe.seq_len > 2048:
         sys.exit("--seq-len: the branches train on contexts of 2k tokens at most")
+    try:
+        check_recipe(recipe)
+    except ValueError as exc:
+        sys.exit(str(exc))
     lengths = parse_context_lengths(args.lengths or ("1k,2k" if args.quick else "1k,2k,4k,8k,16k"))
     samples = args.samples or (4 if args.quick else 10)
     eval_kinds = tuple(k.strip() for k in args.eval_kinds.split(",")) if args.eval_kinds else recipe.measured_kinds

@@ -146,6 +146,22 @@ TEXT_RECIPE = TextRecipe()
 TEXT_QUICK_RECIPE = TextRecipe(steps=60, seq_len=512, min_len=256, kinds=("number",), short_fraction=0.0, tail_steps=0)
 
 
+def check_recipe(recipe: TextRecipe) -> None:
+    """Refuse, with a one-line `ValueError`, list options that would do nothing in ``recipe``: they act on
+    the line starts that ``list_any_order`` flags, and the gate floor on the gate ``read_coverage`` adds."""
+    needs_flags = [name for name, on in (("list_commit", recipe.list_commit), ("search_any_order", recipe.search_any_order),
+                                         ("line_start_gate_weight", recipe.line_start_gate_weight > 0)) if on]
+    if needs_flags and not recipe.list_any_order:
+        raise ValueError(f"{', '.join(needs_flags)} acts on the list line starts that list_any_order flags: "
+                         "set list_any_order (--list-any-order 1) or leave them off")
+    if recipe.line_start_gate_weight > 0 and not recipe.config.read_coverage:
+        raise ValueError("line_start_gate_weight acts on the read-coverage gate: set read_coverage in the config "
+                         "or leave the weight at 0")
+    if not (math.isfinite(recipe.line_start_gate_weight) and recipe.line_start_gate_weight >= 0
+            and math.isfinite(recipe.line_start_gate_floor)):
+        raise ValueError("line_start_gate_weight must be a finite number >= 0 and line_start_gate_floor finite")
+
+
 def train_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0, log: Log | None = None,
                log_every: int = 10) -> dict:
     """The whole text schedule of ``recipe``: `fit_text` (copying, short and full-length NIAH), then
@@ -198,6 +214,7 @@ def fit_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0
 
     if not list(resona_parameters(model)):
         raise ValueError("the model has no Resona parameters: retrofit it first")
+    check_recipe(recipe)
     params = trainable_parameters(model)
     data = text_batches(tokenizer, recipe, seed)
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.01, betas=(0.9, 0.95))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -65,3 +66,25 @@ def test_fit_text_raises_the_gate_where_list_lines_start(fake_corpus):
         return float(gate.bias.detach())
 
     assert run(1.0) > run(0.0) + 1e-3
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"list_any_order": False, "list_commit": True}, "list_commit acts on the list line starts"),
+    ({"list_any_order": False, "line_start_gate_weight": 1.0}, "line_start_gate_weight acts on the list line starts"),
+    ({"list_any_order": False, "search_any_order": True}, "search_any_order acts on the list line starts"),
+    ({"line_start_gate_weight": 1.0, "config": ResonaConfig(chunk_size=16)}, "acts on the read-coverage gate"),
+    ({"line_start_gate_weight": float("nan")}, "finite number >= 0"),
+    ({"line_start_gate_weight": -1.0}, "finite number >= 0"),
+])
+def test_list_options_that_would_do_nothing_are_refused_before_training(fields, message):
+    """`check_recipe` (called by `fit_text` and the experiment script): an option that acts on flags or a gate
+    the recipe does not have is a one-line error, not a silent no-op."""
+    from resona_adapt.text_demo import TEXT_RECIPE, check_recipe
+
+    check_recipe(TEXT_RECIPE)  # the shipped recipe passes
+    bad = dataclasses.replace(TEXT_RECIPE, **fields)
+    with pytest.raises(ValueError, match=message):
+        check_recipe(bad)
+    model = retrofit(tiny_text_model(), layers=[-1], config=ResonaConfig(chunk_size=16, top_k=2, num_heads=1, head_dim=8))
+    with pytest.raises(ValueError, match=message):
+        fit_text(model, byte_tokenizer(), bad)  # before any data is built or any step taken
