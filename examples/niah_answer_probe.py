@@ -115,6 +115,8 @@ def main() -> None:
     print("| answer part | tokens | predicted right |\n|---|---|---|")
     for name in sorted(right):
         print(f"| {name} | {len(right[name])} | {sum(right[name]) / len(right[name]):.2f} |")
+    if gates is not None and not gates:
+        print("\n--gates: no readings; the gate is read where a list line starts (--kind multivalue)")
     if gates:
         print("\n| query | readings | mean gate |\n|---|---|---|")
         for where in ("line start", "inside a value"):
