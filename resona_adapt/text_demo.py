@@ -114,7 +114,8 @@ class TextRecipe:
     """With ``read_coverage`` and ``list_any_order``: weight of `training.gate_loss` beside the answer loss,
     ``relu(line_start_gate_floor - g)`` of the chunk-coverage gate at each query that starts value 2, 3, ..
     of a list answer (docs/text-niah.md, "A floor for that gate where list lines start": the gate grew there
-    on seed 3, which still did not list, and seed 1's perplexity went to x1.067). 0 = off."""
+    on seed 3, which still did not list; with ``list_commit`` as well, seed 1's perplexity went to x1.067,
+    not separated between the two). 0 = off."""
     line_start_gate_floor: float = 0.4
     search_any_order: bool = False
     """With ``list_any_order`` and ``search_loss_weight``: the search loss at a list answer's line start
