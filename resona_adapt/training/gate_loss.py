@@ -1,4 +1,4 @@
-"""A floor for the read-coverage gate where a list line starts (`text_demo.TextRecipe.line_start_gate`).
+"""A floor for the read-coverage gate where a list line starts (`text_demo.TextRecipe.line_start_gate_weight`).
 
 A list answer (`` v1.\\nv2.\\nv3.\\nv4.``) moves on to a value it has not given when the chunk-coverage
 gate ``g(ĥ)`` (`adapters.coverage`) is positive where a line starts and near zero inside a value. The
