@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--layers", default=None)
     for name in ("chunk_size", "top_k", "train_top_k", "num_heads", "neighbor_chunks", "key_shift", "key_context", "query_window", "read_window",
-                 "read_coverage", "coverage_by_position"):
+                 "read_coverage", "coverage_by_position", "read_order"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     ap.add_argument("--score-scale", type=float, default=None)
     ap.add_argument("--chunk-pool", default=None, choices=("mean", "weighted", "attention"))
@@ -111,6 +111,8 @@ def main() -> None:
         cfg["read_window"] = bool(args.read_window)
     if args.coverage_by_position is not None:
         cfg["coverage_by_position"] = bool(args.coverage_by_position)
+    if args.read_order is not None:
+        cfg["read_order"] = bool(args.read_order)
     fields = {k: getattr(args, k) for k in ("layers", "steps", "batch_size", "seq_len", "min_len", "lr", "lm_fraction",
                                                 "short_fraction", "short_len", "questions", "copy_fraction", "copy_len",
                                                 "tail_steps", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight",

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from resona_adapt import ResonaConfig
 from resona_adapt.adapters import ResonaBranch
-from resona_adapt.adapters.branch import left_align, right_align
+from resona_adapt.adapters.branch import left_align, right_align, slot_rank
 
 D = 24
 
@@ -101,6 +101,9 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
                 q = q + branch.q_window_proj(window_pool(b, t, read=True))
             q = q.view(H, dh)
             gate = branch.coverage_gate(h_hat[b, t]) if cfg.read_coverage else None
+            # read_order: each chunk read also loses o(h) x how many of the chunks read come before it
+            order = (lambda c: branch.order_gate(h_hat[b, t])[0] * sum(1 for c2, _ in chosen if c2 < c)) \
+                if cfg.read_order else (lambda c: 0.0)
             for head in range(H):
                 logits, values = [], []
                 if branch.sink_logit is not None:
@@ -116,7 +119,7 @@ def dense_reference(branch: ResonaBranch, h: torch.Tensor, x: torch.Tensor, top_
                             cover = slot_cover + branch.position_gate(h_hat[b, t])[0] * coverage_reference(
                                 ids[b].tolist(), t, c, cfg.read_coverage, U, s_, at=pos)
                         logits.append(q[head] @ k[pos, head] / math.sqrt(dh) + cfg.score_scale * score
-                                      + branch.pos_bias[head, j] - cover)
+                                      + branch.pos_bias[head, j] - cover - order(c))
                         values.append(v[pos, head])
                 if not logits:
                     continue
@@ -260,16 +263,21 @@ def _repetitive_ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 3, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("by_position", [False, True])
+@pytest.mark.parametrize("by_position, read_order", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("window, neighbors, read_shift", [(1, 0, 1), (4, 1, 1), (9, 2, 0), (6, 0, 0)])
-def test_read_coverage_matches_dense_reference(window, neighbors, read_shift, by_position, monkeypatch):
+def test_read_coverage_matches_dense_reference(window, neighbors, read_shift, by_position, read_order, monkeypatch):
     """Every slot's read logits (with ``coverage_by_position`` every position's) lose gate(h) x the pairs
-    counted by the definition (a Python loop here), also when the query tiles of `slot_coverage` are small."""
+    counted by the definition (a Python loop here), also when the query tiles of `slot_coverage` are small;
+    with ``read_order`` each slot also loses order_gate(h) x the number of chunks read before it."""
     import resona_adapt.adapters.coverage as coverage
 
     monkeypatch.setattr(coverage, "TILE_BUDGET", 3 * 4 * window * 5)  # tiles of a few queries
     branch = make_branch(top_k=2, read_coverage=window, neighbor_chunks=neighbors, read_shift=read_shift,
-                         key_shift=bool(read_shift), coverage_by_position=by_position).double()
+                         key_shift=bool(read_shift), coverage_by_position=by_position, read_order=read_order).double()
+    if read_order:  # a live order gate (zero at injection)
+        with torch.no_grad():
+            branch.order_gate.weight.normal_(std=0.5)
+            branch.order_gate.bias.fill_(0.7)
     h, x = torch.randn(2, 23, D, dtype=torch.float64), torch.randn(2, 23, D, dtype=torch.float64)
     ids = _repetitive_ids(2, 23)
     with torch.no_grad():
@@ -336,6 +344,36 @@ def test_read_coverage_starts_at_zero_and_learns(by_position):
         ResonaConfig(coverage_by_position=True)
     with pytest.raises(Exception, match="coverage_by_position must be true or false"):
         ResonaConfig(read_coverage=4, coverage_by_position=1)
+
+
+def test_read_order_starts_at_zero_and_learns():
+    """At injection the order gate is zero (the branch reads as with coverage alone); it gets gradient;
+    `slot_rank` ranks each query's chunks by position, empty slots aside; bad settings are refused."""
+    cfg = dict(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16, neighbor_chunks=1, read_coverage=8)
+    torch.manual_seed(0)
+    plain = ResonaBranch(D, ResonaConfig(**cfg))
+    ordered = ResonaBranch(D, ResonaConfig(**cfg, read_order=True))
+    missing, unexpected = ordered.load_state_dict(plain.state_dict(), strict=False)
+    assert sorted(missing) == ["order_gate.bias", "order_gate.weight"] and not unexpected
+    with torch.no_grad():
+        for m in (plain, ordered):
+            torch.manual_seed(1)
+            for p in m.parameters():
+                if p.dim() > 0 and p is not getattr(m.order_gate, "weight", None):
+                    p.add_(torch.randn_like(p) * 0.5)
+        ordered.order_gate.weight.zero_()
+        ordered.order_gate.bias.zero_()
+    h, x, ids = torch.randn(1, 20, D), torch.randn(1, 20, D), _repetitive_ids(1, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(ordered.retrieve(h, x, ids=ids), plain.retrieve(h, x, ids=ids))
+    ordered.retrieve(h, x, ids=ids).pow(2).sum().backward()
+    assert ordered.order_gate.weight.grad.abs().sum() > 0 and ordered.order_gate.bias.grad.abs() > 0
+    slots = torch.tensor([[[5, 2, -1, 9, 3], [-1, -1, -1, -1, -1]]])  # (1, 2, 5)
+    assert slot_rank(slots).tolist() == [[[2.0, 0.0, 0.0, 3.0, 1.0], [0.0] * 5]]
+    with pytest.raises(Exception, match="read_order needs read_coverage"):
+        ResonaConfig(read_order=True)
+    with pytest.raises(Exception, match="read_order must be true or false"):
+        ResonaConfig(read_coverage=4, read_order=1)
 
 
 def test_query_tiles_do_not_change_the_result():

@@ -52,6 +52,23 @@ def test_inject_writes_a_loadable_checkpoint(runner, base_dir, tmp_path):
     assert json.loads(res.stdout)["resona_layers"] == [0, 5]
 
 
+def test_inject_read_order(runner, base_dir, tmp_path):
+    """--read-order lands in the saved config with a zero order gate per branch (logits unchanged at
+    injection); without --read-coverage it is refused in one line and nothing is written."""
+    out = tmp_path / "out"
+    res = runner.invoke(cli, ["inject", "--model", str(base_dir), "--layers", "0", "--output", str(out),
+                              "--chunk-size", "8", "--read-coverage", "12", "--read-order"])
+    assert res.exit_code == 0, res.output
+    model = load_retrofitted(out)
+    assert model.config.resona["config"]["read_order"]
+    gate = resona_layers(model)[0].resona.order_gate
+    assert gate is not None and not gate.weight.any() and not gate.bias.any()
+    bad = tmp_path / "bad"
+    res = runner.invoke(cli, ["inject", "--model", str(base_dir), "--output", str(bad), "--read-order"])
+    assert res.exit_code != 0 and "read_order needs read_coverage" in res.output
+    assert "Traceback" not in res.output and not bad.exists()
+
+
 def test_inject_builtin_default_model(runner, tmp_path):
     res = runner.invoke(cli, ["inject", "--model", "tiny-mamba", "--output", str(tmp_path / "o")])
     assert res.exit_code == 0, res.output

@@ -350,14 +350,14 @@ def _copying_ids(rows: int = 2, seed: int = 7, shifts: tuple[int, ...] = (0, 5))
     return ids
 
 
-@pytest.mark.parametrize("by_position", [False, True])
-def test_read_coverage_steps_equal_a_full_forward(by_position):
+@pytest.mark.parametrize("by_position, read_order", [(False, False), (True, False), (True, True)])
+def test_read_coverage_steps_equal_a_full_forward(by_position, read_order):
     """Read coverage is counted from the cached ids at each decode step exactly as the full forward
-    counts it (per chunk, or per position), left padding included; and it is live (a zero gate changes
-    the logits)."""
+    counts it (per chunk, or per position; with ``read_order`` each slot's rank too), left padding
+    included; and it is live (a zero gate changes the logits)."""
     model = build_tiny("mamba2")
     retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, read_coverage=6, neighbor_chunks=1,
-                                                       coverage_by_position=by_position, **CFG))
+                                                       coverage_by_position=by_position, read_order=read_order, **CFG))
     randomize_resona(model)
     model.generation_config.eos_token_id = None
     ids = _copying_ids()
@@ -365,8 +365,8 @@ def test_read_coverage_steps_equal_a_full_forward(by_position):
     full = full_logits(model, ids)
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
     branches = [m for m in model.modules() if type(m).__name__ == "ResonaBranch"]
-    gates = [m for b in branches for m in (b.coverage_gate, b.position_gate) if m is not None]
-    assert len(gates) == len(branches) * (2 if by_position else 1)
+    gates = [m for b in branches for m in (b.coverage_gate, b.position_gate, b.order_gate) if m is not None]
+    assert len(gates) == len(branches) * (1 + by_position + read_order)
     saved = [g.weight.detach().clone() for g in gates]
     for g in gates:  # each gate on its own is live
         with torch.no_grad():

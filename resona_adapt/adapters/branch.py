@@ -93,6 +93,8 @@ class ResonaBranch(nn.Module):
         self.coverage_gate = nn.Linear(d_model, 1, **kw) if config.read_coverage else None
         # coverage_by_position: a second gate for the count of each read position (zero at injection)
         self.position_gate = nn.Linear(d_model, 1, **kw) if config.coverage_by_position else None
+        # read_order: o(h) scales each read slot's rank by position among the chunks read (zero at injection)
+        self.order_gate = nn.Linear(d_model, 1, **kw) if config.read_order else None
         self.mix = Mix(d_model, config, **kw)
         self.reset_parameters()
 
@@ -125,7 +127,7 @@ class ResonaBranch(nn.Module):
             nn.init.zeros_(self.window_encoder.weight)
             nn.init.zeros_(self.window_query)
             nn.init.zeros_(self.window_bias)
-        for gate in (self.coverage_gate, self.position_gate):
+        for gate in (self.coverage_gate, self.position_gate, self.order_gate):
             if gate is not None:
                 nn.init.zeros_(gate.weight)
                 nn.init.zeros_(gate.bias)
@@ -234,16 +236,23 @@ class ResonaBranch(nn.Module):
         q_pos (B, Tq) or (Tq,), hashes (B, L) `coverage.ngram_hashes` of the sequence, slots (B, Tq, K) the
         chunks read -> (B, Tq, K), ``-gate(h) * coverage`` to add to the slots' read logits; with
         ``coverage_by_position`` (B, Tq, K, U): each position read also loses ``-position_gate(h)`` x its
-        own count."""
+        own count. With ``read_order`` each slot also loses ``order_gate(h)`` x its `slot_rank`."""
         cfg = self.config
         gate = self.coverage_gate(h_hat).float()  # (B, Tq, 1)
         if self.position_gate is None:
             cov = slot_coverage(hashes, q_pos, slots, cfg.chunk_size, cfg.read_shift, cfg.read_coverage)  # (B, Tq, K)
-            return -gate * cov
+            return -gate * cov + self.order_bias(h_hat, slots)
         cov = slot_coverage(hashes, q_pos, slots, cfg.chunk_size, cfg.read_shift, cfg.read_coverage,
                             by_position=True)  # (B, Tq, K, U)
-        per_slot = -gate * cov.sum(dim=-1)  # (B, Tq, K)
+        per_slot = -gate * cov.sum(dim=-1) + self.order_bias(h_hat, slots)  # (B, Tq, K)
         return per_slot.unsqueeze(-1) - self.position_gate(h_hat).float().unsqueeze(-1) * cov  # (B, Tq, K, U)
+
+    def order_bias(self, h_hat: Tensor, slots: Tensor) -> Tensor | float:
+        """h_hat (B, Tq, D), slots (B, Tq, K) the chunks read (-1 = empty) -> (B, Tq, K), ``-order_gate(h)``
+        x `slot_rank` (0.0 without ``read_order``)."""
+        if self.order_gate is None:
+            return 0.0
+        return -self.order_gate(h_hat).float() * slot_rank(slots)
 
     def heads(self, t: Tensor) -> Tensor:
         """(B, T, H*d) -> (B, T, H, d)."""
@@ -296,6 +305,14 @@ class ResonaBranch(nn.Module):
             return self.retrieve(h, x, ids=ids)  # (B, T, out_dim)
         ids_al = left_align(ids, pad) if ids is not None else None
         return right_align(self.retrieve(left_align(h, pad), left_align(x, pad), ids=ids_al), pad)
+
+
+def slot_rank(slots: Tensor) -> Tensor:
+    """slots (B, Tq, K) chunk indices read by each query (-1 = empty; the others distinct) -> (B, Tq, K)
+    float, each slot's rank by position among the query's chunks (0 = the earliest; 0 for an empty slot).
+    It depends on the chunks read, not on the context length, so it means the same at 1k and at 16k."""
+    earlier = (slots.unsqueeze(-2) < slots.unsqueeze(-1)) & (slots.unsqueeze(-2) >= 0)  # (B, Tq, K, K): [k, k'] k' before k
+    return earlier.sum(dim=-1).float().masked_fill(slots < 0, 0.0)  # (B, Tq, K)
 
 
 def left_align(t: Tensor, pad: Tensor) -> Tensor:

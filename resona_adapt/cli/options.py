@@ -59,7 +59,7 @@ def model_options(f: Callable) -> Callable:
 
 CONFIG_FIELDS = ("chunk_size", "top_k", "train_top_k", "num_heads", "head_dim", "search_dim", "score_scale", "chunk_pool",
                  "neighbor_chunks", "read_shift", "key_shift", "key_context", "query_window", "read_window",
-                 "read_coverage", "coverage_by_position", "mix", "alpha", "replace_attention")
+                 "read_coverage", "coverage_by_position", "read_order", "mix", "alpha", "replace_attention")
 
 
 def resona_config_options(f: Callable) -> Callable:
@@ -88,6 +88,11 @@ def resona_config_options(f: Callable) -> Callable:
             f = click.option("--coverage-by-position/--coverage-by-chunk", default=None,
                              help="With --read-coverage: also count the copies per read position, with a gate "
                                   "of its own (default per chunk only).")(f)
+        elif name == "read_order":
+            f = click.option("--read-order/--no-read-order", default=None,
+                             help="With --read-coverage: each chunk read also loses a learned share of its rank by "
+                                  "position among the chunks read, so a read picks one of several look-alike "
+                                  "needles (default off).")(f)
         elif name == "replace_attention":
             f = click.option(flag, is_flag=True, default=None,
                              help="Hybrid-head models (Hymba): replace the chosen layers' attention heads with the "
