@@ -128,10 +128,11 @@ class ResonaConfig:
     )
     read_order: bool = field(
         default=False,
-        metadata={"help": "With read_coverage: each read slot's logits also get -o(h) x the slot's rank by position "
-                  "among the chunks read (0 for the earliest), with o a zero-initialised projection of the layer "
-                  "input, so a read that finds several look-alike needles it has not copied can pick one (the "
-                  "earliest, or with o < 0 the latest) instead of blending them (a list answer's line start)."},
+        metadata={"help": "Each read slot's logits get -o(h) x the slot's rank by position among the chunks read "
+                  "(0 for the earliest), with o a zero-initialised projection of the layer input, so a read that "
+                  "finds several look-alike matches can pick one (the earliest, or with o < 0 the latest) instead "
+                  "of blending them: a list answer's line start (with read_coverage, which moves it on from a "
+                  "value it has copied), or a key that recurs after its pair."},
     )
     mix: str = field(default="residual", metadata={"help": f"Mixing mode, one of {MIX_MODES}."})
     alpha: float = field(default=0.5, metadata={"help": "Weight a of Ym in the paper mixes (0 < a < 1)."})
@@ -184,9 +185,6 @@ class ResonaConfig:
                                     "copies over; set read_coverage, or coverage_by_position=False")
         if not isinstance(self.read_order, bool):
             raise ResonaConfigError(f"ResonaConfig.read_order must be true or false, got {self.read_order!r}")
-        if self.read_order and not w:
-            raise ResonaConfigError("ResonaConfig.read_order needs read_coverage (> 0): without it a read that prefers "
-                                    "the earliest chunk never moves on from it; set read_coverage, or read_order=False")
         if self.read_shift not in (0, 1) or isinstance(self.read_shift, bool):
             raise ResonaConfigError(f"ResonaConfig.read_shift must be 0 or 1, got {self.read_shift!r}")
         if not isinstance(self.key_shift, bool):

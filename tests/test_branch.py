@@ -346,9 +346,23 @@ def test_read_coverage_starts_at_zero_and_learns(by_position):
         ResonaConfig(read_coverage=4, coverage_by_position=1)
 
 
+@pytest.mark.parametrize("neighbors, read_shift", [(0, 1), (1, 1), (2, 0)])
+def test_read_order_alone_matches_dense_reference(neighbors, read_shift):
+    """Without read_coverage (no token ids needed) each slot's logits lose order_gate(h) x the number of
+    chunks read before it, as the definition (a Python loop here) says; and the term is live."""
+    branch = make_branch(top_k=3, neighbor_chunks=neighbors, read_shift=read_shift, key_shift=bool(read_shift),
+                         read_order=True).double()
+    h, x = torch.randn(2, 29, D, dtype=torch.float64), torch.randn(2, 29, D, dtype=torch.float64)
+    with torch.no_grad():
+        fast = branch.retrieve(h, x)
+        torch.testing.assert_close(fast, dense_reference(branch, h, x, 3), atol=1e-5, rtol=1e-4)
+        branch.order_gate.bias.add_(3.0)
+        assert (branch.retrieve(h, x) - fast).abs().max() > 1e-3
+
+
 def test_read_order_starts_at_zero_and_learns():
     """At injection the order gate is zero (the branch reads as with coverage alone); it gets gradient;
-    `slot_rank` ranks each query's chunks by position, empty slots aside; bad settings are refused."""
+    `slot_rank` ranks each query's chunks by position, empty slots aside; a setting that is not a bool is refused."""
     cfg = dict(chunk_size=4, top_k=2, num_heads=2, head_dim=8, search_dim=16, neighbor_chunks=1, read_coverage=8)
     torch.manual_seed(0)
     plain = ResonaBranch(D, ResonaConfig(**cfg))
@@ -370,8 +384,6 @@ def test_read_order_starts_at_zero_and_learns():
     assert ordered.order_gate.weight.grad.abs().sum() > 0 and ordered.order_gate.bias.grad.abs() > 0
     slots = torch.tensor([[[5, 2, -1, 9, 3], [-1, -1, -1, -1, -1]]])  # (1, 2, 5)
     assert slot_rank(slots).tolist() == [[[2.0, 0.0, 0.0, 3.0, 1.0], [0.0] * 5]]
-    with pytest.raises(Exception, match="read_order needs read_coverage"):
-        ResonaConfig(read_order=True)
     with pytest.raises(Exception, match="read_order must be true or false"):
         ResonaConfig(read_coverage=4, read_order=1)
 

@@ -53,8 +53,8 @@ def test_inject_writes_a_loadable_checkpoint(runner, base_dir, tmp_path):
 
 
 def test_inject_read_order(runner, base_dir, tmp_path):
-    """--read-order lands in the saved config with a zero order gate per branch (logits unchanged at
-    injection); without --read-coverage it is refused in one line and nothing is written."""
+    """--read-order lands in the saved config with a zero order gate per branch, with or without
+    --read-coverage; a config file whose read_order is not a bool is refused in one line, nothing written."""
     out = tmp_path / "out"
     res = runner.invoke(cli, ["inject", "--model", str(base_dir), "--layers", "0", "--output", str(out),
                               "--chunk-size", "8", "--read-coverage", "12", "--read-order"])
@@ -63,9 +63,16 @@ def test_inject_read_order(runner, base_dir, tmp_path):
     assert model.config.resona["config"]["read_order"]
     gate = resona_layers(model)[0].resona.order_gate
     assert gate is not None and not gate.weight.any() and not gate.bias.any()
-    bad = tmp_path / "bad"
-    res = runner.invoke(cli, ["inject", "--model", str(base_dir), "--output", str(bad), "--read-order"])
-    assert res.exit_code != 0 and "read_order needs read_coverage" in res.output
+    alone = tmp_path / "alone"
+    res = runner.invoke(cli, ["inject", "--model", str(base_dir), "--layers", "0", "--output", str(alone),
+                              "--read-order"])
+    assert res.exit_code == 0, res.output
+    saved = load_retrofitted(alone).config.resona["config"]
+    assert saved["read_order"] and saved["read_coverage"] == 0
+    cfg_file, bad = tmp_path / "cfg.json", tmp_path / "bad"
+    cfg_file.write_text(json.dumps({"read_order": "yes"}))
+    res = runner.invoke(cli, ["inject", "--model", str(base_dir), "--output", str(bad), "--config", str(cfg_file)])
+    assert res.exit_code != 0 and "read_order must be true or false" in res.output
     assert "Traceback" not in res.output and not bad.exists()
 
 

@@ -394,6 +394,32 @@ def test_read_coverage_steps_equal_a_full_forward(by_position, read_order):
         assert (scores[b] - alone_scores[0]).abs().max() <= 1e-4, b
 
 
+def test_read_order_alone_steps_equal_a_full_forward():
+    """Without read_coverage the order term is added at each decode step as the full forward adds it,
+    left padding included; and it is live."""
+    model = build_tiny("mamba2")
+    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=3, neighbor_chunks=1, read_order=True, **CFG))
+    randomize_resona(model)
+    model.generation_config.eos_token_id = None
+    ids = _copying_ids()
+    steps, _ = stepwise_logits(model, ids, prefill=9)
+    full = full_logits(model, ids)
+    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "ResonaBranch":
+                m.order_gate.bias.add_(2.0)
+    moved = full_logits(model, ids)
+    assert (moved - full).abs().max() > 1e-3
+    torch.testing.assert_close(stepwise_logits(model, ids, prefill=9)[0], moved, atol=1e-4, rtol=1e-4)
+    rows = [ids[:1], ids[1:, 5:]]
+    batch = torch.cat([rows[0], torch.cat([torch.zeros(1, 5, dtype=torch.long), rows[1]], 1)])
+    mask = (torch.arange(40) >= torch.tensor([[0], [5]])).long()
+    seqs, scores = generate_scores(model, batch, mask)
+    for b, row in enumerate(rows):
+        assert (scores[b] - generate_scores(model, row)[1][0]).abs().max() <= 1e-4, b
+
+
 @pytest.mark.parametrize("seed", [0, 5])
 def test_a_repeated_passage_decodes_as_the_full_forward_reads_it(seed):
     """The same four tokens in every other chunk: their summaries tie exactly, and torch.topk's choice

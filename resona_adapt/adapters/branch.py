@@ -273,6 +273,8 @@ class ResonaBranch(nn.Module):
             hashes = ngram_hashes(ids)  # (B, T)
             positions = torch.arange(h.shape[1], device=h.device)  # (T,)
             slot_bias = lambda slots: self.coverage_bias(h_hat, hashes, positions, slots)  # noqa: E731
+        elif self.order_gate is not None:  # the order alone: no token ids needed
+            slot_bias = lambda slots: self.order_bias(h_hat, slots)  # noqa: E731
         recent = self.recent_context(x_hat) if self.window_encoder is not None else None  # (B, T, D)
         qs = self.search_queries(h_hat, recent)  # (B, T, E)
         cs = self.chunk_embeddings(x_hat)  # (B, N, E)

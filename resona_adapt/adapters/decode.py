@@ -183,6 +183,8 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
         if branch.coverage_gate is not None:  # the same pairs as the full path, counted from the cached ids
             aligned = left_align(state.ids[:, :state.length].long(), state.pad)  # (B, L) from each row's 1st token
             bias = add_slot_bias(bias, branch.coverage_bias(h_hat, ngram_hashes(aligned), q_pos, idx))
+        elif branch.order_gate is not None:  # the order alone, as the full path adds it
+            bias = bias + branch.order_bias(h_hat, idx)  # (B, Tn, K')
         q = branch.read_queries(h_hat, _recent(branch, state, q_pos, embed, read=True))  # (B, Tn, H, d)
         per_token = (U + 1) * (cfg.query_window if cfg.read_window else 1)  # gathered positions per slot
         tile = max(1, QUERY_TILE_BUDGET // max(1, B * idx.shape[-1] * per_token * D))

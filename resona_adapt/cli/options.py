@@ -90,9 +90,8 @@ def resona_config_options(f: Callable) -> Callable:
                                   "of its own (default per chunk only).")(f)
         elif name == "read_order":
             f = click.option("--read-order/--no-read-order", default=None,
-                             help="With --read-coverage: each chunk read also loses a learned share of its rank by "
-                                  "position among the chunks read, so a read picks one of several look-alike "
-                                  "needles (default off).")(f)
+                             help="Each chunk read loses a learned share of its rank by position among the chunks "
+                                  "read, so a read can pick one of several look-alike matches (default off).")(f)
         elif name == "replace_attention":
             f = click.option(flag, is_flag=True, default=None,
                              help="Hybrid-head models (Hymba): replace the chosen layers' attention heads with the "
