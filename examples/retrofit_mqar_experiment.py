@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--filler", default=None, help="training filler: N or LO-HI random tokens before each example")
     ap.add_argument("--neighbor-chunks", type=int, default=None)
     ap.add_argument("--key-shift", type=int, choices=(0, 1), default=None)
+    ap.add_argument("--read-order", type=int, choices=(0, 1), default=None,
+                    help="1 = each chunk read loses a learned share of its rank by position (ResonaConfig.read_order)")
     ap.add_argument("--eval-filler", default="0,1,2,3", help="filler values to evaluate (comma list)")
     ap.add_argument("--eval-top-k", default=None, help="also evaluate the trained model at these top_k (comma list)")
     ap.add_argument("--save", default=None, help="write the trained model here (merged checkpoint)")
@@ -87,6 +89,8 @@ def main() -> None:
                 if getattr(args, k) is not None}
     if args.key_shift is not None:
         cfg_over["key_shift"] = bool(args.key_shift)
+    if args.read_order is not None:
+        cfg_over["read_order"] = bool(args.read_order)
     rec_over = {k: getattr(args, k) for k in ("base_lr", "steps", "batch_size", "seed", "filler", "search_loss_weight")
                 if getattr(args, k) is not None}
     if args.layers is not None:
