@@ -71,6 +71,8 @@ def _probe(model: Any, tokenizer: Any, kind: str, length: int, samples: int, see
         with torch.no_grad():
             logits = model(torch.tensor([prompt + ids])).logits[0]  # (T, V)
             g = [b.coverage_gate(seen[i][0]).squeeze(-1) for i, b in enumerate(branches)]  # (T,) per gated branch
+            o = [b.order_gate(seen[i][0]).squeeze(-1) for i, b in enumerate(branches)  # (T,) per branch with read_order
+                 if getattr(b, "order_gate", None) is not None]
         pred = logits[len(prompt) - 1: len(prompt) + len(ids) - 1].argmax(-1).tolist()  # (A,)
         bounds, at = [], 0
         for name, t in parts:
@@ -86,6 +88,8 @@ def _probe(model: Any, tokenizer: Any, kind: str, length: int, samples: int, see
             if gates is not None and name.startswith("value") and name != "value 1":
                 where = "line start" if name != previous else "inside a value"
                 gates.setdefault(where, []).extend(float(gb[len(prompt) + k - 1]) for gb in g)
+                if o:
+                    gates.setdefault(f"order: {where}", []).extend(float(ob[len(prompt) + k - 1]) for ob in o)
             previous = name
         if i < greedy:
             print(sample.values, repr(answer(model, tokenizer, sample.prompt, 8 + 12 * len(sample.values), False)))
@@ -101,7 +105,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--greedy", type=int, default=0, help="print the greedy answers of this many samples")
     parser.add_argument("--gates", action="store_true",
-                        help="also print the mean chunk-coverage gate where a list line starts and inside a value")
+                        help="also print the mean chunk-coverage gate (and with read_order the order gate) where a "
+                             "list line starts and inside a value")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
@@ -118,10 +123,13 @@ def main() -> None:
     if gates is not None and not gates:
         print("\n--gates: no readings; the gate is read where a list line starts (--kind multivalue)")
     if gates:
-        print("\n| query | readings | mean gate |\n|---|---|---|")
+        order = any(k.startswith("order: ") for k in gates)  # read_order: its gate o(h) too
+        print("\n| query | readings | mean gate |" + (" mean order gate |" if order else "")
+              + "\n|---|---|---|" + ("---|" if order else ""))
         for where in ("line start", "inside a value"):
-            values = gates.get(where, [])
-            print(f"| {where} | {len(values)} | {sum(values) / max(1, len(values)):.3f} |")
+            values, o_values = gates.get(where, []), gates.get(f"order: {where}", [])
+            print(f"| {where} | {len(values)} | {sum(values) / max(1, len(values)):.3f} |"
+                  + (f" {sum(o_values) / max(1, len(o_values)):.3f} |" if order else ""))
 
 
 if __name__ == "__main__":

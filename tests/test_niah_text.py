@@ -367,6 +367,28 @@ def test_answer_probe_reads_the_coverage_gate_where_list_lines_start(fake_corpus
     assert not any(m.norm_h._forward_hooks for m in gated)
 
 
+def test_answer_probe_reads_the_order_gate_too(fake_corpus):
+    """With ``read_order`` ``--gates`` also reads the order gate o(h) at the same queries, apart from the
+    chunk gate (a gate held at 0.7 reads 0.7 where the chunk gate reads 0.3)."""
+    from resona_adapt import ResonaConfig, retrofit
+
+    probe = _load_example("niah_answer_probe")
+    tok = byte_tokenizer()
+    model = retrofit(tiny_text_model(), layers=[0, -1], config=ResonaConfig(chunk_size=16, read_coverage=8,
+                                                                            read_order=True)).eval()
+    gated = [m for m in model.modules() if getattr(m, "coverage_gate", None) is not None]
+    with torch.no_grad():
+        for m in gated:
+            m.coverage_gate.bias.fill_(0.3)
+            m.order_gate.bias.fill_(0.7)
+    gates: dict = {}
+    probe.probe(model, tok, "multivalue", 800, 2, seed=0, greedy=0, gates=gates)
+    assert len(gates["order: line start"]) == len(gates["line start"]) == 12
+    assert len(gates["order: inside a value"]) == len(gates["inside a value"])
+    assert all(v == pytest.approx(0.7) for k, vs in gates.items() if k.startswith("order: ") for v in vs)
+    assert all(v == pytest.approx(0.3) for k, vs in gates.items() if not k.startswith("order: ") for v in vs)
+
+
 @pytest.mark.parametrize("init", [0.4, None])
 def test_coverage_gates_wait_for_the_niah_steps(fake_corpus, init):
     """With ``coverage_init`` the read-coverage gates do not move through the copy steps and start the
