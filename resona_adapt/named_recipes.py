@@ -60,7 +60,8 @@ def train_named_recipe(model: "nn.Module", name: str, recipe: Any, *, tokenizer:
         result = train_text(model, tokenizer, recipe, seed=seed, log=log, log_every=log_every)
         steps = recipe.steps + recipe.tail_steps
         return {"recipe": name, "steps": steps, "final_loss": result["final_loss"],
-                "train_seconds": result["train_seconds"]}
+                "train_seconds": result["train_seconds"],
+                **({"list_starts": result["list_starts"]} if "list_starts" in result else {})}
     import time
 
     from .recipes import train_recipe

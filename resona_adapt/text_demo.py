@@ -166,13 +166,23 @@ def check_recipe(recipe: TextRecipe) -> None:
 def train_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0, log: Log | None = None,
                log_every: int = 10) -> dict:
     """The whole text schedule of ``recipe``: `fit_text` (copying, short and full-length NIAH), then
-    the plain-text tail (``recipe.tail_steps``). Returns `fit_text`'s summary over both parts."""
+    the plain-text tail (``recipe.tail_steps``). Returns `fit_text`'s summary over both parts; when the
+    recipe trains multi-value needles, also ``list_starts`` (`evaluation.list_check.list_start_accuracy` on
+    training-split samples), and ``log`` gets a warning when the run did not learn to list."""
     main = fit_text(model, tokenizer, recipe, seed=seed, log=log, log_every=log_every)
-    if not recipe.tail_steps:
-        return main
-    tail = train_tail(model, tokenizer, recipe, seed=seed, log=log, log_every=log_every)
-    return {"train_seconds": round(main["train_seconds"] + tail["train_seconds"], 1), "final_loss": tail["final_loss"],
-            "examples": main["examples"] + tail["examples"]}
+    summary = main
+    if recipe.tail_steps:
+        tail = train_tail(model, tokenizer, recipe, seed=seed, log=log, log_every=log_every)
+        summary = {"train_seconds": round(main["train_seconds"] + tail["train_seconds"], 1),
+                   "final_loss": tail["final_loss"], "examples": main["examples"] + tail["examples"]}
+    if "multivalue" in recipe.kinds:
+        from .evaluation.list_check import list_start_accuracy, list_warning
+
+        summary["list_starts"] = list_start_accuracy(model, tokenizer, length=recipe.seq_len)
+        warning = list_warning(summary["list_starts"])
+        if warning is not None and log is not None:
+            log(warning)
+    return summary
 
 
 def train_tail(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int = 0, log: Log | None = None,
