@@ -132,7 +132,8 @@ class ResonaConfig:
                   "(0 for the earliest), with o a zero-initialised projection of the layer input, so a read that "
                   "finds several look-alike matches can pick one (the earliest, or with o < 0 the latest) instead "
                   "of blending them: a list answer's line start (with read_coverage, which moves it on from a "
-                  "value it has copied), or a key that recurs after its pair."},
+                  "value it has copied), or a key that recurs after its pair. Train and read with the same "
+                  "number of chunks (train_top_k = top_k): the rank's range grows with it."},
     )
     mix: str = field(default="residual", metadata={"help": f"Mixing mode, one of {MIX_MODES}."})
     alpha: float = field(default=0.5, metadata={"help": "Weight a of Ym in the paper mixes (0 < a < 1)."})
