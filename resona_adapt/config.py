@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,11 @@ class ResonaConfig:
                                     "copies over; set read_coverage, or coverage_by_position=False")
         if not isinstance(self.read_order, bool):
             raise ResonaConfigError(f"ResonaConfig.read_order must be true or false, got {self.read_order!r}")
+        if self.read_order and self.train_top_k is not None and self.train_top_k != self.top_k:
+            warnings.warn(f"ResonaConfig.read_order with train_top_k={self.train_top_k} and top_k={self.top_k}: the "
+                          "order gate learns the ranks of the chunks read in training, and reading another number "
+                          "of chunks lost 0.7 of MQAR's strict accuracy (docs/retrofit-learning.md); set "
+                          "train_top_k equal to top_k", UserWarning, stacklevel=3)
         if self.read_shift not in (0, 1) or isinstance(self.read_shift, bool):
             raise ResonaConfigError(f"ResonaConfig.read_shift must be 0 or 1, got {self.read_shift!r}")
         if not isinstance(self.key_shift, bool):

@@ -386,6 +386,8 @@ def test_read_order_starts_at_zero_and_learns():
     assert slot_rank(slots).tolist() == [[[2.0, 0.0, 0.0, 3.0, 1.0], [0.0] * 5]]
     with pytest.raises(Exception, match="read_order must be true or false"):
         ResonaConfig(read_coverage=4, read_order=1)
+    with pytest.warns(UserWarning, match="set train_top_k equal to top_k"):
+        ResonaConfig(top_k=8, train_top_k=4, read_order=True)
 
 
 def test_query_tiles_do_not_change_the_result():
