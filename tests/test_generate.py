@@ -350,20 +350,28 @@ def _copying_ids(rows: int = 2, seed: int = 7, shifts: tuple[int, ...] = (0, 5))
     return ids
 
 
-@pytest.mark.parametrize("by_position, read_order", [(False, False), (True, False), (True, True)])
-def test_read_coverage_steps_equal_a_full_forward(by_position, read_order):
-    """Read coverage is counted from the cached ids at each decode step exactly as the full forward
-    counts it (per chunk, or per position; with ``read_order`` each slot's rank too), left padding
-    included; and it is live (a zero gate changes the logits)."""
+def _steps_equal_full(config: ResonaConfig) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny Mamba2 retrofitted with ``config`` and randomised branches, checked: decoding `_copying_ids`
+    step by step after a 9-token prefill gives the full forward's logits. Returns the model, the ids and
+    those logits."""
     model = build_tiny("mamba2")
-    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=2, read_coverage=6, neighbor_chunks=1,
-                                                       coverage_by_position=by_position, read_order=read_order, **CFG))
+    retrofit(model, layers=LAYERS, config=config)
     randomize_resona(model)
     model.generation_config.eos_token_id = None
     ids = _copying_ids()
     steps, _ = stepwise_logits(model, ids, prefill=9)
     full = full_logits(model, ids)
     torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    return model, ids, full
+
+
+@pytest.mark.parametrize("by_position, read_order", [(False, False), (True, False), (True, True)])
+def test_read_coverage_steps_equal_a_full_forward(by_position, read_order):
+    """Read coverage is counted from the cached ids at each decode step exactly as the full forward
+    counts it (per chunk, or per position; with ``read_order`` each slot's rank too), left padding
+    included; and it is live (a zero gate changes the logits)."""
+    model, ids, full = _steps_equal_full(ResonaConfig(top_k=2, read_coverage=6, neighbor_chunks=1,
+                                                      coverage_by_position=by_position, read_order=read_order, **CFG))
     branches = [m for m in model.modules() if type(m).__name__ == "ResonaBranch"]
     gates = [m for b in branches for m in (b.coverage_gate, b.position_gate, b.order_gate) if m is not None]
     assert len(gates) == len(branches) * (1 + by_position + read_order)
@@ -397,14 +405,7 @@ def test_read_coverage_steps_equal_a_full_forward(by_position, read_order):
 def test_read_order_alone_steps_equal_a_full_forward():
     """Without read_coverage the order term is added at each decode step as the full forward adds it,
     left padding included; and it is live."""
-    model = build_tiny("mamba2")
-    retrofit(model, layers=LAYERS, config=ResonaConfig(top_k=3, neighbor_chunks=1, read_order=True, **CFG))
-    randomize_resona(model)
-    model.generation_config.eos_token_id = None
-    ids = _copying_ids()
-    steps, _ = stepwise_logits(model, ids, prefill=9)
-    full = full_logits(model, ids)
-    torch.testing.assert_close(steps, full, atol=1e-4, rtol=1e-4)
+    model, ids, full = _steps_equal_full(ResonaConfig(top_k=3, neighbor_chunks=1, read_order=True, **CFG))
     with torch.no_grad():
         for m in model.modules():
             if type(m).__name__ == "ResonaBranch":
