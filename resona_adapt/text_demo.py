@@ -109,7 +109,8 @@ class TextRecipe:
     rates highest, not of their summed probability (`list_loss.list_row_mean_loss` ``commit``): the read
     is pushed to commit to one needle of the list. Measured on seeds 2 and 3 (docs/text-niah.md, "A
     committed line start"): seed 2 then held 4.5 at every length within 1% perplexity, seed 3 still did not
-    list; off until measured on all four seeds."""
+    list, seed 1 still fell under 4.5 at 4k and 16k; with ``config.read_order`` too all four seeds listed but
+    two cost 1.5-3.7% perplexity ("A read that can pick one needle by its rank"). Off."""
     line_start_gate_weight: float = 0.0
     """With ``read_coverage`` and ``list_any_order``: weight of `training.gate_loss` beside the answer loss,
     ``relu(line_start_gate_floor - g)`` of the chunk-coverage gate at each query that starts value 2, 3, ..
