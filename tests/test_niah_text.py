@@ -385,7 +385,7 @@ def test_list_start_accuracy_tells_a_run_that_lists_from_one_that_does_not(fake_
 
 def test_train_text_reports_whether_the_run_lists(fake_corpus, monkeypatch):
     """With multi-value needles in the recipe, `train_text`'s summary carries ``list_starts`` and the log the
-    warning when it is low; without them, neither."""
+    warning when it is low; without them, neither; a check that fails is logged and returns the summary."""
     from resona_adapt import ResonaConfig, retrofit
     from resona_adapt.evaluation import list_check
     from resona_adapt.text_demo import TextRecipe, train_text
@@ -402,6 +402,14 @@ def test_train_text_reports_whether_the_run_lists(fake_corpus, monkeypatch):
     lines.clear()
     summary = train_text(model, tok, dataclasses.replace(recipe, kinds=("number",)), seed=3, log=lines.append)
     assert "list_starts" not in summary and not any("list" in line for line in lines)
+
+    def broken(*a, **k):
+        raise ValueError("context length 700 is too short")
+
+    monkeypatch.setattr(list_check, "list_start_accuracy", broken)  # a failing check costs nothing trained
+    lines.clear()
+    summary = train_text(model, tok, recipe, seed=3, log=lines.append)
+    assert summary["list_starts"] is None and any("list check skipped: context length" in line for line in lines)
 
 
 def test_answer_probe_scores_each_part_of_the_expected_answer(fake_corpus):
