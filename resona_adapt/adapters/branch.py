@@ -231,28 +231,28 @@ class ResonaBranch(nn.Module):
             q = q + self.q_window_proj(recent.to(q.dtype))
         return self.heads(q)
 
-    def coverage_bias(self, h_hat: Tensor, hashes: Tensor, q_pos: Tensor, slots: Tensor) -> Tensor:
-        """With ``read_coverage``: h_hat (B, Tq, D) normalised layer input of the queries at real positions
-        q_pos (B, Tq) or (Tq,), hashes (B, L) `coverage.ngram_hashes` of the sequence, slots (B, Tq, K) the
-        chunks read -> (B, Tq, K), ``-gate(h) * coverage`` to add to the slots' read logits; with
-        ``coverage_by_position`` (B, Tq, K, U): each position read also loses ``-position_gate(h)`` x its
-        own count. With ``read_order`` each slot also loses ``order_gate(h)`` x its `slot_rank`."""
+    def read_bias(self, h_hat: Tensor, slots: Tensor, hashes: Tensor | None = None,
+                  q_pos: Tensor | None = None) -> Tensor:
+        """The read logits this branch adds to the slots it reads, beyond the search score: h_hat (B, Tq, D)
+        normalised layer input of the queries, slots (B, Tq, K) the chunks read (-1 = empty) -> (B, Tq, K),
+        or (B, Tq, K, U) with ``coverage_by_position``. With ``read_coverage`` (``hashes`` (B, L)
+        `coverage.ngram_hashes` of the sequence and ``q_pos`` (B, Tq) or (Tq,) the queries' real positions
+        needed): ``-gate(h) * coverage`` of each slot, and per position ``-position_gate(h)`` x its own count.
+        With ``read_order``: ``-order_gate(h)`` x each slot's `slot_rank`."""
         cfg = self.config
+        bias = torch.zeros(slots.shape, dtype=torch.float32, device=slots.device)  # (B, Tq, K)
+        if self.order_gate is not None:
+            bias = bias - self.order_gate(h_hat).float() * slot_rank(slots)
+        if self.coverage_gate is None:
+            return bias
         gate = self.coverage_gate(h_hat).float()  # (B, Tq, 1)
         if self.position_gate is None:
             cov = slot_coverage(hashes, q_pos, slots, cfg.chunk_size, cfg.read_shift, cfg.read_coverage)  # (B, Tq, K)
-            return -gate * cov + self.order_bias(h_hat, slots)
+            return bias - gate * cov
         cov = slot_coverage(hashes, q_pos, slots, cfg.chunk_size, cfg.read_shift, cfg.read_coverage,
                             by_position=True)  # (B, Tq, K, U)
-        per_slot = -gate * cov.sum(dim=-1) + self.order_bias(h_hat, slots)  # (B, Tq, K)
+        per_slot = bias - gate * cov.sum(dim=-1)  # (B, Tq, K)
         return per_slot.unsqueeze(-1) - self.position_gate(h_hat).float().unsqueeze(-1) * cov  # (B, Tq, K, U)
-
-    def order_bias(self, h_hat: Tensor, slots: Tensor) -> Tensor | float:
-        """h_hat (B, Tq, D), slots (B, Tq, K) the chunks read (-1 = empty) -> (B, Tq, K), ``-order_gate(h)``
-        x `slot_rank` (0.0 without ``read_order``)."""
-        if self.order_gate is None:
-            return 0.0
-        return -self.order_gate(h_hat).float() * slot_rank(slots)
 
     def heads(self, t: Tensor) -> Tensor:
         """(B, T, H*d) -> (B, T, H, d)."""
@@ -265,16 +265,15 @@ class ResonaBranch(nn.Module):
         ``ids`` (B, T), the token ids of the same positions, are needed with ``read_coverage``."""
         cfg = self.config
         h_hat, x_hat = self.norm_h(h), self.norm_x(x)  # (B, T, D) x2
-        slot_bias = None
+        slot_bias = hashes = None
         if self.coverage_gate is not None:
             if ids is None or tuple(ids.shape) != tuple(h.shape[:2]):
                 raise ValueError("this branch has read_coverage, which counts copies by token id: run the model "
                                  "on input_ids (not inputs_embeds), or retrofit without read_coverage")
             hashes = ngram_hashes(ids)  # (B, T)
+        if self.coverage_gate is not None or self.order_gate is not None:
             positions = torch.arange(h.shape[1], device=h.device)  # (T,)
-            slot_bias = lambda slots: self.coverage_bias(h_hat, hashes, positions, slots)  # noqa: E731
-        elif self.order_gate is not None:  # the order alone: no token ids needed
-            slot_bias = lambda slots: self.order_bias(h_hat, slots)  # noqa: E731
+            slot_bias = lambda slots: self.read_bias(h_hat, slots, hashes, positions)  # noqa: E731
         recent = self.recent_context(x_hat) if self.window_encoder is not None else None  # (B, T, D)
         qs = self.search_queries(h_hat, recent)  # (B, T, E)
         cs = self.chunk_embeddings(x_hat)  # (B, N, E)

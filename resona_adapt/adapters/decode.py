@@ -180,11 +180,12 @@ def decode_step(branch: ResonaBranch, layer_index: int, state: ResonaCacheState,
         idx, score = select_chunks_ref(qs, summaries, K, U, sel_pos)  # (B, Tn, K) x2
         idx, score = add_neighbors(idx, score, sel_pos, U, cfg.neighbor_chunks)  # (B, Tn, K') x2
         bias = score * cfg.score_scale  # (B, Tn, K')
-        if branch.coverage_gate is not None:  # the same pairs as the full path, counted from the cached ids
-            aligned = left_align(state.ids[:, :state.length].long(), state.pad)  # (B, L) from each row's 1st token
-            bias = add_slot_bias(bias, branch.coverage_bias(h_hat, ngram_hashes(aligned), q_pos, idx))
-        elif branch.order_gate is not None:  # the order alone, as the full path adds it
-            bias = bias + branch.order_bias(h_hat, idx)  # (B, Tn, K')
+        if branch.coverage_gate is not None or branch.order_gate is not None:  # as the full path adds them
+            hashes = None
+            if branch.coverage_gate is not None:  # the same pairs as the full path, counted from the cached ids
+                aligned = left_align(state.ids[:, :state.length].long(), state.pad)  # (B, L) from each row's 1st token
+                hashes = ngram_hashes(aligned)
+            bias = add_slot_bias(bias, branch.read_bias(h_hat, idx, hashes, q_pos))
         q = branch.read_queries(h_hat, _recent(branch, state, q_pos, embed, read=True))  # (B, Tn, H, d)
         per_token = (U + 1) * (cfg.query_window if cfg.read_window else 1)  # gathered positions per slot
         tile = max(1, QUERY_TILE_BUDGET // max(1, B * idx.shape[-1] * per_token * D))
