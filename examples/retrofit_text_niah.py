@@ -71,7 +71,8 @@ def main() -> None:
     ap.add_argument("--eval-top-k", default=None,
                     help="comma-separated chunks read per query at evaluation (default: the config's top_k); "
                          "NIAH is measured once per value")
-    for name in ("steps", "batch_size", "seq_len", "min_len", "short_len", "questions", "copy_len", "tail_steps"):
+    for name in ("steps", "batch_size", "seq_len", "min_len", "short_len", "questions", "copy_len", "tail_steps",
+                 "list_retries"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     for name in ("lr", "lm_fraction", "short_fraction", "copy_fraction", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight",
                  "line_start_gate_weight", "line_start_gate_floor"):
@@ -97,6 +98,9 @@ def main() -> None:
     ap.add_argument("--init-seed", type=int, default=None,
                     help="seed of the Resona parameters' initialisation alone (default: --seed; the data, the "
                          "training order and the measured samples always follow --seed)")
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="seed of the training data and order alone (default: --seed; the measured samples follow "
+                         "--seed), e.g. a retry of `train_text` on its own: --train-seed 1003 --list-retries 0")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--json-out", default=None)
@@ -116,7 +120,7 @@ def main() -> None:
     fields = {k: getattr(args, k) for k in ("layers", "steps", "batch_size", "seq_len", "min_len", "lr", "lm_fraction",
                                                 "short_fraction", "short_len", "questions", "copy_fraction", "copy_len",
                                                 "tail_steps", "tail_lm_fraction", "tail_lr", "text_loss_weight", "search_loss_weight",
-                                                "line_start_gate_weight", "line_start_gate_floor")
+                                                "line_start_gate_weight", "line_start_gate_floor", "list_retries")
               if getattr(args, k) is not None}
     if args.coverage_init is not None:
         fields["coverage_init"] = None if args.coverage_init == "none" else args.coverage_init
@@ -161,7 +165,8 @@ def main() -> None:
         retrofit(model, layers=recipe.layers, config=recipe.config)
         log(f"recipe: {json.dumps(recipe.to_dict())}")
         log(f"trainable: {sum(p.numel() for _, p in resona_parameters(model)):,} Resona parameters")
-        summary = train_text(model, tokenizer, recipe, seed=args.seed, log=log, log_every=args.log_every)
+        train_seed = args.seed if args.train_seed is None else args.train_seed
+        summary = train_text(model, tokenizer, recipe, seed=train_seed, log=log, log_every=args.log_every)
         log(f"trained: {summary}")
         if args.save:
             from resona_adapt import save_retrofitted

@@ -112,6 +112,73 @@ def test_train_text_reports_whether_the_run_lists(fake_corpus, monkeypatch):
     assert summary["list_starts"] is None and any("list check skipped: context length" in line for line in lines)
 
 
+def _list_run(list_retries: int = 1):
+    from resona_adapt import ResonaConfig, retrofit
+    from resona_adapt.text_demo import TextRecipe
+
+    torch.manual_seed(0)
+    model = retrofit(tiny_text_model(), layers=[-1], config=ResonaConfig(chunk_size=16, top_k=2, num_heads=1, head_dim=8))
+    recipe = TextRecipe(config=ResonaConfig(chunk_size=16), steps=2, batch_size=2, seq_len=700, min_len=500,
+                        kinds=("multivalue",), questions=1, copy_fraction=0.0, short_fraction=0.0, tail_steps=0,
+                        list_retries=list_retries)
+    return model, recipe
+
+
+def _resona_state(model) -> dict[str, torch.Tensor]:
+    from resona_adapt import resona_parameters
+
+    return {n: p.detach().clone() for n, p in resona_parameters(model)}
+
+
+def test_train_text_retries_a_run_that_did_not_learn_to_list(fake_corpus, monkeypatch):
+    """A run under the list floor trains again from the branches' initial values on the data of `retry_seed`:
+    bit for bit what a single run on that seed gives; one that lists is not retried; when none lists the
+    closest is kept, with the warning; ``list_retries`` must be a whole number >= 0."""
+    from resona_adapt.evaluation import list_check
+    from resona_adapt.text_demo import retry_seed, train_text
+
+    tok = byte_tokenizer()
+    tok.pad_token = tok.eos_token = tok.convert_ids_to_tokens(0)
+    scores: list[float] = []
+    monkeypatch.setattr(list_check, "list_start_accuracy", lambda *a, **k: scores.pop(0))
+
+    model, recipe = _list_run()
+    initial = _resona_state(model)
+    scores[:] = [0.25, 0.96]
+    lines: list[str] = []
+    summary = train_text(model, tok, recipe, seed=3, log=lines.append)
+    assert summary["attempts"] == 2 and summary["list_starts"] == 0.96 and not scores
+    assert any("retry 1 of 1" in line and f"seed {retry_seed(3, 1)}" in line for line in lines)
+    assert not any("did not learn to list" in line for line in lines)
+    direct, _ = _list_run(list_retries=0)
+    assert all(torch.equal(initial[n], v) for n, v in _resona_state(direct).items())  # same start
+    scores[:] = [0.96]
+    train_text(direct, tok, dataclasses.replace(recipe, list_retries=0), seed=retry_seed(3, 1))
+    retried, single = _resona_state(model), _resona_state(direct)
+    assert all(torch.equal(retried[n], single[n]) for n in single)
+    assert any(not torch.equal(retried[n], initial[n]) for n in initial)  # it trained
+
+    first, _ = _list_run()
+    scores[:] = [0.92]
+    assert train_text(first, tok, recipe, seed=3)["attempts"] == 1 and not scores  # it lists: no retry
+
+    model, _ = _list_run()
+    scores[:] = [0.30, 0.10]  # neither lists: the first, closer run is kept
+    lines.clear()
+    summary = train_text(model, tok, recipe, seed=3, log=lines.append)
+    assert summary["attempts"] == 2 and summary["list_starts"] == 0.30
+    assert any("did not learn to list" in line for line in lines)
+    once, _ = _list_run(list_retries=0)
+    scores[:] = [0.30]
+    train_text(once, tok, dataclasses.replace(recipe, list_retries=0), seed=3)
+    kept, first_run = _resona_state(model), _resona_state(once)
+    assert all(torch.equal(kept[n], first_run[n]) for n in first_run)
+
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="list_retries must be a whole number"):
+            train_text(model, tok, dataclasses.replace(recipe, list_retries=bad), seed=3)
+
+
 def test_answer_probe_scores_each_part_of_the_expected_answer(fake_corpus):
     """examples/niah_answer_probe.py: a model that predicts every next token scores 1 on every part; one
     that never predicts a line end scores 0 on the separators' line ends only (a slicing off by one would
