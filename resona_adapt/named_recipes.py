@@ -53,7 +53,8 @@ def train_named_recipe(model: "nn.Module", name: str, recipe: Any, *, tokenizer:
                        log: Callable[[str], None] | None = None, log_every: int = 10) -> dict:
     """Train the Resona branches of ``model`` (already retrofitted with ``recipe.config`` at
     ``recipe.layers``) with the recipe called ``name``. Returns a JSON-able summary: ``{"recipe", "steps",
-    "final_loss", "train_seconds"}``."""
+    "final_loss", "train_seconds"}``, and for a text recipe with multi-value needles ``list_starts`` and
+    ``attempts`` (`text_demo.train_text`)."""
     if needs_tokenizer(name):
         from .text_demo import train_text
 
@@ -61,7 +62,7 @@ def train_named_recipe(model: "nn.Module", name: str, recipe: Any, *, tokenizer:
         steps = recipe.steps + recipe.tail_steps
         return {"recipe": name, "steps": steps, "final_loss": result["final_loss"],
                 "train_seconds": result["train_seconds"],
-                **({"list_starts": result["list_starts"]} if "list_starts" in result else {})}
+                **{k: result[k] for k in ("list_starts", "attempts") if k in result}}
     import time
 
     from .recipes import train_recipe

@@ -36,23 +36,25 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_text_recipe_reaches_the_trainer_whole(runner, tmp_path, monkeypatch):
-    """--recipe text hands 0.8 itself to the text trainer (list_any_order, coverage start, search loss, tail);
-    --steps scales it, tail included."""
+    """--recipe text hands 0.8 itself to the text trainer (list_any_order, coverage start, search loss, tail,
+    list retries) and prints its list check and attempts; --steps scales it, tail included."""
     import resona_adapt.text_demo as text_demo
 
     seen = {}
 
     def fake_train(model, tokenizer, recipe, seed=0, log=None, log_every=10):
         seen.update(recipe=recipe, seed=seed, vocab=len(tokenizer))
-        return {"train_seconds": 0.0, "final_loss": 1.0, "examples": 0}
+        return {"train_seconds": 0.0, "final_loss": 1.0, "examples": 0, "list_starts": 0.96, "attempts": 2}
 
     monkeypatch.setattr(text_demo, "train_text", fake_train)
     res = runner.invoke(cli, ["train", "--model", "text-mamba2", "--recipe", "text", "--seed", "3", "--json",
                               "--output", str(tmp_path / "a")])
     assert res.exit_code == 0, res.output
     assert seen["recipe"] == TEXT_RECIPE and seen["seed"] == 3
-    assert seen["recipe"].list_any_order and seen["recipe"].coverage_init == 0.4
-    assert json.loads(res.stdout)["steps"] == TEXT_RECIPE.steps + TEXT_RECIPE.tail_steps
+    assert seen["recipe"].list_any_order and seen["recipe"].coverage_init == 0.4 and seen["recipe"].list_retries == 1
+    summary = json.loads(res.stdout)
+    assert summary["steps"] == TEXT_RECIPE.steps + TEXT_RECIPE.tail_steps
+    assert summary["list_starts"] == 0.96 and summary["attempts"] == 2  # the list check and the retries reach the user
     state = retrofit_state(load_model(str(tmp_path / "a")))
     assert state.config.to_dict() == api_config("text-mamba2", TEXT_RECIPE)
 
