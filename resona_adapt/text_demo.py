@@ -197,8 +197,9 @@ def train_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int =
         if attempt:
             _load_parameters(model, start)
             if log is not None:
-                log(f"retry {attempt} of {recipe.list_retries}: the branches restart from their initial values "
-                    f"on the data of seed {retry_seed(seed, attempt)}")
+                log(f"retry {attempt} of {recipe.list_retries}: the last run started {failed[-1][0]:.0%} of list lines "
+                    f"with a value still to give (under {LISTS_FLOOR:.0%}); the branches restart from their initial "
+                    f"values on the data of seed {retry_seed(seed, attempt)}")
         summary = _train_text_once(model, tokenizer, recipe, retry_seed(seed, attempt), log, log_every)
         seconds += summary["train_seconds"]
         lists = summary["list_starts"]

@@ -148,7 +148,8 @@ def test_train_text_retries_a_run_that_did_not_learn_to_list(fake_corpus, monkey
     lines: list[str] = []
     summary = train_text(model, tok, recipe, seed=3, log=lines.append)
     assert summary["attempts"] == 2 and summary["list_starts"] == 0.96 and not scores
-    assert any("retry 1 of 1" in line and f"seed {retry_seed(3, 1)}" in line for line in lines)
+    assert any("retry 1 of 1" in line and "started 25% of list lines" in line and f"seed {retry_seed(3, 1)}" in line
+               for line in lines)
     assert not any("did not learn to list" in line for line in lines)
     direct, _ = _list_run(list_retries=0)
     assert all(torch.equal(initial[n], v) for n, v in _resona_state(direct).items())  # same start
