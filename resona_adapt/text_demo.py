@@ -30,6 +30,7 @@ from .config import ResonaConfig
 from .evaluation import baselines
 from .evaluation.niah import NEEDLE_KINDS, load_haystack, make_text_sample, niah_score_multi
 from .tasks.mqar import IGNORE
+from .training.list_retry import train_until_it_lists
 from .training.niah_task import answer_text, copy_text_dataset, niah_text_dataset
 
 if TYPE_CHECKING:
@@ -183,49 +184,13 @@ def train_text(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int =
     the call and the schedule runs again on the data of `retry_seed` ``(seed, attempt)``; the run that
     lists best is kept, and ``log`` gets a warning when none listed."""
     check_recipe(recipe)
-    if "multivalue" not in recipe.kinds:
+
+    def run(seed: int) -> dict:
         return _train_text_once(model, tokenizer, recipe, seed, log, log_every)
-    from .evaluation.list_check import LISTS_FLOOR, list_warning
 
-    def trained() -> dict[str, torch.Tensor]:
-        return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-    start = trained()
-    failed: list[tuple[float, dict, dict[str, torch.Tensor]]] = []  # the runs that did not list
-    seconds = 0.0
-    for attempt in range(recipe.list_retries + 1):
-        if attempt:
-            _load_parameters(model, start)
-            if log is not None:
-                log(f"retry {attempt} of {recipe.list_retries}: the last run started {failed[-1][0]:.0%} of list lines "
-                    f"with a value still to give (under {LISTS_FLOOR:.0%}); the branches restart from their initial "
-                    f"values on the data of seed {retry_seed(seed, attempt)}")
-        summary = _train_text_once(model, tokenizer, recipe, retry_seed(seed, attempt), log, log_every)
-        seconds += summary["train_seconds"]
-        lists = summary["list_starts"]
-        if lists is None or lists >= LISTS_FLOOR:  # it lists, or the check cannot tell
-            break
-        failed.append((lists, summary, trained()))
-    else:  # no run listed: keep the one that came closest
-        lists, summary, values = max(failed, key=lambda run: run[0])
-        _load_parameters(model, values)
-    result = dict(summary, attempts=attempt + 1, train_seconds=round(seconds, 1))
-    warning = list_warning(result["list_starts"])
-    if warning is not None and log is not None:
-        log(warning)
-    return result
-
-
-def retry_seed(seed: int, attempt: int) -> int:
-    """The training seed of `train_text`'s ``attempt`` (0 = the first run, on ``seed`` itself)."""
-    return seed + 1000 * attempt
-
-
-def _load_parameters(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in values.items():
-            params[name].copy_(value)
+    if "multivalue" not in recipe.kinds:
+        return run(seed)
+    return train_until_it_lists(model, run, seed, recipe.list_retries, log)
 
 
 def _train_text_once(model: nn.Module, tokenizer: Any, recipe: TextRecipe, seed: int, log: Log | None,

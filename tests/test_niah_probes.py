@@ -135,7 +135,8 @@ def test_train_text_retries_a_run_that_did_not_learn_to_list(fake_corpus, monkey
     bit for bit what a single run on that seed gives; one that lists is not retried; when none lists the
     closest is kept, with the warning; ``list_retries`` must be a whole number >= 0."""
     from resona_adapt.evaluation import list_check
-    from resona_adapt.text_demo import retry_seed, train_text
+    from resona_adapt.text_demo import train_text
+    from resona_adapt.training.list_retry import retry_seed
 
     tok = byte_tokenizer()
     tok.pad_token = tok.eos_token = tok.convert_ids_to_tokens(0)

@@ -7,7 +7,7 @@ multi-value NIAH samples built on the *training* split (never the held-out text 
 with their answers, and counts how often the top prediction at the start of lines 2, 3, .. is the first
 token of a value still to give (any of them: the order of the needles is not visible to the read).
 On the checkpoints of docs/text-niah.md (8 samples, 24 line starts) runs that list score 0.92-1.00 and runs
-that do not 0.13-0.25; `LISTS_FLOOR` sits between. `text_demo.train_text` trains such a run again on other data
+that do not 0.13-0.25; `LISTS_FLOOR` sits between. `training.list_retry` trains such a run again on other data
 (`TextRecipe.list_retries`)."""
 
 from __future__ import annotations
