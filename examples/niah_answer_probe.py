@@ -25,7 +25,7 @@ import torch
 
 from resona_adapt import load_model
 from resona_adapt.evaluation.niah import NEEDLE_KINDS, haystack_separator, load_haystack, make_text_sample
-from resona_adapt.text_demo import answer
+from resona_adapt.evaluation.text_niah import answer
 
 
 def answer_parts(values: Sequence[str]) -> list[tuple[str, str]]:

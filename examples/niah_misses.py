@@ -2,7 +2,7 @@
 
     python examples/niah_misses.py CHECKPOINT --kinds multikey,uuid --lengths 1k,8k,16k --samples 40 --seed 2
 
-Rebuilds exactly the samples `text_demo.measure_niah` scores (same seed, lengths, needle kinds cycled over
+Rebuilds exactly the samples `evaluation.text_niah.measure_niah` scores (same seed, lengths, needle kinds cycled over
 the samples, so ``--seed``/``--samples`` must match the run's, e.g. retrofit_text_niah.py's), answers those
 of ``--kinds`` greedily with the model's cache, and for every sample that scores under 5 prints:
 
@@ -28,7 +28,7 @@ import torch
 from resona_adapt import load_model
 from resona_adapt.evaluation.baselines import chunk_selection
 from resona_adapt.evaluation.niah import NEEDLE_KINDS, niah_score_multi, parse_context_lengths
-from resona_adapt.text_demo import answer, niah_samples
+from resona_adapt.evaluation.text_niah import answer, niah_samples
 
 VALUE_AFTER = re.compile(r"is: ([^\s]+?)\.(?:\n|$)")
 

@@ -368,13 +368,13 @@ def test_niah_misses_rebuilds_the_measured_samples(fake_corpus, monkeypatch, cap
     names a multikey answer that copies another key's value a distractor."""
     from collections import Counter
 
-    import resona_adapt.text_demo as text_demo
+    import resona_adapt.evaluation.text_niah as text_niah
 
     misses = load_example("niah_misses")
     tok = byte_tokenizer()
     measured, scored = [], []
-    monkeypatch.setattr(text_demo, "answer", lambda m, t, prompt, n, bypass: measured.append(prompt) or "x")
-    text_demo.measure_niah(None, tok, [600], samples=7, variants=("retrofit",), seed=3)
+    monkeypatch.setattr(text_niah, "answer", lambda m, t, prompt, n, bypass: measured.append(prompt) or "x")
+    text_niah.measure_niah(None, tok, [600], samples=7, variants=("retrofit",), seed=3)
 
     def fake_answer(m, t, prompt, n, bypass):
         scored.append(prompt)
@@ -383,7 +383,7 @@ def test_niah_misses_rebuilds_the_measured_samples(fake_corpus, monkeypatch, cap
     monkeypatch.setattr(misses, "answer", fake_answer)
     monkeypatch.setattr(misses, "chunk_selection", lambda m, ids: (torch.zeros(1, ids.shape[1], 2, dtype=torch.long), 16))
     counts: Counter = Counter()
-    misses.study(None, tok, 600, ["uuid", "multikey"], text_demo.NEEDLE_KINDS, 7, 3, counts)
+    misses.study(None, tok, 600, ["uuid", "multikey"], text_niah.NEEDLE_KINDS, 7, 3, counts)
     assert scored == [measured[2], measured[3]]  # samples 2 and 3 of the cycle: uuid, multikey
     assert counts["uuid answered"] == counts["multikey answered"] == 1
     assert misses.classify("1234567", " 1239999.", []) == "diverged at 3"
